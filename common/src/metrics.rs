@@ -1,0 +1,40 @@
+//! Prometheus plumbing shared by every service: a registry with process metrics (CPU, RSS,
+//! open fds) and the text encoder behind `GET /metrics`. Each service declares its own
+//! metrics in its `metrics.rs`.
+
+use prometheus::{Encoder, Registry, TextEncoder};
+
+/// A fresh registry holding the process collector.
+pub fn registry() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    {
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+    }
+    registry
+}
+
+/// The registry in the Prometheus text exposition format.
+pub fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::with_capacity(8 * 1024);
+    // Encoding into a Vec cannot fail for well-formed metrics; a failure would be a bug in
+    // a metric's declaration, better shown as a partial page than as a crash.
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Registers a metric built by `make`, panicking on a duplicate name: that is a programming
+/// error caught by every test that builds the service.
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered twice");
+    metric
+}

