@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod headers;
+pub mod heartbeats;
 pub mod http;
 pub mod messages;
 pub mod metrics;
