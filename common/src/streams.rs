@@ -114,6 +114,9 @@ pub fn request_state_config(r: &Retention) -> kv::Config {
     }
 }
 
+/// Requests a dispatcher holds un-acked at once (across all its instances), by default.
+pub const DEFAULT_DISPATCHER_MAX_ACK_PENDING: i64 = 10_000;
+
 /// The dispatcher's durable consumer on `EV_REQUESTS`.
 ///
 /// `max_deliver` is unlimited: a request that cannot be placed yet is nak'ed with a delay and
@@ -186,4 +189,56 @@ pub async fn ensure(js: &jetstream::Context, r: &Retention) -> Result<kv::Store,
     js.create_or_update_key_value(request_state_config(r))
         .await
         .map_err(EnsureError::Bucket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// The operator copies in `nats/` are the code's definitions, serialised as the JetStream
+    /// API (and `nats stream add --config`) reads them. `EVGRID_UPDATE_NATS_DEFS=1` rewrites them.
+    fn check(path: &str, value: serde_json::Value) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
+        let rendered = serde_json::to_string_pretty(&value).unwrap() + "\n";
+        if std::env::var_os("EVGRID_UPDATE_NATS_DEFS").is_some() {
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            on_disk,
+            rendered,
+            "{} is out of step with common/src/streams.rs; run EVGRID_UPDATE_NATS_DEFS=1 cargo test -p evgrid-common",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn operator_definitions_match_the_code() {
+        let r = Retention::default();
+        for config in stream_configs(&r) {
+            check(
+                &format!("nats/streams/{}.json", config.name),
+                serde_json::to_value(&config).unwrap(),
+            );
+        }
+        let kv = request_state_config(&r);
+        check(
+            "nats/kv/EV_REQUEST_STATE.json",
+            serde_json::json!({
+                "bucket": kv.bucket, "description": kv.description, "history": kv.history,
+                "max_age_seconds": kv.max_age.as_secs(), "storage": "file",
+            }),
+        );
+        check(
+            "nats/consumers/EV_REQUESTS.dispatcher.json",
+            serde_json::to_value(dispatcher_consumer(DEFAULT_DISPATCHER_MAX_ACK_PENDING)).unwrap(),
+        );
+        check(
+            "nats/consumers/EV_DISPATCH.substation-ID.json",
+            serde_json::to_value(substation_consumer("ID")).unwrap(),
+        );
+    }
 }
