@@ -57,6 +57,58 @@ pub fn parse_positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A duration option: `250ms`, `2s`, `1.5s`, `1m` (or `1min`), or plain milliseconds (`750`),
+/// from 1 ms to 1 hour (heartbeat intervals, retry delays).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let millis_per_unit = match unit.trim() {
+        "" | "ms" => 1.0,
+        "s" => 1e3,
+        "m" | "min" => 60e3,
+        _ => f64::NAN,
+    };
+    match number.parse::<f64>().map(|n| n * millis_per_unit) {
+        Ok(ms) if (1.0..=3_600_000.0).contains(&ms) => {
+            Ok(std::time::Duration::from_micros((ms * 1e3).round() as u64))
+        }
+        _ => Err(format!(
+            "expected a duration from 1ms to 1h such as 500ms, 2s or 1m (plain numbers are milliseconds), got {s:?}"
+        )),
+    }
+}
+
+/// Parses the command line like `P::parse()`, except that bad config exits with one line
+/// (clap's error without its usage hint) and status 2, before the caller binds anything.
+/// `--help` and `--version` print as usual.
+pub fn parse_or_exit<P: clap::Parser>() -> P {
+    match P::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            // The first paragraph, joined: a missing argument is named on the line after
+            // "the following required arguments were not provided:".
+            let line = rendered
+                .lines()
+                .map(str::trim)
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            if line.is_empty() {
+                eprintln!("error: invalid arguments");
+            } else {
+                eprintln!("{line}");
+            }
+            std::process::exit(2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +126,19 @@ mod tests {
         assert!(parse_nats_url("nats://127.0.0.1:4222").is_ok());
         assert!(parse_nats_url("nats:4222").is_ok());
         assert!(parse_nats_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("750"), Ok(Duration::from_millis(750)));
+        for bad in ["", "0", "0s", "2h", "s", "1.2.3s", "-1s", "fast", "61m"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

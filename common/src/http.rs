@@ -94,13 +94,14 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `routes` on `listener` until `shutdown` fires, then lets in-flight requests finish.
+///
+/// The error type is fixed to [`warp::Rejection`] because the bound warp itself needs
+/// (`IsReject`) is private: any filter chain, and a `.recover(…)` returning
+/// `Result<_, Rejection>`, fits.
 pub async fn serve<F>(listener: TcpListener, routes: F, shutdown: CancellationToken)
 where
-    F: Filter + Clone + Send + Sync + 'static,
+    F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
     F::Extract: Reply,
-    F::Error: warp::reject::Reject + Sized,
-    <F::Future as futures::TryFuture>::Ok: Reply,
-    <F::Future as futures::TryFuture>::Error: warp::reject::Reject,
 {
     warp::serve(routes)
         .incoming(listener)

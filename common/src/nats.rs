@@ -48,6 +48,12 @@ impl Nats {
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
     }
+
+    /// Watches [`Nats::is_connected`], for loops that must act on a reconnect (a restarted
+    /// server has forgotten their pull requests).
+    pub fn connection(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
 }
 
 /// Connects to `url` as `name`, waiting (with reconnect backoff, logging each failure) until the

@@ -191,6 +191,33 @@ pub async fn ensure(js: &jetstream::Context, r: &Retention) -> Result<kv::Store,
         .map_err(EnsureError::Bucket)
 }
 
+/// [`ensure`], retried with backoff (the server may have just started, or be restarting) until
+/// it works, logging each failure. `None` when `stop` fires first.
+pub async fn ensure_until_done(
+    js: &jetstream::Context,
+    r: &Retention,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<kv::Store> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return None,
+            attempt = ensure(js, r) => attempt,
+        };
+        match attempt {
+            Ok(bucket) => return Some(bucket),
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "cannot set up the streams yet; retrying")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,113 @@
+//! Keeps the dispatcher's [`Grid`] current from substation heartbeats (`ev.telemetry.<id>`: the
+//! substation → dispatcher feedback of the flow), and keeps the gauges that are read rather than
+//! counted: substations up, heartbeat age per substation, and the backlog of the dispatcher's
+//! JetStream consumer.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use evgrid_common::heartbeats::{self, Observed};
+use evgrid_common::{streams, subjects};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::decision::Grid;
+use crate::metrics::Metrics;
+use crate::request::lock;
+
+/// Heartbeat ages move every second; so do these gauges.
+const GRID_GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// Consumer info is a request to the server: every few seconds is enough for a backlog.
+const BACKLOG_EVERY: Duration = Duration::from_secs(3);
+
+/// Feeds every heartbeat into `grid` until `shutdown` (the last of each substation first, then
+/// live ones; rebuilt after server restarts).
+pub(crate) async fn follow_heartbeats(
+    js: jetstream::Context,
+    grid: Arc<Mutex<Grid>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    heartbeats::follow(js, shutdown, move |observed: Observed| {
+        let id = observed.heartbeat.substation_id.clone();
+        // The id becomes a subject token and a metric label: refuse anything else.
+        if !subjects::valid_substation_id(&id) {
+            tracing::warn!(substation = %id.escape_debug(), "ignoring a heartbeat with an invalid substation id");
+            return;
+        }
+        let mut grid = lock(&grid);
+        let new = grid.get(&id).is_none();
+        grid.observe(observed);
+        if new {
+            drop(grid);
+            metrics.substation_seen(&id);
+            tracing::info!(substation = %id, "substation joined the grid");
+        }
+    })
+    .await;
+}
+
+/// Updates the gauges until `shutdown`.
+pub(crate) async fn keep_gauges(
+    js: jetstream::Context,
+    grid: Arc<Mutex<Grid>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut grid_tick = tokio::time::interval(GRID_GAUGES_EVERY);
+    let mut backlog_tick = tokio::time::interval(BACKLOG_EVERY);
+    grid_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    backlog_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = grid_tick.tick() => grid_gauges(&grid, &metrics),
+            _ = backlog_tick.tick() => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = backlog_gauges(&js, &metrics) => {}
+            },
+        }
+    }
+}
+
+async fn backlog_gauges(js: &jetstream::Context, metrics: &Metrics) {
+    let info = match js.get_stream_no_info(streams::REQUESTS).await {
+        Ok(requests) => requests
+            .consumer_info(streams::DISPATCHER_CONSUMER)
+            .await
+            .map_err(async_nats::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    match info {
+        Ok(info) => {
+            metrics.consumer_pending.set(gauge(info.num_pending));
+            metrics
+                .consumer_ack_pending
+                .set(gauge(info.num_ack_pending as u64));
+            metrics
+                .consumer_redelivered
+                .set(gauge(info.num_redelivered as u64));
+        }
+        // Normal while NATS restarts or before the consumer exists.
+        Err(e) => tracing::debug!(error = %e, "cannot read the consumer backlog"),
+    }
+}
+
+fn grid_gauges(grid: &Mutex<Grid>, metrics: &Metrics) {
+    let now = Utc::now();
+    let grid = lock(grid);
+    let mut up = 0;
+    for s in grid.substations() {
+        up += i64::from(s.is_up(now));
+        metrics
+            .heartbeat_age_of(s.id())
+            .set(s.observed().age_seconds(now));
+    }
+    metrics.substations_up.set(up);
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

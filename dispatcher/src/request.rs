@@ -1,0 +1,460 @@
+//! One request message of `ev.requests`, from delivery to ack: the middle step of
+//! ingest → **dispatcher** → substation (docs/architecture.md, "Dispatcher, per request message").
+//!
+//! [`Handler::handle`] runs in the consumer loop, one message at a time: it validates, resolves
+//! the request id, takes the [`decide`] decision under the grid lock and records the pending
+//! assignment, so the next decision already counts it. It returns the future that carries the
+//! decision out (publish, await the PubAck, write the state, then ack, nak or term); the loop runs
+//! many of those at once.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::kv::{self, CreateErrorKind};
+use async_nats::jetstream::message::{Message, PublishMessage};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, AckKind};
+use chrono::{DateTime, Utc};
+use evgrid_common::headers;
+use evgrid_common::messages::{
+    ChargeRequest, Dispatch, RejectReason, RequestRecord, RequestState, request_id_from_sequence,
+};
+use evgrid_common::subjects;
+use evgrid_common::validate::{RequestError, parse_charge_request};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::decision::{Decision, DeferReason, Demand, Grid, Policy, Ticket, decide};
+use crate::metrics::{Metrics, NO_SUBSTATION, outcome};
+
+/// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
+const MAX_DETAIL_BYTES: usize = 1024;
+
+/// Everything a request message needs, shared by the consumer loop and the in-flight work.
+#[derive(Debug)]
+pub(crate) struct Handler {
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+    pub grid: Arc<Mutex<Grid>>,
+    pub metrics: Arc<Metrics>,
+    pub policy: Policy,
+    pub defer_delay: Duration,
+}
+
+/// Where a message sits in `EV_REQUESTS`.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    stream_seq: u64,
+    /// 1 on the first delivery.
+    delivered: i64,
+    stored_at: DateTime<Utc>,
+}
+
+/// What the decision asks for, carried out by [`Handler::execute`].
+#[derive(Debug)]
+enum Action {
+    Dispatch {
+        dispatch: Dispatch,
+        ticket: Ticket,
+    },
+    Defer {
+        reason: DeferReason,
+        /// `queued` state, written on the first deferral only.
+        queued: Option<RequestRecord>,
+    },
+    Reject {
+        reason: RejectReason,
+        detail: String,
+        /// `rejected` state, when the fields parsed (there is a vehicle and an energy to show).
+        record: Option<RequestRecord>,
+    },
+}
+
+/// Locks the grid; a panic elsewhere while holding it cannot leave it half-updated (every
+/// mutation is a single call), so a poisoned lock is still usable.
+pub(crate) fn lock(grid: &Mutex<Grid>) -> MutexGuard<'_, Grid> {
+    grid.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Handler {
+    /// Decides what happens to `msg` and returns the work that does it and settles the message,
+    /// inside a span carrying the request id. `None` for a message that is not a JetStream
+    /// delivery (nothing can be done with it, not even an ack).
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        msg: Message,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let delivery = match msg.info() {
+            Ok(info) => Delivery {
+                stream_seq: info.stream_sequence,
+                delivered: info.delivered,
+                stored_at: DateTime::from_timestamp_nanos(
+                    info.published.unix_timestamp_nanos() as i64
+                ),
+            },
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring a message without JetStream metadata");
+                return None;
+            }
+        };
+        let (request_id, action) = self.plan(&msg, delivery, Utc::now());
+        let span = tracing::info_span!(
+            "request",
+            %request_id,
+            seq = delivery.stream_seq,
+            delivered = delivery.delivered
+        );
+        Some(
+            Arc::clone(self)
+                .execute(msg, delivery, request_id, action)
+                .instrument(span),
+        )
+    }
+
+    /// Validation, request id and decision; the pending assignment is recorded before this
+    /// returns.
+    fn plan(&self, msg: &Message, d: Delivery, now: DateTime<Utc>) -> (Uuid, Action) {
+        let header_id = header(msg.headers.as_ref(), headers::REQUEST_ID)
+            .and_then(|v| Uuid::parse_str(v.trim()).ok());
+        let fallback_id = header_id.unwrap_or_else(|| request_id_from_sequence(d.stream_seq));
+        let accepted_at = header(msg.headers.as_ref(), headers::ACCEPTED_AT)
+            .and_then(|v| DateTime::parse_from_rfc3339(v.trim()).ok())
+            .map_or(d.stored_at, |t| t.to_utc());
+
+        let request = match parse_charge_request(&msg.payload, now) {
+            Ok(request) => request,
+            Err(err) => return self.invalid(&msg.payload, err, fallback_id, accepted_at, now),
+        };
+        let request_id = request.request_id.unwrap_or(fallback_id);
+
+        let (decision, ticket) = {
+            let mut grid = lock(&self.grid);
+            let started = Instant::now();
+            let decision = decide(&grid, &Demand::from(&request), now, self.policy);
+            self.metrics
+                .decision_duration
+                .observe(started.elapsed().as_secs_f64());
+            let ticket = match &decision {
+                Decision::Dispatch {
+                    substation_id,
+                    power_kw,
+                } => grid.assign(substation_id, *power_kw),
+                _ => None,
+            };
+            (decision, ticket)
+        };
+
+        let action = match (decision, ticket) {
+            (Decision::Dispatch { substation_id, .. }, Some(ticket)) => {
+                self.metrics.decided(&substation_id, outcome::DISPATCHED);
+                Action::Dispatch {
+                    dispatch: Dispatch {
+                        request_id,
+                        substation_id: substation_id.to_string(),
+                        vehicle_id: request.vehicle_id,
+                        energy_kwh: request.energy_kwh,
+                        max_power_kw: request.max_power_kw,
+                        departure: request.departure,
+                        accepted_at,
+                        dispatched_at: now,
+                        request_seq: d.stream_seq,
+                    },
+                    ticket,
+                }
+            }
+            (Decision::Reject { reason, detail }, _) => {
+                self.metrics.decided(NO_SUBSTATION, outcome::REJECTED);
+                let record = rejected_record(&request, request_id, reason, accepted_at, now);
+                Action::Reject {
+                    reason,
+                    detail,
+                    record: Some(record),
+                }
+            }
+            (Decision::Defer { reason }, _) => {
+                self.metrics.decided(NO_SUBSTATION, outcome::DEFERRED);
+                Action::Defer {
+                    reason,
+                    queued: (d.delivered <= 1).then(|| {
+                        record(&request, request_id, RequestState::Queued, accepted_at, now)
+                    }),
+                }
+            }
+            // `decide` only names substations of the grid it was given, under the same lock.
+            (Decision::Dispatch { .. }, None) => unreachable!("dispatch to an unknown substation"),
+        };
+        (request_id, action)
+    }
+
+    /// The payload breaks the contract: it is rejected with the reason the validation gives.
+    fn invalid(
+        &self,
+        payload: &[u8],
+        err: RequestError,
+        fallback_id: Uuid,
+        accepted_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> (Uuid, Action) {
+        let (reason, request_id, record) = match &err {
+            RequestError::Malformed(_) => (RejectReason::NotJson, fallback_id, None),
+            e if e.is_departure_passed() => {
+                // Every other field is valid: parsing without the clock check yields them, so
+                // the rejection can be recorded in full.
+                match parse_charge_request(payload, DateTime::<Utc>::MIN_UTC) {
+                    Ok(r) => {
+                        let id = r.request_id.unwrap_or(fallback_id);
+                        let reason = RejectReason::DeparturePassed;
+                        let record = rejected_record(&r, id, reason, accepted_at, now);
+                        (reason, id, Some(record))
+                    }
+                    Err(_) => (RejectReason::DeparturePassed, fallback_id, None),
+                }
+            }
+            RequestError::Invalid(_) => (
+                RejectReason::InvalidFields,
+                body_request_id(payload).unwrap_or(fallback_id),
+                None,
+            ),
+        };
+        self.metrics.decided(NO_SUBSTATION, outcome::REJECTED);
+        let action = Action::Reject {
+            reason,
+            detail: err.to_string(),
+            record,
+        };
+        (request_id, action)
+    }
+
+    async fn execute(self: Arc<Self>, msg: Message, d: Delivery, request_id: Uuid, action: Action) {
+        match action {
+            Action::Dispatch { dispatch, ticket } => self.dispatch(msg, dispatch, ticket).await,
+            Action::Defer { reason, queued } => self.defer(msg, reason, queued).await,
+            Action::Reject {
+                reason,
+                detail,
+                record,
+            } => {
+                self.reject(msg, d, request_id, reason, &detail, record)
+                    .await
+            }
+        }
+    }
+
+    /// Publishes the assignment (deduplicated by request id), then acks the request.
+    async fn dispatch(&self, msg: Message, dispatch: Dispatch, ticket: Ticket) {
+        let substation = dispatch.substation_id.clone();
+        let publish = PublishMessage::build()
+            .payload(
+                serde_json::to_vec(&dispatch)
+                    .expect("a Dispatch serializes")
+                    .into(),
+            )
+            .message_id(format!("dispatch-{}", dispatch.request_id))
+            .header(headers::REQUEST_ID, dispatch.request_id.to_string())
+            .header(headers::ACCEPTED_AT, dispatch.accepted_at.to_rfc3339());
+        match self.publish(subjects::dispatch(&substation), publish).await {
+            Ok(ack) => {
+                {
+                    let mut grid = lock(&self.grid);
+                    if ack.duplicate {
+                        // Dispatched before (a redelivery, or the same request id twice): that
+                        // assignment was counted then.
+                        grid.cancel(&ticket);
+                    } else {
+                        grid.confirm(&ticket, ack.sequence);
+                    }
+                }
+                tracing::debug!(
+                    %substation,
+                    dispatch_seq = ack.sequence,
+                    duplicate = ack.duplicate,
+                    "dispatched"
+                );
+                settle(&msg, AckKind::Ack).await;
+            }
+            Err(e) => {
+                lock(&self.grid).cancel(&ticket);
+                tracing::warn!(%substation, error = %e, "dispatch not stored; the request is offered again later");
+                settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+            }
+        }
+    }
+
+    /// The request waits in the stream: nak with a delay, never drop.
+    async fn defer(&self, msg: Message, reason: DeferReason, queued: Option<RequestRecord>) {
+        if let Some(record) = queued {
+            let key = record.request_id.to_string();
+            // `create`, not `put`: queued is the first state, and whatever is there already
+            // (ingest's queued, or a later state of the same request id) must stay.
+            match self.kv.create(&key, to_json(&record)).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(e) => tracing::warn!(error = %e, "cannot record the queued state"),
+            }
+        }
+        tracing::debug!(reason = reason.as_str(), "deferred");
+        settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+    }
+
+    /// Publishes the original payload to `ev.rejected`, records the state, then terminates the
+    /// message. Any failure naks it instead, so a rejection is never lost; the retried publish
+    /// is deduplicated.
+    async fn reject(
+        &self,
+        msg: Message,
+        d: Delivery,
+        request_id: Uuid,
+        reason: RejectReason,
+        detail: &str,
+        record: Option<RequestRecord>,
+    ) {
+        let publish = PublishMessage::build()
+            .payload(msg.payload.clone())
+            .message_id(format!("rejected-{}-{}", msg.subject, d.stream_seq))
+            .header(headers::REJECT_REASON, reason.as_str())
+            .header(headers::REJECT_DETAIL, header_value(detail))
+            .header(headers::SOURCE_SUBJECT, header_value(msg.subject.as_str()))
+            .header(headers::SOURCE_SEQUENCE, d.stream_seq.to_string())
+            .header(headers::REQUEST_ID, request_id.to_string());
+        if let Err(e) = self.publish(subjects::REJECTED.to_owned(), publish).await {
+            tracing::warn!(reason = reason.as_str(), error = %e, "rejection not stored; retrying later");
+            settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+            return;
+        }
+        if let Some(record) = record
+            && let Err(e) = self.kv.put(request_id.to_string(), to_json(&record)).await
+        {
+            tracing::warn!(error = %e, "cannot record the rejected state; retrying later");
+            settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+            return;
+        }
+        tracing::info!(reason = reason.as_str(), detail, "rejected");
+        self.metrics
+            .rejected
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        settle(&msg, AckKind::Term).await;
+    }
+
+    /// Publishes to JetStream and awaits the PubAck, timing it.
+    async fn publish(
+        &self,
+        subject: String,
+        publish: PublishMessage,
+    ) -> Result<PublishAck, PublishError> {
+        let started = Instant::now();
+        let ack = self.js.send_publish(subject, publish).await?.await?;
+        self.metrics
+            .publish_ack_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(ack)
+    }
+}
+
+/// Acks, naks or terms. A failure means the connection is gone: the server redelivers the
+/// message after AckWait, and the dispatch dedupe makes that harmless.
+pub(crate) async fn settle(msg: &Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        tracing::warn!(error = %e, ack = ?kind, "cannot settle the request message; it will be redelivered");
+    }
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// `request_id` of a body that failed validation for other reasons, when it is a UUID.
+fn body_request_id(payload: &[u8]) -> Option<Uuid> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    Uuid::parse_str(value.get("request_id")?.as_str()?).ok()
+}
+
+/// Header values cannot hold CR or LF (the client would panic) and should stay short; field
+/// names in a detail come from the payload, so anything may be in them.
+fn header_value(s: &str) -> String {
+    let mut end = s.len().min(MAX_DETAIL_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn record(
+    request: &ChargeRequest,
+    request_id: Uuid,
+    state: RequestState,
+    accepted_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> RequestRecord {
+    RequestRecord {
+        request_id,
+        state,
+        vehicle_id: request.vehicle_id.clone(),
+        energy_kwh: request.energy_kwh,
+        max_power_kw: request.max_power_kw,
+        departure: request.departure,
+        substation_id: None,
+        energy_delivered_kwh: 0.0,
+        reason: None,
+        accepted_at,
+        dispatched_at: None,
+        charging_started_at: None,
+        completed_at: None,
+        rejected_at: None,
+        updated_at: now,
+    }
+}
+
+fn rejected_record(
+    request: &ChargeRequest,
+    request_id: Uuid,
+    reason: RejectReason,
+    accepted_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> RequestRecord {
+    RequestRecord {
+        reason: Some(reason.as_str().to_owned()),
+        rejected_at: Some(now),
+        ..record(
+            request,
+            request_id,
+            RequestState::Rejected,
+            accepted_at,
+            now,
+        )
+    }
+}
+
+fn to_json(record: &RequestRecord) -> bytes::Bytes {
+    serde_json::to_vec(record)
+        .expect("a RequestRecord serializes")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_single_line_and_bounded() {
+        assert_eq!(header_value("a\r\nb: unknown field"), "a  b: unknown field");
+        let long = "é".repeat(MAX_DETAIL_BYTES);
+        let v = header_value(&long);
+        assert!(v.len() <= MAX_DETAIL_BYTES && v.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_request_id_is_found_in_an_invalid_body() {
+        let id = Uuid::new_v4();
+        let body = format!(r#"{{"request_id":"{id}","energy_kwh":-1}}"#);
+        assert_eq!(body_request_id(body.as_bytes()), Some(id));
+        assert_eq!(body_request_id(br#"{"request_id":"nope"}"#), None);
+        assert_eq!(body_request_id(b"not json"), None);
+    }
+}

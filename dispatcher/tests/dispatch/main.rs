@@ -1,0 +1,426 @@
+//! The dispatcher end to end on a real nats-server per test. The tests play the other stages:
+//! they publish requests to `ev.requests` as ingest or `nats pub` would, and act as substations
+//! (heartbeats on `ev.telemetry.<id>`, watching `ev.dispatch.>`).
+
+mod helpers;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::Utc;
+use evgrid_common::headers;
+use evgrid_common::messages::{RequestRecord, RequestState, request_id_from_sequence};
+use evgrid_common::streams;
+use futures::{FutureExt, StreamExt};
+use helpers::{WAIT, header, next_dispatch, spawn_app, start_dispatcher};
+use uuid::Uuid;
+
+fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
+    format!(
+        r#"{{"request_id":"{id}","vehicle_id":"ev-{id}","energy_kwh":{energy_kwh},"max_power_kw":{max_power_kw}}}"#
+    )
+}
+
+async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
+    let kv = app
+        .js
+        .get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .unwrap();
+    kv.get(id.to_string())
+        .await
+        .unwrap()
+        .map(|v| serde_json::from_slice(&v).unwrap())
+}
+
+#[tokio::test]
+async fn a_raw_request_without_id_is_dispatched_under_its_derived_id() {
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("s1", 100.0).heartbeat(0.0, 0).await;
+
+    let seq = app
+        .publish_request(r#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11}"#)
+        .await;
+
+    let got = next_dispatch(&mut dispatches).await;
+    let id = request_id_from_sequence(seq);
+    assert_eq!(got.subject, "ev.dispatch.s1");
+    assert_eq!(got.dispatch.request_id, id);
+    assert_eq!(got.dispatch.request_seq, seq);
+    assert_eq!(got.dispatch.vehicle_id, "ev-1");
+    assert_eq!(
+        header(&got.headers, "Nats-Msg-Id"),
+        Some(format!("dispatch-{id}"))
+    );
+    assert_eq!(
+        header(&got.headers, headers::REQUEST_ID),
+        Some(id.to_string())
+    );
+    let accepted_at = header(&got.headers, headers::ACCEPTED_AT).expect("accepted-at carried");
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(&accepted_at).unwrap(),
+        got.dispatch.accepted_at
+    );
+    app.wait_until_all_settled().await;
+
+    app.wait_for_metric(
+        r#"evgrid_dispatch_decisions_total{outcome="dispatched",substation="s1"} 1"#,
+    )
+    .await;
+    app.wait_for_metric("evgrid_substations_up 1").await;
+    let metrics = app.metrics().await;
+    assert!(metrics.contains(r#"evgrid_substation_heartbeat_age_seconds{substation="s1"}"#));
+    assert!(metrics.contains("evgrid_dispatch_decision_duration_seconds_count"));
+    assert!(metrics.contains("evgrid_dispatch_publish_ack_duration_seconds_count 1"));
+    assert!(metrics.contains("evgrid_dispatch_consumer_ack_pending_messages"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_and_the_pipeline_keeps_going() {
+    let mut app = spawn_app().await;
+    let mut rejected = app.subscribe("ev.rejected").await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("s1", 50.0).heartbeat(0.0, 0).await;
+
+    let (passed_id, late_id, good_id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let hour_ago = (Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let in_an_hour = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("not_json", b"\x00\xffcharge me".to_vec()),
+        // A field name with a line break must not break the reject headers.
+        (
+            "invalid_fields",
+            br#"{"vehicle_id":"","energy_kwh":30,"max_power_kw":11,"colour\r\n":"red"}"#.to_vec(),
+        ),
+        (
+            "departure_passed",
+            format!(
+                r#"{{"request_id":"{passed_id}","vehicle_id":"ev-p","energy_kwh":30,"max_power_kw":11,"departure":"{hour_ago}"}}"#
+            )
+            .into_bytes(),
+        ),
+        // 100 kWh at 11 kW is 9 h; the car leaves in 1 h.
+        (
+            "undeliverable",
+            format!(
+                r#"{{"request_id":"{late_id}","vehicle_id":"ev-u","energy_kwh":100,"max_power_kw":11,"departure":"{in_an_hour}"}}"#
+            )
+            .into_bytes(),
+        ),
+    ];
+    let mut sent = BTreeMap::new();
+    for (reason, body) in &bodies {
+        let seq = app.publish_request(body.clone()).await;
+        sent.insert(reason.to_string(), (seq, body.clone()));
+    }
+    app.publish_request(request(good_id, 30.0, 11.0)).await;
+
+    let mut seen = BTreeMap::new();
+    for _ in 0..bodies.len() {
+        let msg = tokio::time::timeout(WAIT, rejected.next())
+            .await
+            .expect("a rejection in time")
+            .unwrap();
+        let h = msg.headers.clone().unwrap();
+        let reason = header(&h, headers::REJECT_REASON).unwrap();
+        let (seq, body) = &sent[&reason];
+        assert_eq!(
+            msg.payload.as_ref(),
+            body.as_slice(),
+            "{reason}: original payload"
+        );
+        assert_eq!(
+            header(&h, headers::SOURCE_SUBJECT).as_deref(),
+            Some("ev.requests")
+        );
+        assert_eq!(header(&h, headers::SOURCE_SEQUENCE), Some(seq.to_string()));
+        let detail = header(&h, headers::REJECT_DETAIL).unwrap();
+        assert!(!detail.is_empty(), "{reason}: detail");
+        let id = header(&h, headers::REQUEST_ID).expect("request id");
+        seen.insert(reason, (id, detail));
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        [
+            "departure_passed",
+            "invalid_fields",
+            "not_json",
+            "undeliverable"
+        ]
+    );
+    assert!(seen["invalid_fields"].1.contains("vehicle_id"));
+    assert!(seen["departure_passed"].1.contains("departure"));
+    assert_eq!(seen["departure_passed"].0, passed_id.to_string());
+    assert_eq!(seen["undeliverable"].0, late_id.to_string());
+    assert_eq!(
+        seen["not_json"].0,
+        request_id_from_sequence(sent["not_json"].0).to_string()
+    );
+
+    // The valid request behind them is still dispatched.
+    let got = next_dispatch(&mut dispatches).await;
+    assert_eq!(got.dispatch.request_id, good_id);
+
+    // Terminated, not waiting for redelivery; states recorded where the fields parsed.
+    app.wait_until_all_settled().await;
+    for (id, reason) in [(passed_id, "departure_passed"), (late_id, "undeliverable")] {
+        let r = record(&app, id).await.expect("rejected state recorded");
+        assert_eq!(r.state, RequestState::Rejected);
+        assert_eq!(r.reason.as_deref(), Some(reason));
+        assert!(r.rejected_at.is_some());
+    }
+    let not_json_id: Uuid = seen["not_json"].0.parse().unwrap();
+    assert!(record(&app, not_json_id).await.is_none());
+    for reason in [
+        "not_json",
+        "invalid_fields",
+        "departure_passed",
+        "undeliverable",
+    ] {
+        app.wait_for_metric(&format!(
+            r#"evgrid_dispatch_rejected_total{{reason="{reason}"}} 1"#
+        ))
+        .await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_waits_queued_until_a_substation_is_up() {
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let id = Uuid::new_v4();
+    let kv = app
+        .js
+        .get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .unwrap();
+    let mut state = kv.watch(id.to_string()).await.unwrap();
+
+    app.publish_request(request(id, 20.0, 11.0)).await;
+
+    let entry = tokio::time::timeout(WAIT, state.next())
+        .await
+        .expect("queued state in time")
+        .unwrap()
+        .unwrap();
+    let queued: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
+    assert_eq!(queued.state, RequestState::Queued);
+    assert_eq!(queued.request_id, id);
+    // Deferred (that is what wrote the state) and nothing up to send it to.
+    assert!(dispatches.next().now_or_never().is_none());
+
+    app.substation("late", 22.0).heartbeat(0.0, 0).await;
+    let got = next_dispatch(&mut dispatches).await;
+    assert_eq!(got.dispatch.request_id, id);
+    assert_eq!(got.subject, "ev.dispatch.late");
+    app.wait_until_all_settled().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_is_spread_and_the_excess_waits_for_room() {
+    const REQUESTS: usize = 300;
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let mut substations = [
+        app.substation("s1", 100.0),
+        app.substation("s2", 200.0),
+        app.substation("s3", 300.0),
+    ];
+    for s in &mut substations {
+        s.heartbeat(0.0, 0).await;
+    }
+    // A substation takes 11 kW requests while its headroom is above zero: ceil(capacity / 11).
+    let fits: usize = substations
+        .iter()
+        .map(|s| (s.capacity_kw / 11.0).ceil() as usize)
+        .sum();
+    assert_eq!(fits, 57);
+
+    app.publish_requests((0..REQUESTS).map(|_| request(Uuid::new_v4(), 10.0, 11.0)))
+        .await;
+
+    let mut dispatched: HashSet<Uuid> = HashSet::new();
+    let mut round = 0;
+    while dispatched.len() < REQUESTS {
+        round += 1;
+        let expected = fits.min(REQUESTS - dispatched.len());
+        let mut per_substation: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..expected {
+            let got = next_dispatch(&mut dispatches).await;
+            assert!(
+                dispatched.insert(got.dispatch.request_id),
+                "dispatched twice"
+            );
+            *per_substation
+                .entry(got.dispatch.substation_id)
+                .or_default() += 1;
+        }
+        if expected == fits {
+            let total_capacity: f64 = substations.iter().map(|s| s.capacity_kw).sum();
+            for s in &substations {
+                let share = fits as f64 * s.capacity_kw / total_capacity;
+                let n = per_substation.get(&s.id).copied().unwrap_or(0) as f64;
+                assert!(
+                    n <= 1.2 * share,
+                    "round {round}: {} got {n}, fair share {share:.1}",
+                    s.id
+                );
+            }
+        }
+        if round == 1 {
+            // Heartbeats that echo nothing (the cars have not arrived yet) free nothing: the
+            // pending assignments still count, so several defer cycles pass without a dispatch.
+            for s in &mut substations {
+                s.heartbeat(0.0, 0).await;
+            }
+            let quiet =
+                tokio::time::timeout(helpers::TEST_DEFER_DELAY * 5, dispatches.next()).await;
+            assert!(quiet.is_err(), "dispatched beyond the headroom");
+        }
+        // Every substation took what it was sent and finished charging: room again.
+        let taken = dispatched.len() as u64;
+        for s in &mut substations {
+            s.heartbeat(0.0, taken).await;
+        }
+    }
+    assert_eq!(round, REQUESTS.div_ceil(fits));
+    app.wait_until_all_settled().await;
+    assert_eq!(app.dispatch_stream_messages().await, REQUESTS as u64);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_request_twice_is_dispatched_once() {
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("s1", 100.0).heartbeat(0.0, 0).await;
+    let id = Uuid::new_v4();
+    // Published raw without Nats-Msg-Id: both copies are stored in EV_REQUESTS.
+    let first = app.publish_request(request(id, 30.0, 11.0)).await;
+    let second = app.publish_request(request(id, 30.0, 11.0)).await;
+    assert_ne!(first, second);
+
+    assert_eq!(next_dispatch(&mut dispatches).await.dispatch.request_id, id);
+    app.wait_until_all_settled().await;
+    assert_eq!(app.dispatch_stream_messages().await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_and_another_instance_takes_over() {
+    const REQUESTS: usize = 2000;
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("big", 400.0 * REQUESTS as f64)
+        .heartbeat(0.0, 0)
+        .await;
+    app.publish_requests((0..REQUESTS).map(|_| request(Uuid::new_v4(), 10.0, 11.0)))
+        .await;
+    next_dispatch(&mut dispatches).await;
+    // Stop mid-stream: it returns Ok after finishing the publishes and acks it holds, and
+    // hands back what it buffered, so the next instance needs no AckWait to take over.
+    app.stop().await;
+    assert!(app.dispatch_stream_messages().await < REQUESTS as u64);
+
+    let (_addr, shutdown, handle) = start_dispatcher(&app.nats).await;
+    app.wait_until_all_settled().await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    // Every request dispatched, none twice.
+    assert_eq!(app.dispatch_stream_messages().await, REQUESTS as u64);
+}
+
+#[tokio::test]
+async fn dispatching_resumes_after_a_nats_restart() {
+    let mut app = spawn_app().await;
+    let mut substation = app.substation("s1", 100.0);
+    substation.heartbeat(0.0, 0).await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let before = Uuid::new_v4();
+    app.publish_request(request(before, 10.0, 11.0)).await;
+    assert_eq!(
+        next_dispatch(&mut dispatches).await.dispatch.request_id,
+        before
+    );
+
+    app.nats.restart().expect("nats-server restarts");
+    // Retry quickly while our own client reconnects (its subscriptions are restored).
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(300))
+        .build(app.client.clone());
+    let after = Uuid::new_v4();
+    let body = request(after, 10.0, 11.0);
+    evgrid_test_support::eventually(WAIT, Duration::from_millis(50), || {
+        let (js, body) = (js.clone(), body.clone());
+        async move {
+            js.publish("ev.requests", body.into())
+                .await
+                .ok()?
+                .await
+                .ok()
+        }
+    })
+    .await
+    .expect("request stored after the restart");
+    // A SIGKILLed server may forget the last ack and deliver `before` again: the dispatcher
+    // publishes it again, JetStream drops the duplicate, but a core subscriber sees it.
+    loop {
+        let id = next_dispatch(&mut dispatches).await.dispatch.request_id;
+        if id == after {
+            break;
+        }
+        assert_eq!(id, before);
+    }
+    assert_eq!(app.dispatch_stream_messages().await, 2);
+    app.stop().await;
+}
+
+#[test]
+fn bad_config_exits_non_zero_with_one_line() {
+    let bin = env!("CARGO_BIN_EXE_evgrid-dispatcher");
+    // Arguments, environment, and the option the one line must name.
+    let cases = [
+        (vec!["--defer-delay", "soon"], None, "--defer-delay"),
+        (vec!["--max-in-flight", "0"], None, "--max-in-flight"),
+        (vec!["--policy", "round-robin"], None, "--policy"),
+        (vec!["--listen", "nowhere"], None, "--listen"),
+        (
+            vec![],
+            Some(("EVGRID_DISPATCH_DEFER_DELAY", "-1s")),
+            "--defer-delay",
+        ),
+    ];
+    for (args, env, names) in cases {
+        let mut command = Command::new(bin);
+        command.args(&args);
+        if let Some((key, value)) = env {
+            command.env(key, value);
+        }
+        let out = command.output().expect("binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {env:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for expected in [
+        "NATS_URL",
+        "EVGRID_LISTEN",
+        "EVGRID_DISPATCH_MAX_IN_FLIGHT",
+        "EVGRID_DISPATCH_DEFER_DELAY",
+        "EVGRID_DISPATCH_POLICY",
+        "EVGRID_LOG_FORMAT",
+        "[default: 1s]",
+        "[default: 127.0.0.1:9101]",
+    ] {
+        assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
+    }
+}

@@ -1,0 +1,88 @@
+//! The substation's configuration: command-line options with environment fallbacks, checked
+//! while parsing so bad values stop the binary before it binds a port or touches NATS.
+
+use std::time::Duration;
+
+use evgrid_common::config::{NatsArgs, parse_duration, parse_positive};
+use evgrid_common::subjects::valid_substation_id;
+
+use crate::charging::Allocation;
+
+/// Default capacity: a typical fast-charging site.
+pub const DEFAULT_CAPACITY_KW: f64 = 150.0;
+/// Real time by default; tests and demos use e.g. 3600 (an hour per second).
+pub const DEFAULT_TIME_SCALE: f64 = 1.0;
+/// The dispatcher counts a substation out after 3 silent intervals: one second keeps routing
+/// fresh without flooding `EV_TELEMETRY`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "1s";
+
+/// Options of one substation.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// Substation id: the last token of its subjects and its metric label ([A-Za-z0-9_-], 1-64).
+    #[arg(long, env = "SUBSTATION_ID", value_parser = parse_substation_id)]
+    pub id: String,
+
+    /// Power the substation can deliver in total, in kW.
+    #[arg(
+        long,
+        env = "SUBSTATION_CAPACITY_KW",
+        default_value_t = DEFAULT_CAPACITY_KW,
+        value_parser = parse_positive,
+        allow_negative_numbers = true,
+        value_name = "KW"
+    )]
+    pub capacity_kw: f64,
+
+    /// Simulated seconds per real second (3600: an hour of charging takes a second).
+    #[arg(
+        long,
+        env = "EVGRID_TIME_SCALE",
+        default_value_t = DEFAULT_TIME_SCALE,
+        value_parser = parse_positive,
+        allow_negative_numbers = true,
+        value_name = "FACTOR"
+    )]
+    pub time_scale: f64,
+
+    /// How often to publish a heartbeat on ev.telemetry.<id>, real time: 500ms, 1s, 1.5s, 1m
+    /// (plain numbers are milliseconds), from 1ms to 1h.
+    #[arg(
+        long,
+        env = "EVGRID_HEARTBEAT_INTERVAL",
+        default_value = DEFAULT_HEARTBEAT_INTERVAL,
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub heartbeat_interval: Duration,
+
+    /// How the capacity is shared when the cars want more than it.
+    #[arg(long, env = "SUBSTATION_ALLOCATION", value_enum, default_value_t = Allocation::Fcfs)]
+    pub allocation: Allocation,
+}
+
+/// A substation id that is safe as a subject token and a metric label.
+pub fn parse_substation_id(s: &str) -> Result<String, String> {
+    if valid_substation_id(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a substation id: use 1 to 64 of A-Z a-z 0-9 - _ (no dots, spaces or wildcards)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substation_ids() {
+        assert_eq!(parse_substation_id("north-1"), Ok("north-1".into()));
+        assert!(parse_substation_id("a.b").is_err());
+        assert!(parse_substation_id("").is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! The `evgrid-substation` binary: parses options, installs logging, binds the ops endpoint and
+//! runs [`evgrid_substation::run`] until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use evgrid_common::config::{LogArgs, parse_listen};
+
+/// evgrid substation: charges the electric vehicles dispatched to it, in simulated time, never
+/// above its capacity.
+#[derive(Parser, Debug)]
+#[command(name = "evgrid-substation", version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: evgrid_substation::Config,
+
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "EVGRID_LISTEN", default_value = "127.0.0.1:9102", value_parser = parse_listen)]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Bad config: one line and status 2, before anything is bound.
+    let cli: Cli = evgrid_common::config::parse_or_exit();
+    evgrid_common::telemetry::init(cli.log.log_format);
+    match serve(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("evgrid-substation: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let listener = evgrid_common::http::bind(cli.listen).await?;
+    let shutdown = evgrid_common::shutdown::on_signals();
+    evgrid_substation::run(cli.config, listener, shutdown).await
+}

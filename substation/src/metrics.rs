@@ -1,0 +1,188 @@
+//! Every metric of the substation stage, registered in the service's registry and served on
+//! `GET /metrics`. Names follow docs/metrics.md (issue 4): `evgrid_` prefix, base units (watts,
+//! joules, seconds), counters ending in `_total`. Each metric carries the constant label
+//! `substation="<id>"`, so one Prometheus tells many substations apart (several may run in one
+//! process, each with its own registry).
+
+use prometheus::{Counter, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+
+use evgrid_common::metrics::register;
+
+use crate::charging::Snapshot;
+
+const WATTS_PER_KW: f64 = 1000.0;
+const JOULES_PER_KWH: f64 = 3.6e6;
+
+/// Accept → charging started, in seconds: from a few ms (an idle substation) to a minute (a
+/// saturated grid), with boundaries at the 1 s and 5 s alert thresholds.
+pub const ACCEPT_TO_CHARGING_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The substation's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// kW, label-free apart from `substation`: the original system's name, kept for continuity.
+    pub current_load_kw: Gauge,
+    pub load_watts: Gauge,
+    pub capacity_watts: Gauge,
+    pub utilization_ratio: Gauge,
+    pub active_sessions: IntGauge,
+    pub queued_sessions: IntGauge,
+    pub throttled_sessions: IntGauge,
+    pub energy_delivered_joules: Counter,
+    pub sessions_started: IntCounter,
+    pub sessions_completed: IntCounter,
+    pub sessions_interrupted: IntCounter,
+    pub accept_to_charging_seconds: Histogram,
+    /// Energy already counted into `energy_delivered_joules` (kWh).
+    counted_kwh: f64,
+}
+
+impl Metrics {
+    /// Declares every metric with `substation="<substation_id>"` and registers it in `registry`.
+    pub fn new(registry: &Registry, substation_id: &str) -> Self {
+        let opts =
+            |name: &str, help: &str| Opts::new(name, help).const_label("substation", substation_id);
+        let gauge = |name: &str, help: &str| {
+            register(
+                registry,
+                Gauge::with_opts(opts(name, help)).expect("valid gauge"),
+            )
+        };
+        let int_gauge = |name: &str, help: &str| {
+            register(
+                registry,
+                IntGauge::with_opts(opts(name, help)).expect("valid gauge"),
+            )
+        };
+        let counter = |name: &str, help: &str| {
+            register(
+                registry,
+                IntCounter::with_opts(opts(name, help)).expect("valid counter"),
+            )
+        };
+        Self {
+            current_load_kw: gauge(
+                "substation_current_load",
+                "Power drawn now, in kW (the original name; see evgrid_substation_load_watts).",
+            ),
+            load_watts: gauge(
+                "evgrid_substation_load_watts",
+                "Power drawn by the charging sessions now, in watts.",
+            ),
+            capacity_watts: gauge(
+                "evgrid_substation_capacity_watts",
+                "Power the substation can deliver in total, in watts.",
+            ),
+            utilization_ratio: gauge(
+                "evgrid_substation_utilization_ratio",
+                "Load divided by capacity (0 to 1).",
+            ),
+            active_sessions: int_gauge(
+                "evgrid_substation_active_sessions",
+                "Sessions drawing power.",
+            ),
+            queued_sessions: int_gauge(
+                "evgrid_substation_queued_sessions",
+                "Sessions accepted and waiting for power.",
+            ),
+            throttled_sessions: int_gauge(
+                "evgrid_substation_throttled_sessions",
+                "Sessions drawing less than their car's max power.",
+            ),
+            energy_delivered_joules: register(
+                registry,
+                Counter::with_opts(opts(
+                    "evgrid_substation_energy_delivered_joules_total",
+                    "Energy delivered to cars, in joules (simulated).",
+                ))
+                .expect("valid counter"),
+            ),
+            sessions_started: counter(
+                "evgrid_substation_sessions_started_total",
+                "Sessions that started drawing power (a resumed session starts again).",
+            ),
+            sessions_completed: counter(
+                "evgrid_substation_sessions_completed_total",
+                "Sessions whose requested energy was delivered.",
+            ),
+            sessions_interrupted: counter(
+                "evgrid_substation_sessions_interrupted_total",
+                "Sessions stopped by a shutdown before completion (resumed on restart).",
+            ),
+            accept_to_charging_seconds: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "evgrid_request_accept_to_charging_seconds",
+                        "Wall time from a request's acceptance by ingest to its first power.",
+                    )
+                    .const_label("substation", substation_id)
+                    .buckets(ACCEPT_TO_CHARGING_BUCKETS.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
+            counted_kwh: 0.0,
+        }
+    }
+
+    /// Sets the gauges from the charging model and counts the energy delivered since last time.
+    pub fn observe(&mut self, s: &Snapshot) {
+        self.current_load_kw.set(s.load_kw);
+        self.load_watts.set(s.load_kw * WATTS_PER_KW);
+        self.capacity_watts.set(s.capacity_kw * WATTS_PER_KW);
+        self.utilization_ratio.set(if s.capacity_kw > 0.0 {
+            s.load_kw / s.capacity_kw
+        } else {
+            0.0
+        });
+        self.active_sessions.set(i64::from(s.active));
+        self.queued_sessions.set(i64::from(s.queued));
+        self.throttled_sessions.set(i64::from(s.throttled));
+        let new_kwh = s.delivered_kwh - self.counted_kwh;
+        if new_kwh > 0.0 {
+            self.energy_delivered_joules
+                .inc_by(new_kwh * JOULES_PER_KWH);
+            self.counted_kwh = s.delivered_kwh;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_carries_the_substation_label() {
+        let registry = Registry::new();
+        let mut metrics = Metrics::new(&registry, "s-1");
+        metrics.observe(&Snapshot {
+            capacity_kw: 100.0,
+            load_kw: 25.0,
+            delivered_kwh: 2.0,
+            ..Snapshot::default()
+        });
+        metrics.observe(&Snapshot {
+            capacity_kw: 100.0,
+            load_kw: 25.0,
+            delivered_kwh: 3.0,
+            ..Snapshot::default()
+        });
+        let families = registry.gather();
+        assert_eq!(families.len(), 12);
+        for family in &families {
+            for metric in family.get_metric() {
+                let labels: Vec<(&str, &str)> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                assert_eq!(labels, [("substation", "s-1")], "{}", family.name());
+            }
+        }
+        assert_eq!(metrics.utilization_ratio.get(), 0.25);
+        assert_eq!(metrics.load_watts.get(), 25_000.0);
+        assert_eq!(metrics.energy_delivered_joules.get(), 3.0 * JOULES_PER_KWH);
+    }
+}

@@ -1,0 +1,138 @@
+//! The substation's one ordered writer to JetStream: session events, request states and
+//! heartbeats all go through a single task that publishes them in the order they were queued,
+//! pipelining PubAcks, so a request's states reach `EV_REQUEST_STATE` in order (states never go
+//! backwards) and a caller learns when a write, and everything queued before it, is durable.
+//!
+//! A failed or timed-out PubAck (NATS restarting) makes the task publish that write and every
+//! later in-flight one again, in order, after a backoff: a key's last stored value is always its
+//! newest. Session events carry a `Nats-Msg-Id`, so a repeat inside the duplicate window is
+//! stored once.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Writes sent but not yet acknowledged, at most; beyond it queueing waits (backpressure).
+const MAX_IN_FLIGHT: usize = 256;
+/// Backoff between retries of a failed write, doubling up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// One JetStream publish, and who wants to know when it is durable.
+#[derive(Debug)]
+pub struct Write {
+    pub subject: String,
+    pub message: PublishMessage,
+    /// Fired once the write and every write queued before it are acknowledged.
+    pub durable: Option<oneshot::Sender<()>>,
+}
+
+impl Write {
+    pub fn new(subject: String, message: PublishMessage) -> Self {
+        Self {
+            subject,
+            message,
+            durable: None,
+        }
+    }
+
+    /// This write, reporting on the returned receiver when it is durable.
+    pub fn with_receipt(mut self) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        self.durable = Some(tx);
+        (self, rx)
+    }
+}
+
+/// The handle that queues writes. Dropping every handle lets the task finish what it holds and
+/// return.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    tx: mpsc::UnboundedSender<Write>,
+}
+
+impl Publisher {
+    /// Starts the writer task on `js`.
+    pub fn start(js: jetstream::Context) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, tokio::spawn(run(js, rx)))
+    }
+
+    /// Queues `write` behind every earlier one.
+    pub fn send(&self, write: Write) {
+        if self.tx.send(write).is_err() {
+            // Only after the task ended, which happens when every handle is gone: unreachable
+            // while a caller holds `self`, unless the task panicked.
+            tracing::error!("publisher task is gone; write dropped");
+        }
+    }
+}
+
+type AckFuture =
+    Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
+
+struct InFlight {
+    write: Write,
+    ack: AckFuture,
+}
+
+async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut open = true;
+    let mut backoff = RETRY_FIRST;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            // Acks first: they free room and fire receipts.
+            biased;
+            ack = async { (&mut in_flight.front_mut().expect("non-empty").ack).await },
+                if !in_flight.is_empty() =>
+            {
+                match ack {
+                    Ok(_) => {
+                        backoff = RETRY_FIRST;
+                        let done = in_flight.pop_front().expect("non-empty");
+                        if let Some(tx) = done.write.durable {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Err(e) => {
+                        let writes: Vec<Write> = in_flight.drain(..).map(|f| f.write).collect();
+                        tracing::warn!(
+                            error = %e,
+                            subject = %writes[0].subject,
+                            pending = writes.len(),
+                            retry_in = ?backoff,
+                            "JetStream write not acknowledged; publishing again in order"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                        for write in writes {
+                            in_flight.push_back(publish(&js, write).await);
+                        }
+                    }
+                }
+            }
+            write = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match write {
+                Some(write) => in_flight.push_back(publish(&js, write).await),
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// Sends one write. A send that fails at once (connection closed) becomes a failed ack, so the
+/// retry path handles both alike.
+async fn publish(js: &jetstream::Context, write: Write) -> InFlight {
+    let ack: AckFuture = match js
+        .send_publish(write.subject.clone(), write.message.clone())
+        .await
+    {
+        Ok(ack) => Box::pin(std::future::IntoFuture::into_future(ack)),
+        Err(e) => Box::pin(std::future::ready(Err(e))),
+    };
+    InFlight { write, ack }
+}

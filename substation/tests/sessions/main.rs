@@ -1,0 +1,382 @@
+//! Integration tests of the substation stage against a real nats-server: the test publishes
+//! dispatches as the dispatcher would and watches what the substation reports.
+
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use evgrid_common::messages::{RequestState, SessionEventKind};
+use evgrid_common::streams;
+use helpers::{Grid, Running, WAIT, dispatch, sample};
+
+#[tokio::test]
+async fn a_dispatched_request_completes_and_is_acked() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let mut heartbeats = grid.heartbeats("s1").await;
+    // A consumer left by an older version, with another ack wait: brought up to date.
+    let stale = async_nats::jetstream::consumer::pull::Config {
+        ack_wait: Duration::from_secs(5),
+        description: Some("old".into()),
+        ..streams::substation_consumer("s1")
+    };
+    let dispatches = grid.js.get_stream(streams::DISPATCH).await.unwrap();
+    dispatches.create_consumer(stale).await.unwrap();
+    let substation = Running::start(grid.config("s1", 150.0)).await;
+
+    // 10 kWh at 10 kW: one simulated hour, one real second.
+    let d = dispatch("s1", 10.0, 10.0);
+    let seq = grid.dispatch(&d).await;
+
+    let kinds: Vec<SessionEventKind> = [events.next().await, events.next().await]
+        .iter()
+        .inspect(|e| assert_eq!(e.request_id, d.request_id))
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(
+        kinds,
+        [SessionEventKind::Accepted, SessionEventKind::Started]
+    );
+    let beat = heartbeats.until(|h| h.dispatch_seq == seq).await;
+    assert_eq!((beat.active_sessions, beat.load_kw), (1, 10.0));
+    assert_eq!(beat.capacity_kw, 150.0);
+
+    let completed = events.next().await;
+    assert_eq!(completed.event, SessionEventKind::Completed);
+    assert_eq!(completed.energy_delivered_kwh, 10.0);
+
+    let record = grid.record(d.request_id).await;
+    assert_eq!(record.state, RequestState::Completed);
+    assert_eq!(record.energy_delivered_kwh, 10.0);
+    assert_eq!(record.substation_id.as_deref(), Some("s1"));
+    assert!(record.charging_started_at.is_some() && record.completed_at.is_some());
+    let consumer = grid.all_acked("s1").await;
+    assert_eq!(consumer.ack_floor.stream_sequence, seq);
+    assert_eq!(consumer.config.ack_wait, streams::SUBSTATION_ACK_WAIT);
+
+    let (status, _) = substation.get("/readyz").await;
+    assert_eq!(status, 200);
+    let (_, page) = substation.get("/metrics").await;
+    let value = |name| sample(&page, name, "s1");
+    assert_eq!(
+        value("evgrid_substation_sessions_completed_total"),
+        Some(1.0)
+    );
+    assert_eq!(value("evgrid_substation_sessions_started_total"), Some(1.0));
+    assert_eq!(value("evgrid_substation_capacity_watts"), Some(150_000.0));
+    assert_eq!(value("substation_current_load"), Some(0.0));
+    assert_eq!(
+        value("evgrid_request_accept_to_charging_seconds_count"),
+        Some(1.0)
+    );
+    let joules = value("evgrid_substation_energy_delivered_joules_total").unwrap();
+    assert!((joules - 10.0 * 3.6e6).abs() < 1.0, "{joules} J");
+
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn more_demand_than_capacity_queues_and_never_overloads() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let mut heartbeats = grid.heartbeats("s1").await;
+    // 20 kW for five 11 kW cars: one draws 11, one is throttled to 9, three wait.
+    let substation = Running::start(grid.config("s1", 20.0)).await;
+    let cars: Vec<_> = (0..5).map(|_| dispatch("s1", 5.0, 11.0)).collect();
+    for d in &cars {
+        grid.dispatch(d).await;
+    }
+
+    let (mut completed, mut started_before_first_completion) = (Vec::new(), None);
+    let mut started = 0;
+    let (mut beats, mut saturated_beats) = (0, 0);
+    while completed.len() < cars.len() {
+        tokio::select! {
+            e = events.next() => match e.event {
+                SessionEventKind::Started => started += 1,
+                SessionEventKind::Completed => {
+                    started_before_first_completion.get_or_insert(started);
+                    completed.push(e);
+                }
+                _ => {}
+            },
+            h = heartbeats.next() => {
+                beats += 1;
+                assert!(h.load_kw <= h.capacity_kw, "overload: {h:?}");
+                if h.queued_sessions > 0 {
+                    saturated_beats += 1;
+                    assert_eq!(h.load_kw, 20.0, "capacity idle while cars wait: {h:?}");
+                    assert!(h.demand_kw > h.capacity_kw);
+                }
+            }
+        }
+    }
+    assert_eq!(started_before_first_completion, Some(2));
+    assert_eq!(started, 5);
+    assert!(
+        saturated_beats > 0,
+        "no heartbeat saw the queue ({beats} beats)"
+    );
+    for d in &cars {
+        let e = completed.iter().find(|e| e.request_id == d.request_id);
+        assert_eq!(e.map(|e| e.energy_delivered_kwh), Some(5.0));
+        assert_eq!(
+            grid.record(d.request_id).await.state,
+            RequestState::Completed
+        );
+    }
+    grid.all_acked("s1").await;
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_duplicate_dispatch_of_a_completed_request_is_skipped() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let mut heartbeats = grid.heartbeats("s1").await;
+    let substation = Running::start(grid.config("s1", 150.0)).await;
+
+    let first = dispatch("s1", 1.0, 50.0);
+    grid.dispatch(&first).await;
+    events
+        .until(|e| e.event == SessionEventKind::Completed)
+        .await;
+    grid.all_acked("s1").await;
+
+    // The same assignment again, past the duplicate window (a new message id), then another
+    // request: events are published in order, so the duplicate would show before it.
+    let duplicate = grid.dispatch_with_id(&first, "replayed").await;
+    let second = dispatch("s1", 1.0, 50.0);
+    let second_seq = grid.dispatch(&second).await;
+    let next = events.next().await;
+    assert_eq!(
+        (next.request_id, next.event),
+        (second.request_id, SessionEventKind::Accepted)
+    );
+    events
+        .until(|e| e.event == SessionEventKind::Completed)
+        .await;
+    let consumer = grid.all_acked("s1").await;
+    assert_eq!(consumer.ack_floor.stream_sequence, second_seq);
+    assert!(duplicate < second_seq);
+    heartbeats.until(|h| h.dispatch_seq == second_seq).await;
+    let record = grid.record(first.request_id).await;
+    assert_eq!(
+        (record.state, record.energy_delivered_kwh),
+        (RequestState::Completed, 1.0)
+    );
+    let (_, page) = substation.get("/metrics").await;
+    assert_eq!(
+        sample(&page, "evgrid_substation_sessions_completed_total", "s1"),
+        Some(2.0)
+    );
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_and_a_restart_resumes_the_session() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let mut heartbeats = grid.heartbeats("s1").await;
+    // 10 kWh at 10 kW at 360x: ten real seconds, so the shutdown lands mid-session.
+    let slow = evgrid_substation::Config {
+        time_scale: 360.0,
+        ..grid.config("s1", 150.0)
+    };
+    let substation = Running::start(slow).await;
+    let d = dispatch("s1", 10.0, 10.0);
+    let seq = grid.dispatch(&d).await;
+    events.until(|e| e.event == SessionEventKind::Started).await;
+    // A few heartbeats later some energy is delivered.
+    for _ in 0..4 {
+        heartbeats.until(|h| h.dispatch_seq == seq).await;
+    }
+    substation.stop().await.unwrap();
+
+    let interrupted = events.next().await;
+    assert_eq!(interrupted.event, SessionEventKind::Interrupted);
+    let so_far = interrupted.energy_delivered_kwh;
+    assert!(so_far > 0.0 && so_far < 10.0, "{so_far} kWh");
+    let record = grid.record(d.request_id).await;
+    assert_eq!(
+        (record.state, record.energy_delivered_kwh),
+        (RequestState::Charging, so_far)
+    );
+    let consumer = grid.consumer("s1").await;
+    assert_eq!(consumer.ack_floor.stream_sequence, 0, "message acked");
+
+    // A new substation process on the same server resumes from the recorded energy.
+    let restarted_at = Instant::now();
+    let substation = Running::start(grid.config("s1", 150.0)).await;
+    let accepted = events.next().await;
+    let resume_latency = restarted_at.elapsed();
+    assert_eq!(
+        (accepted.event, accepted.energy_delivered_kwh),
+        (SessionEventKind::Accepted, so_far)
+    );
+    assert!(
+        resume_latency < Duration::from_secs(5),
+        "resumed after {resume_latency:?}: the message was not handed back"
+    );
+    events
+        .until(|e| e.event == SessionEventKind::Completed)
+        .await;
+    let record = grid.record(d.request_id).await;
+    assert_eq!(
+        (record.state, record.energy_delivered_kwh),
+        (RequestState::Completed, 10.0)
+    );
+    let (_, page) = substation.get("/metrics").await;
+    // Only what was left was delivered here.
+    let joules = sample(
+        &page,
+        "evgrid_substation_energy_delivered_joules_total",
+        "s1",
+    )
+    .unwrap();
+    assert!(
+        ((joules / 3.6e6) - (10.0 - so_far)).abs() < 1e-6,
+        "{joules} J"
+    );
+    grid.all_acked("s1").await;
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_session_does_not_stop_the_substation() {
+    let mut grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let slow = evgrid_substation::Config {
+        time_scale: 1800.0,
+        ..grid.config("s1", 150.0)
+    };
+    let substation = Running::start(slow).await;
+    let before = dispatch("s1", 10.0, 10.0);
+    grid.dispatch(&before).await;
+    events.until(|e| e.event == SessionEventKind::Started).await;
+
+    grid.server.restart().unwrap();
+    // A dispatch after the restart is taken too. Publish with a short ack timeout, so an
+    // attempt lost while this client reconnects is retried at once.
+    let after = dispatch("s1", 1.0, 10.0);
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(200))
+        .build(grid.client.clone());
+    let msg_id = format!("dispatch-{}", after.request_id);
+    let seq = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(seq) = helpers::try_dispatch(&js, &after, &msg_id).await {
+                return seq;
+            }
+        }
+    })
+    .await
+    .expect("publish after the restart");
+    for d in [&before, &after] {
+        let record = evgrid_test_support::eventually(WAIT, Duration::from_millis(50), || async {
+            let value = grid.kv.get(d.request_id.to_string()).await.ok()??;
+            let record: evgrid_common::messages::RequestRecord =
+                serde_json::from_slice(&value).ok()?;
+            (record.state == RequestState::Completed).then_some(record)
+        })
+        .await
+        .expect("completed after the restart");
+        assert_eq!(record.energy_delivered_kwh, d.energy_kwh);
+    }
+    let consumer = grid.all_acked("s1").await;
+    assert_eq!(consumer.ack_floor.stream_sequence, seq);
+    substation.stop().await.unwrap();
+}
+
+mod cli {
+    use std::process::Stdio;
+
+    use super::*;
+
+    /// Runs the binary with `args` and no substation environment; (success, stdout, stderr).
+    async fn run(args: &[&str]) -> (bool, String, String) {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_evgrid-substation"));
+        for var in [
+            "SUBSTATION_ID",
+            "SUBSTATION_CAPACITY_KW",
+            "EVGRID_TIME_SCALE",
+            "EVGRID_HEARTBEAT_INTERVAL",
+            "SUBSTATION_ALLOCATION",
+            "EVGRID_LISTEN",
+            "NATS_URL",
+        ] {
+            cmd.env_remove(var);
+        }
+        // An unreachable NATS: a binary that got past its config would wait for it, not exit.
+        cmd.args([
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .expect("exits without waiting for NATS")
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn bad_config_exits_non_zero_with_one_line() {
+        for (args, mentions) in [
+            (&["--id", "s1", "--capacity-kw", "-5"][..], "greater than 0"),
+            (
+                &["--id", "s1", "--capacity-kw", "lots"][..],
+                "greater than 0",
+            ),
+            (&[][..], "--id"),
+            (&["--id", "a.b"][..], "not a substation id"),
+            (
+                &["--id", "s1", "--heartbeat-interval", "1h"][..],
+                "duration",
+            ),
+            (&["--id", "s1", "--time-scale", "0"][..], "greater than 0"),
+        ] {
+            let (ok, _, stderr) = run(args).await;
+            assert!(!ok, "{args:?} accepted");
+            let stderr = stderr.trim();
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+            assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn help_shows_every_option_with_its_env_and_default() {
+        let (ok, help, _) = run(&["--help"]).await;
+        assert!(ok);
+        for text in [
+            "--id",
+            "SUBSTATION_ID",
+            "--capacity-kw",
+            "SUBSTATION_CAPACITY_KW",
+            "default: 150",
+            "--time-scale",
+            "EVGRID_TIME_SCALE",
+            "--heartbeat-interval",
+            "EVGRID_HEARTBEAT_INTERVAL",
+            "default: 1s",
+            "--allocation",
+            "fcfs",
+            "--listen",
+            "EVGRID_LISTEN",
+            "127.0.0.1:9102",
+            "--nats-url",
+            "NATS_URL",
+            "--log-format",
+        ] {
+            assert!(help.contains(text), "--help lacks {text}:\n{help}");
+        }
+    }
+}
