@@ -74,6 +74,88 @@ fn default_interval_ms() -> u64 {
     1000
 }
 
+/// Upper edges of the departure buckets of a [`Projection`], in seconds after the heartbeat:
+/// 5, 15 and 30 minutes, then 1, 2, 3, 4, 6, 8, 12 and 24 hours.
+pub const PROJECTION_HORIZONS_S: [f64; 11] = [
+    300.0, 900.0, 1800.0, 3600.0, 7200.0, 10800.0, 14400.0, 21600.0, 28800.0, 43200.0, 86400.0,
+];
+
+/// What a substation's sessions still need, summarised for routing (the dispatcher's
+/// `predictive` policy): how much energy must be delivered by when. One number per horizon,
+/// whatever the number of sessions, so a heartbeat stays small at thousands of cars.
+///
+/// Each session counts the energy it still needs, capped at what it can still draw at its max
+/// power before it leaves (energy it could never take is no load).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Projection {
+    /// Upper edges of the departure buckets, seconds after `sent_at`, ascending
+    /// ([`PROJECTION_HORIZONS_S`] today).
+    pub horizons_s: Vec<f64>,
+    /// `due_kwh[k]`: energy still to deliver to the sessions leaving within `horizons_s[k]`
+    /// (cumulative: each bucket includes the earlier ones).
+    pub due_kwh: Vec<f64>,
+    /// Energy still to deliver to every session, including those without a departure or
+    /// leaving after the last horizon.
+    pub remaining_kwh: f64,
+}
+
+/// A heartbeat as substations publish it on `ev.telemetry.<substation_id>`: every [`Heartbeat`]
+/// field plus the additions of issue 3, in one flat JSON object. The additions are optional, so
+/// readers of [`Heartbeat`] alone (unknown fields are ignored) and heartbeats of older
+/// substations both keep working.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    #[serde(flatten)]
+    pub heartbeat: Heartbeat,
+    /// What the sessions still need, for predictive routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection: Option<Projection>,
+    /// The capacity the substation was configured with (kW), present while a grid operator's
+    /// limit (`ev.limits.<substation_id>`) sets `capacity_kw` to something else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured_capacity_kw: Option<f64>,
+    /// When the limit in force ends; absent while it holds until the next limit message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_until: Option<DateTime<Utc>>,
+}
+
+/// A grid operator's capacity limit on `ev.limits.<substation_id>` (stream `EV_LIMITS`, which
+/// keeps the last one per substation so a restarted substation applies it again).
+///
+/// `{"capacity_kw": 80, "until": "2026-11-25T18:00:00Z"}`: the substation draws at most 80 kW
+/// until then. Without `until` the limit holds until the next message; `capacity_kw` null or
+/// absent means back to the configured capacity.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    #[serde(default)]
+    pub capacity_kw: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Why a [`Limit`] message cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "not a limit (expected {{\"capacity_kw\": <kW or null>, \"until\": <RFC 3339, optional>}}): {0}"
+    )]
+    Malformed(#[from] serde_json::Error),
+    #[error("capacity_kw must be a number of kW, 0 or more, got {0}")]
+    Capacity(f64),
+}
+
+impl Limit {
+    /// Parses and checks a limit message body.
+    pub fn parse(payload: &[u8]) -> Result<Self, LimitError> {
+        let limit: Limit = serde_json::from_slice(payload)?;
+        match limit.capacity_kw {
+            Some(kw) if !(kw.is_finite() && kw >= 0.0) => Err(LimitError::Capacity(kw)),
+            _ => Ok(limit),
+        }
+    }
+}
+
 /// An assignment on `ev.dispatch.<substation_id>`: the request, where it goes, and when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dispatch {
@@ -98,7 +180,8 @@ pub enum SessionEventKind {
     Accepted,
     /// The car started drawing power.
     Started,
-    /// The requested energy was delivered.
+    /// The session ended: its energy was delivered, or the car left at its departure
+    /// (`outcome` in [`SessionReport`] says which).
     Completed,
     /// The session stopped before completion (substation shut down); it resumes on restart.
     Interrupted,
@@ -113,6 +196,37 @@ impl SessionEventKind {
             Self::Interrupted => "interrupted",
         }
     }
+}
+
+/// How a session ended: on `completed` events ([`SessionReport`]) and, as `reason`, in the
+/// `completed` request state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOutcome {
+    /// The requested energy was delivered.
+    Delivered,
+    /// The car left at its departure with less than it asked for.
+    Departed,
+}
+
+impl SessionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Departed => "departed",
+        }
+    }
+}
+
+/// A session event as substations publish it: every [`SessionEvent`] field plus, on `completed`
+/// events, how the session ended, in one flat JSON object. Readers of [`SessionEvent`] alone keep
+/// working (unknown fields are ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionReport {
+    #[serde(flatten)]
+    pub event: SessionEvent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<SessionOutcome>,
 }
 
 /// A session lifecycle event on `ev.sessions.<substation_id>.<event>` (stream `EV_SESSIONS`).
@@ -164,6 +278,8 @@ pub struct RequestRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub substation_id: Option<String>,
     pub energy_delivered_kwh: f64,
+    /// `rejected`: why ([`RejectReason`]). `completed`: how the session ended
+    /// ([`SessionOutcome`]: `delivered`, or `departed` with less energy than asked for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub accepted_at: DateTime<Utc>,
@@ -176,6 +292,36 @@ pub struct RequestRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl RequestRecord {
+    /// The first record of `request`: in `state`, nothing delivered, no substation yet and no
+    /// step timestamps. Writers fill in the rest as the request moves on.
+    pub fn new(
+        request_id: Uuid,
+        state: RequestState,
+        request: &ChargeRequest,
+        accepted_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            request_id,
+            state,
+            vehicle_id: request.vehicle_id.clone(),
+            energy_kwh: request.energy_kwh,
+            max_power_kw: request.max_power_kw,
+            departure: request.departure,
+            substation_id: None,
+            energy_delivered_kwh: 0.0,
+            reason: None,
+            accepted_at,
+            dispatched_at: None,
+            charging_started_at: None,
+            completed_at: None,
+            rejected_at: None,
+            updated_at,
+        }
+    }
 }
 
 /// Why a request on `ev.requests` can never be served (header `Evgrid-Reject-Reason`, metric
@@ -225,6 +371,99 @@ mod tests {
             request_id_from_idempotency_key("order-42"),
             request_id_from_idempotency_key("order-42")
         );
+    }
+
+    fn heartbeat() -> Heartbeat {
+        Heartbeat {
+            substation_id: "s1".into(),
+            seq: 3,
+            sent_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            capacity_kw: 80.0,
+            load_kw: 40.0,
+            active_sessions: 4,
+            queued_sessions: 1,
+            demand_kw: 50.0,
+            dispatch_seq: 9,
+            interval_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn telemetry_is_a_heartbeat_with_optional_additions() {
+        let telemetry = Telemetry {
+            heartbeat: heartbeat(),
+            projection: Some(Projection {
+                horizons_s: PROJECTION_HORIZONS_S.to_vec(),
+                due_kwh: vec![1.0; PROJECTION_HORIZONS_S.len()],
+                remaining_kwh: 3.0,
+            }),
+            configured_capacity_kw: Some(150.0),
+            limit_until: None,
+        };
+        let json = serde_json::to_value(&telemetry).unwrap();
+        // One flat object: the heartbeat's fields at the top level.
+        assert_eq!(json["capacity_kw"], 80.0);
+        assert_eq!(json["projection"]["remaining_kwh"], 3.0);
+        assert!(json.get("limit_until").is_none());
+        // Readers of the plain heartbeat still read it.
+        let plain: Heartbeat = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(plain, heartbeat());
+        assert_eq!(
+            serde_json::from_value::<Telemetry>(json).unwrap(),
+            telemetry
+        );
+        // A plain heartbeat is telemetry without additions.
+        let old = serde_json::to_vec(&heartbeat()).unwrap();
+        let read: Telemetry = serde_json::from_slice(&old).unwrap();
+        assert_eq!((read.heartbeat, read.projection), (heartbeat(), None));
+    }
+
+    #[test]
+    fn limits_parse_or_say_why_not() {
+        let limit = Limit::parse(br#"{"capacity_kw": 80, "until": "2026-11-25T18:00:00Z"}"#);
+        assert_eq!(limit.unwrap().capacity_kw, Some(80.0));
+        assert_eq!(
+            Limit::parse(br#"{"capacity_kw": null}"#).unwrap(),
+            Limit::default()
+        );
+        assert_eq!(Limit::parse(b"{}").unwrap(), Limit::default());
+        for bad in [
+            &br#"{"capacity_kw": -1}"#[..],
+            br#"{"capacity_kw": "lots"}"#,
+            br#"{"capacity": 80}"#,
+            br#"{"capacity_kw": 80, "until": "tomorrow"}"#,
+            b"not json",
+        ] {
+            assert!(
+                Limit::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn session_reports_carry_the_outcome_beside_the_event() {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let event = SessionEvent {
+            event: SessionEventKind::Completed,
+            request_id: Uuid::nil(),
+            substation_id: "s1".into(),
+            vehicle_id: "ev".into(),
+            at,
+            energy_kwh: 30.0,
+            energy_delivered_kwh: 12.5,
+            accepted_at: at,
+            dispatched_at: at,
+        };
+        let report = SessionReport {
+            event: event.clone(),
+            outcome: Some(SessionOutcome::Departed),
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["outcome"], "departed");
+        assert_eq!(json["event"], "completed");
+        assert_eq!(serde_json::from_value::<SessionEvent>(json).unwrap(), event);
     }
 
     #[test]

@@ -1,1 +1,155 @@
+//! `evgrid-ingest`: the HTTP front door of the charge pipeline (ingest → dispatcher →
+//! substation).
+//!
+//! It validates `POST /v1/charge-requests` bodies with the rules every stage shares, stores each
+//! accepted request in JetStream (`ev.requests`, stream `EV_REQUESTS`, deduplicated by request
+//! id) and answers `202 Accepted` only after the PubAck. It also answers
+//! `GET /v1/charge-requests/{request_id}` from the `EV_REQUEST_STATE` bucket that the dispatcher
+//! and substations keep current, and `GET /v1/substations` from the substations' heartbeats.
+//! The HTTP contract is `docs/api.md` and `docs/openapi.yaml`.
 
+mod metrics;
+mod problem;
+mod recent;
+mod request;
+mod routes;
+mod state;
+mod substations;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use evgrid_common::config::NatsArgs;
+use evgrid_common::http::{self, Readiness};
+use evgrid_common::nats::{self, NatsError};
+use evgrid_common::{heartbeats, streams};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use request::BODY_LIMIT_BYTES;
+
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// Default of `--recent-accepts`: at the rates one instance sustains (tens of thousands of
+/// requests a second) this covers the seconds between a 202 and the pipeline's first state
+/// write, in about 5 MB.
+pub const DEFAULT_RECENT_ACCEPTS: usize = 100_000;
+
+/// The name this service gives its NATS connection (visible in the server's `/connz`).
+const CONNECTION_NAME: &str = "evgrid-ingest";
+
+/// Options of the ingest service (the binary adds `--listen` and the log format).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// How many recently accepted request ids this process remembers, so that
+    /// `GET /v1/charge-requests/{id}` right after the 202 answers `queued` before the pipeline
+    /// has written any state for it.
+    #[arg(
+        long,
+        env = "EVGRID_INGEST_RECENT_ACCEPTS",
+        default_value_t = DEFAULT_RECENT_ACCEPTS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
+    )]
+    pub recent_accepts: usize,
+}
+
+/// Serves the HTTP API on `listener` until `shutdown`, then lets in-flight requests finish.
+///
+/// HTTP is served at once (`/readyz` answers 503 and `POST` answers 503 until NATS is reachable
+/// and the streams exist). Returns an error only for a NATS server it can never use (bad URL,
+/// too old, JetStream disabled); a server that is merely down is waited for.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = evgrid_common::metrics::registry();
+    let state = Arc::new(AppState::new(
+        config.recent_accepts,
+        Metrics::register(&registry),
+    ));
+    let readiness = Readiness::new();
+    // A fatal NATS error stops the HTTP server too, without cancelling the caller's token.
+    let stop = shutdown.child_token();
+
+    let addr = listener.local_addr().context("listener has no address")?;
+    tracing::info!(%addr, "serving HTTP");
+    let server = http::serve(
+        listener,
+        routes::routes(state.clone(), registry, readiness.clone()),
+        stop.clone(),
+    );
+    let nats_side = async {
+        let result = connect_and_follow(&config, &state, &readiness, &stop).await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
+    let ((), result) = tokio::join!(server, nats_side);
+    tracing::info!("stopped");
+    result
+}
+
+/// Connects, puts the streams in place, then keeps the live substation view until `stop`.
+async fn connect_and_follow(
+    config: &Config,
+    state: &Arc<AppState>,
+    readiness: &Readiness,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let nats = match nats::connect(&config.nats.nats_url, CONNECTION_NAME, stop).await {
+        Ok(nats) => nats,
+        Err(NatsError::Shutdown) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    readiness.set_nats(nats.clone());
+    let Some(request_states) = ensure_streams(&nats, stop).await else {
+        return Ok(());
+    };
+    let requests = nats
+        .js
+        .get_stream_no_info(streams::REQUESTS)
+        .await
+        .context("EV_REQUESTS handle")?;
+    state.set_connected(nats.clone(), requests, request_states);
+    readiness.set_streams_ready(true);
+    tracing::info!("ready: accepting charge requests");
+
+    let grid = state.clone();
+    heartbeats::follow(nats.js.clone(), stop.clone(), move |observed| {
+        grid.observe_heartbeat(observed)
+    })
+    .await;
+    Ok(())
+}
+
+/// Creates or updates the streams and the request-state bucket, retrying with backoff (the
+/// server may have just started, or be restarting). `None` when stopped first.
+async fn ensure_streams(
+    nats: &nats::Nats,
+    stop: &CancellationToken,
+) -> Option<async_nats::jetstream::kv::Store> {
+    let retention = streams::Retention::default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return None,
+            attempt = streams::ensure(&nats.js, &retention) => attempt,
+        };
+        match attempt {
+            Ok(bucket) => return Some(bucket),
+            Err(e) => tracing::warn!(error = %e, ?backoff, "cannot set up streams yet; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

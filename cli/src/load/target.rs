@@ -1,0 +1,127 @@
+//! Where `evgrid load` sends requests, at the entry of ingest → dispatcher → substation: ingest's
+//! HTTP API, or `ev.requests` on NATS directly (a JetStream publish awaiting the PubAck, as
+//! `nats pub -J` would, or a plain core publish). Each send returns accepted or a classified
+//! error.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use evgrid_common::subjects;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use uuid::Uuid;
+
+use super::stats::{ErrorKind, SendError};
+
+/// The path of the charge-request API under `--url`.
+pub const API_PATH: &str = "v1/charge-requests";
+
+/// A connected target.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `POST {url}/v1/charge-requests`.
+    Http {
+        client: reqwest::Client,
+        endpoint: reqwest::Url,
+    },
+    /// JetStream publish to `ev.requests` with `Nats-Msg-Id` = request id, awaiting the PubAck.
+    JetStream(jetstream::Context),
+    /// Core publish to `ev.requests`: accepted once handed to the client (no PubAck).
+    Core(async_nats::Client),
+}
+
+impl Target {
+    /// An HTTP target with a pool of up to `connections` kept-alive connections.
+    pub fn http(base: &reqwest::Url, connections: usize) -> anyhow::Result<Self> {
+        let endpoint = base
+            .join(API_PATH)
+            .map_err(|e| anyhow::anyhow!("cannot build the API URL from {base}: {e}"))?;
+        // No redirects or retries: a load tool reports what the target answered, once.
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
+            .pool_max_idle_per_host(connections)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Target::Http { client, endpoint })
+    }
+
+    /// Sends one request body. The caller bounds the wait (`--timeout`).
+    pub async fn send(&self, id: Uuid, body: Bytes) -> Result<(), SendError> {
+        match self {
+            Target::Http { client, endpoint } => {
+                let response = client
+                    .post(endpoint.clone())
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(classify_reqwest)?;
+                let status = response.status();
+                // Read the (small) body so the connection goes back to the pool.
+                let text = response.bytes().await.map_err(classify_reqwest)?;
+                if status.is_success() {
+                    return Ok(());
+                }
+                let kind = if status.is_client_error() {
+                    ErrorKind::Http4xx
+                } else if status.is_server_error() {
+                    ErrorKind::Http5xx
+                } else {
+                    ErrorKind::HttpOther
+                };
+                let snippet = String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned();
+                Err(SendError::new(kind, format!("{status}: {snippet}")))
+            }
+            Target::JetStream(js) => {
+                let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let id = id.hyphenated().encode_lower(&mut uuid);
+                let ack = js
+                    .send_publish(
+                        subjects::REQUESTS,
+                        PublishMessage::build().payload(body).message_id(&*id),
+                    )
+                    .await
+                    .map_err(classify_publish)?;
+                ack.await.map_err(classify_publish)?;
+                Ok(())
+            }
+            Target::Core(client) => client
+                .publish(subjects::REQUESTS, body)
+                .await
+                .map_err(|e| SendError::new(ErrorKind::Nats, e.to_string())),
+        }
+    }
+
+    /// Waits until everything published is on the wire (core publishes are buffered).
+    pub async fn flush(&self) -> Result<(), SendError> {
+        match self {
+            Target::Core(client) => client
+                .flush()
+                .await
+                .map_err(|e| SendError::new(ErrorKind::Nats, e.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn classify_reqwest(e: reqwest::Error) -> SendError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect
+    } else {
+        ErrorKind::Transport
+    };
+    // The chain (e.g. "connection refused") is what tells the user what went wrong.
+    SendError::new(kind, format!("{:#}", anyhow::Error::new(e)))
+}
+
+fn classify_publish(e: jetstream::context::PublishError) -> SendError {
+    let kind = match e.kind() {
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Nats,
+    };
+    SendError::new(kind, e.to_string())
+}

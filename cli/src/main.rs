@@ -1,0 +1,46 @@
+//! `evgrid`: the command line around the pipeline. `evgrid up` runs the whole grid locally;
+//! `evgrid load` drives charge requests at an ingest API or straight at NATS and measures what
+//! comes back.
+
+use clap::{Parser, Subcommand};
+use evgrid_common::config::LogArgs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "evgrid",
+    version,
+    about = "Route EV charging across a power grid: tools around the evgrid pipeline"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole grid locally: NATS, ingest, dispatcher, substations (and Prometheus if installed).
+    Up(evgrid::up::UpArgs),
+    /// Drive charge requests at a deployment (HTTP or NATS) and report throughput and latency.
+    Load(Box<evgrid::load::LoadArgs>),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli: Cli = evgrid_common::config::parse_or_exit();
+    evgrid_common::telemetry::init(cli.log.log_format);
+    let result = match cli.command {
+        Command::Up(args) => evgrid::up::run(args, evgrid_common::shutdown::on_signals())
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS),
+        Command::Load(args) => evgrid::load::main(*args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("evgrid: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

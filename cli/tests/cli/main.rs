@@ -1,0 +1,10 @@
+//! Integration tests of the `evgrid` command line and of the whole pipeline: `evgrid load`
+//! against stand-ins and against the live pipeline, the pipeline end to end (HTTP and raw NATS
+//! requests to `completed`), and `evgrid up`. One test binary, so the crate links once.
+
+mod e2e;
+mod helpers;
+mod load;
+mod load_live;
+mod pipeline;
+mod up;

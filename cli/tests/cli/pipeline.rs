@@ -1,0 +1,172 @@
+//! A whole pipeline per test: a real nats-server, ingest, dispatcher and substations running as
+//! tasks (the same `run` functions the binaries call), on free ports.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use evgrid::up::service_config;
+use evgrid_test_support::{NatsServer, eventually};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Pipeline {
+    pub nats: NatsServer,
+    pub ingest: SocketAddr,
+    pub http: reqwest::Client,
+    pub substations: Vec<(String, f64)>,
+    shutdown: CancellationToken,
+    tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
+}
+
+pub struct Options<'a> {
+    pub capacities: &'a [f64],
+    pub time_scale: f64,
+    pub heartbeat_interval: &'a str,
+    pub dispatcher_args: &'a [&'a str],
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            capacities: &[50.0, 100.0, 150.0],
+            time_scale: 3600.0,
+            heartbeat_interval: "200ms",
+            dispatcher_args: &[],
+        }
+    }
+}
+
+fn words(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+impl Pipeline {
+    pub async fn start(opts: Options<'_>) -> Pipeline {
+        evgrid_common::telemetry::init_for_tests();
+        let nats = NatsServer::start().unwrap();
+        let url = nats.url().to_owned();
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let ingest_listener = listener().await;
+        let ingest = ingest_listener.local_addr().unwrap();
+        let config: evgrid_ingest::Config = service_config(&words(&["--nats-url", &url])).unwrap();
+        tasks.push((
+            "ingest".to_owned(),
+            tokio::spawn(evgrid_ingest::run(
+                config,
+                ingest_listener,
+                shutdown.clone(),
+            )),
+        ));
+
+        let mut dispatcher_words = words(&["--nats-url", &url]);
+        dispatcher_words.extend(words(opts.dispatcher_args));
+        let config: evgrid_dispatcher::Config = service_config(&dispatcher_words).unwrap();
+        tasks.push((
+            "dispatcher".to_owned(),
+            tokio::spawn(evgrid_dispatcher::run(
+                config,
+                listener().await,
+                shutdown.clone(),
+            )),
+        ));
+
+        let mut substations = Vec::new();
+        for (i, capacity) in opts.capacities.iter().enumerate() {
+            let id = format!("s{}", i + 1);
+            let config: evgrid_substation::Config = service_config(&words(&[
+                "--nats-url",
+                &url,
+                "--id",
+                &id,
+                "--capacity-kw",
+                &capacity.to_string(),
+                "--time-scale",
+                &opts.time_scale.to_string(),
+                "--heartbeat-interval",
+                opts.heartbeat_interval,
+            ]))
+            .unwrap();
+            tasks.push((
+                id.clone(),
+                tokio::spawn(evgrid_substation::run(
+                    config,
+                    listener().await,
+                    shutdown.clone(),
+                )),
+            ));
+            substations.push((id, *capacity));
+        }
+
+        let pipeline = Pipeline {
+            nats,
+            ingest,
+            http: reqwest::Client::new(),
+            substations,
+            shutdown,
+            tasks,
+        };
+        pipeline.wait_until_grid_is_up().await;
+        pipeline
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ingest)
+    }
+
+    /// Ready = ingest ready and every substation `up` in the live view.
+    async fn wait_until_grid_is_up(&self) {
+        let expected = self.substations.len();
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async {
+                let ready = self
+                    .http
+                    .get(self.url("/readyz"))
+                    .send()
+                    .await
+                    .ok()?
+                    .status()
+                    .is_success();
+                let view: serde_json::Value = self
+                    .http
+                    .get(self.url("/v1/substations"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let up = view
+                    .as_array()?
+                    .iter()
+                    .filter(|s| s["status"] == "up")
+                    .count();
+                (ready && up == expected).then_some(())
+            },
+        )
+        .await
+        .expect("pipeline did not come up within 20 s");
+    }
+
+    /// Stops every service as SIGTERM would and requires each to return `Ok` within 10 s.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, task) in self.tasks {
+            let result = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .unwrap_or_else(|_| panic!("{name} did not stop within 10 s of shutdown"))
+                .unwrap_or_else(|e| panic!("{name} panicked: {e}"));
+            if let Err(e) = result {
+                panic!("{name} failed: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! What the HTTP handlers share: the NATS connection once it is usable, the recently accepted
+//! requests, the live grid view and the metrics.
+
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use async_nats::jetstream::{kv, stream};
+use chrono::{DateTime, Utc};
+use evgrid_common::heartbeats::Observed;
+use evgrid_common::nats::Nats;
+
+use crate::metrics::Metrics;
+use crate::problem::ApiError;
+use crate::recent::RecentlyAccepted;
+use crate::substations::{Grid, SubstationView};
+
+pub(crate) struct AppState {
+    connected: OnceLock<Connected>,
+    pub(crate) recent: RecentlyAccepted,
+    grid: Mutex<Grid>,
+    pub(crate) metrics: Metrics,
+}
+
+/// The connection and the handles built on it once, when the streams exist.
+pub(crate) struct Connected {
+    pub(crate) nats: Nats,
+    /// `EV_REQUESTS`, to read back a request accepted here.
+    pub(crate) requests: stream::Stream<()>,
+    pub(crate) request_states: kv::Store,
+}
+
+impl AppState {
+    pub(crate) fn new(recent_accepts: usize, metrics: Metrics) -> Self {
+        Self {
+            connected: OnceLock::new(),
+            recent: RecentlyAccepted::new(recent_accepts),
+            grid: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// Called once, when the streams and the request-state bucket are in place.
+    pub(crate) fn set_connected(
+        &self,
+        nats: Nats,
+        requests: stream::Stream<()>,
+        request_states: kv::Store,
+    ) {
+        let _ = self.connected.set(Connected {
+            nats,
+            requests,
+            request_states,
+        });
+    }
+
+    /// The connection, if NATS can be used right now. A disconnected client would only queue
+    /// the request until its timeout: better to answer 503 at once.
+    pub(crate) fn nats(&self) -> Result<&Connected, ApiError> {
+        match self.connected.get() {
+            Some(c) if c.nats.is_connected() => Ok(c),
+            _ => Err(ApiError::NatsUnavailable),
+        }
+    }
+
+    pub(crate) fn observe_heartbeat(&self, observed: Observed) {
+        self.grid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(observed);
+    }
+
+    pub(crate) fn substations(&self, now: DateTime<Utc>) -> Vec<SubstationView> {
+        self.grid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .view(now)
+    }
+}

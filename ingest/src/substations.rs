@@ -1,0 +1,137 @@
+//! The live view of the grid behind `GET /v1/substations`: the newest heartbeat of every
+//! substation (`ev.telemetry.<id>`, followed by [`evgrid_common::heartbeats::follow`]) and
+//! whether each is up, judged at the time of the request by the shared liveness rule.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+
+use chrono::{DateTime, Utc};
+use evgrid_common::heartbeats::Observed;
+use serde::Serialize;
+
+/// The newest heartbeat per substation, ordered by substation id.
+#[derive(Debug, Default)]
+pub(crate) struct Grid {
+    latest: BTreeMap<String, Observed>,
+}
+
+/// One substation as `GET /v1/substations` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct SubstationView {
+    pub(crate) substation_id: String,
+    pub(crate) capacity_kw: f64,
+    pub(crate) load_kw: f64,
+    pub(crate) active_sessions: u32,
+    pub(crate) queued_sessions: u32,
+    pub(crate) seconds_since_heartbeat: f64,
+    pub(crate) status: Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    /// Heard from within the last 3 heartbeat intervals.
+    Up,
+    /// Silent for longer: the dispatcher sends it nothing.
+    Stale,
+}
+
+impl Grid {
+    /// Keeps `observed` unless a heartbeat stored later is already known (the follower replays
+    /// the last heartbeat per substation after every reconnect).
+    pub(crate) fn observe(&mut self, observed: Observed) {
+        match self.latest.entry(observed.heartbeat.substation_id.clone()) {
+            Entry::Vacant(slot) => {
+                slot.insert(observed);
+            }
+            Entry::Occupied(mut slot) => {
+                if observed.stored_at > slot.get().stored_at {
+                    slot.insert(observed);
+                }
+            }
+        }
+    }
+
+    /// Every substation at `now`, sorted by id.
+    pub(crate) fn view(&self, now: DateTime<Utc>) -> Vec<SubstationView> {
+        self.latest
+            .values()
+            .map(|o| SubstationView {
+                substation_id: o.heartbeat.substation_id.clone(),
+                capacity_kw: o.heartbeat.capacity_kw,
+                load_kw: o.heartbeat.load_kw,
+                active_sessions: o.heartbeat.active_sessions,
+                queued_sessions: o.heartbeat.queued_sessions,
+                seconds_since_heartbeat: o.age_seconds(now),
+                status: if o.is_up(now) {
+                    Status::Up
+                } else {
+                    Status::Stale
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+    use evgrid_common::messages::Heartbeat;
+
+    use super::*;
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap()
+    }
+
+    fn observed(id: &str, load_kw: f64, stored_at: DateTime<Utc>) -> Observed {
+        Observed {
+            heartbeat: Heartbeat {
+                substation_id: id.into(),
+                seq: 1,
+                sent_at: stored_at,
+                capacity_kw: 100.0,
+                load_kw,
+                active_sessions: 2,
+                queued_sessions: 1,
+                demand_kw: 0.0,
+                dispatch_seq: 0,
+                interval_ms: 1000,
+            },
+            stored_at,
+        }
+    }
+
+    #[test]
+    fn sorted_by_id_with_age_and_status() {
+        let mut grid = Grid::default();
+        grid.observe(observed("s2", 10.0, t0()));
+        grid.observe(observed("s1", 20.0, t0() - Duration::seconds(10)));
+        let view = grid.view(t0() + Duration::milliseconds(500));
+        let ids: Vec<&str> = view.iter().map(|v| v.substation_id.as_str()).collect();
+        assert_eq!(ids, ["s1", "s2"]);
+        assert_eq!(view[0].status, Status::Stale);
+        assert_eq!(view[0].seconds_since_heartbeat, 10.5);
+        assert_eq!(view[1].status, Status::Up);
+        assert_eq!(view[1].load_kw, 10.0);
+        assert_eq!(
+            serde_json::to_value(&view[1]).unwrap(),
+            serde_json::json!({
+                "substation_id": "s2", "capacity_kw": 100.0, "load_kw": 10.0,
+                "active_sessions": 2, "queued_sessions": 1,
+                "seconds_since_heartbeat": 0.5, "status": "up"
+            })
+        );
+    }
+
+    #[test]
+    fn an_older_or_replayed_heartbeat_never_replaces_a_newer_one() {
+        let mut grid = Grid::default();
+        grid.observe(observed("s1", 30.0, t0()));
+        grid.observe(observed("s1", 99.0, t0() - Duration::seconds(1)));
+        grid.observe(observed("s1", 98.0, t0()));
+        assert_eq!(grid.view(t0())[0].load_kw, 30.0);
+        grid.observe(observed("s1", 40.0, t0() + Duration::seconds(1)));
+        assert_eq!(grid.view(t0())[0].load_kw, 40.0);
+    }
+}

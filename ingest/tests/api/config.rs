@@ -1,0 +1,61 @@
+//! The binary's configuration: bad values exit non-zero with one line before anything is bound;
+//! `--help` shows every option with its environment variable.
+
+use std::process::Output;
+
+use crate::helpers::WAIT;
+
+async fn ingest(args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_evgrid-ingest"))
+        .args(args)
+        .env_remove("NATS_URL")
+        .env_remove("EVGRID_LISTEN")
+        .env_remove("EVGRID_INGEST_RECENT_ACCEPTS")
+        .env_remove("EVGRID_LOG_FORMAT")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, child)
+        .await
+        .expect("exits at once")
+        .expect("runs")
+}
+
+#[tokio::test]
+async fn bad_config_exits_non_zero_with_one_line() {
+    for (args, names) in [
+        (&["--listen", "nonsense"][..], "--listen"),
+        (&["--nats-url", "http://[::1"][..], "--nats-url"),
+        (&["--recent-accepts", "0"][..], "--recent-accepts"),
+        (&["--log-format", "xml"][..], "--log-format"),
+    ] {
+        let out = ingest(args).await;
+        assert!(!out.status.success(), "{args:?} must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line, got {stderr:?}");
+        assert!(lines[0].contains(names), "{args:?}: {}", lines[0]);
+    }
+}
+
+#[tokio::test]
+async fn help_shows_every_option_with_its_environment_variable() {
+    let out = ingest(&["--help"]).await;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (option, env) in [
+        ("--listen", "EVGRID_LISTEN"),
+        ("--nats-url", "NATS_URL"),
+        ("--recent-accepts", "EVGRID_INGEST_RECENT_ACCEPTS"),
+        ("--log-format", "EVGRID_LOG_FORMAT"),
+    ] {
+        assert!(help.contains(option), "{option} missing:\n{help}");
+        assert!(
+            help.contains(&format!("env: {env}")),
+            "{env} missing:\n{help}"
+        );
+    }
+    assert!(
+        help.contains("127.0.0.1:8080"),
+        "default listen address shown"
+    );
+}

@@ -1,0 +1,9 @@
+//! Integration tests of evgrid-ingest: the real service on a real nats-server per test, driven
+//! over real HTTP, every answer checked against docs/openapi.yaml.
+
+mod config;
+mod helpers;
+mod lifecycle;
+mod openapi;
+mod post;
+mod reads;
