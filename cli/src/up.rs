@@ -130,7 +130,8 @@ pub struct Endpoints {
     pub nats_monitor: Option<String>,
     pub dispatcher_metrics: SocketAddr,
     pub substations: Vec<(String, f64, SocketAddr)>,
-    pub prometheus: Option<String>,
+    /// Prometheus's URL, or why it is not running.
+    pub prometheus: Result<String, String>,
 }
 
 /// Checks `nats-server --version` before starting it, so an old server is refused with the
@@ -344,7 +345,7 @@ async fn run_services(
             .zip(capacities)
             .map(|((c, l), cap)| Ok((c.id.clone(), *cap, l.local_addr()?)))
             .collect::<Result<_>>()?,
-        prometheus: None,
+        prometheus: Err("not started yet".to_owned()),
     };
 
     let mut set = tokio::task::JoinSet::new();
@@ -366,11 +367,14 @@ async fn run_services(
     let tracker = TaskTracker::new();
     let prometheus = start_prometheus(args, &endpoints).await;
     let endpoints = Endpoints {
-        prometheus: prometheus.as_ref().map(|(_, url)| url.clone()),
+        prometheus: prometheus
+            .as_ref()
+            .map(|(_, url)| url.clone())
+            .map_err(Clone::clone),
         ..endpoints
     };
     if !args.quiet {
-        print_banner(&endpoints, prometheus.is_none());
+        print_banner(&endpoints);
     }
     if args.demo {
         tracker.spawn(crate::demo::drive(
@@ -410,7 +414,7 @@ async fn run_services(
         tracing::warn!("services did not stop within 10 s; exiting anyway");
         set.abort_all();
     }
-    if let Some((child, _)) = prometheus {
+    if let Ok((child, _)) = prometheus {
         child.stop().await;
     }
     match failure {
@@ -434,20 +438,20 @@ fn free_port() -> Result<u16> {
 }
 
 /// Starts Prometheus with a generated config scraping every component, if it is installed.
-async fn start_prometheus(args: &UpArgs, endpoints: &Endpoints) -> Option<(ChildProcess, String)> {
+/// Err says why it is not running (shown in the banner); the grid runs either way.
+async fn start_prometheus(
+    args: &UpArgs,
+    endpoints: &Endpoints,
+) -> Result<(ChildProcess, String), String> {
     let dir = args.data_dir.join("prometheus");
-    let port = if args.prometheus_port == 0 {
-        free_port().ok()?
-    } else {
-        args.prometheus_port
+    let port = match args.prometheus_port {
+        0 => free_port().map_err(|e| format!("no free port: {e}"))?,
+        port => port,
     };
     let config = crate::prometheus::local_config(endpoints, port);
-    if let Err(e) = std::fs::create_dir_all(dir.join("data"))
+    std::fs::create_dir_all(dir.join("data"))
         .and_then(|_| std::fs::write(dir.join("prometheus.yml"), config))
-    {
-        tracing::warn!(error = %e, "cannot write the Prometheus config; not starting Prometheus");
-        return None;
-    }
+        .map_err(|e| format!("cannot write its config in {}: {e}", dir.display()))?;
     let child = Command::new(&args.prometheus_bin)
         .arg(format!(
             "--config.file={}",
@@ -460,22 +464,62 @@ async fn start_prometheus(args: &UpArgs, endpoints: &Endpoints) -> Option<(Child
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn();
-    match child {
-        Ok(child) => Some((
-            ChildProcess {
-                name: "prometheus",
-                child,
-            },
-            format!("http://127.0.0.1:{port}"),
-        )),
-        Err(_) => None,
+        .spawn()
+        .map_err(|_| {
+            format!(
+                "{} not found (apt-get install prometheus)",
+                args.prometheus_bin.display()
+            )
+        })?;
+    let mut child = ChildProcess {
+        name: "prometheus",
+        child,
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    // Wait until it answers, so a port in use (e.g. a system Prometheus on 9090) is reported
+    // rather than shown as running.
+    let ready = format!("{url}/-/ready");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = stderr.read_to_string(&mut err).await;
+            }
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| l.contains("err"))
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            return Err(format!(
+                "exited ({status}) {last}; is port {port} in use? try --prometheus-port 0"
+            ));
+        }
+        if http
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            // Its log is not ours to show; drop the pipe so it never blocks on a full buffer.
+            drop(child.child.stderr.take());
+            return Ok((child, url));
+        }
+        if tokio::time::Instant::now() > deadline {
+            child.stop().await;
+            return Err("did not become ready within 10 s".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn print_banner(e: &Endpoints, no_prometheus: bool) {
+fn print_banner(e: &Endpoints) {
     let mut out = String::new();
     out.push_str("evgrid is up\n\n");
     out.push_str(&format!("  API (ingest)      http://{}\n", e.ingest));
@@ -491,10 +535,8 @@ fn print_banner(e: &Endpoints, no_prometheus: bool) {
         out.push_str(&format!("  {id:<17} http://{addr}/metrics  ({cap} kW)\n"));
     }
     match &e.prometheus {
-        Some(url) => out.push_str(&format!("  Prometheus        {url}\n")),
-        None if no_prometheus => out
-            .push_str("  Prometheus        not started (install it: apt-get install prometheus)\n"),
-        None => {}
+        Ok(url) => out.push_str(&format!("  Prometheus        {url}\n")),
+        Err(why) => out.push_str(&format!("  Prometheus        not started: {why}\n")),
     }
     out.push_str("\nTry:\n");
     out.push_str(&format!(
