@@ -16,6 +16,7 @@ pub const PINNED_NATS_SERVER: &str = "2.11.8";
 
 /// A running nats-server with JetStream. Killed on drop.
 pub struct NatsServer {
+    bin: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
     client_url: String,
@@ -32,6 +33,27 @@ impl std::fmt::Debug for NatsServer {
     }
 }
 
+/// Debian 12's nats-server (2.9.10), too old for evgrid: tests check that services refuse it.
+/// `scripts/install-test-deps` unpacks it (without installing it) at this path, or
+/// `$EVGRID_OLD_NATS_SERVER_BIN` names another old release.
+pub fn old_nats_server_bin() -> Result<PathBuf> {
+    let path = std::env::var_os("EVGRID_OLD_NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            cache.join("evgrid-test-tools/debian-nats-server/nats-server")
+        });
+    anyhow::ensure!(
+        path.exists(),
+        "no old nats-server at {} (run scripts/install-test-deps, or set EVGRID_OLD_NATS_SERVER_BIN)",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// Path of the nats-server binary tests use.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
@@ -42,8 +64,14 @@ pub fn nats_server_bin() -> PathBuf {
 impl NatsServer {
     /// Starts a server on free ports (client and monitoring) with a fresh store.
     pub fn start() -> Result<Self> {
+        Self::start_with(nats_server_bin())
+    }
+
+    /// Starts the nats-server binary at `bin` (e.g. an old release, to test refusals).
+    pub fn start_with(bin: PathBuf) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut server = Self {
+            bin,
             child: None,
             dir,
             client_url: String::new(),
@@ -62,7 +90,7 @@ impl NatsServer {
         let (p, m) = ports.map_or(("-1".to_owned(), "-1".to_owned()), |(p, m)| {
             (p.to_string(), m.to_string())
         });
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &p, "-m", &m])
             .arg("--store_dir")
             .arg(self.dir.path().join("store"))

@@ -232,3 +232,55 @@ async fn a_retried_request_is_stored_and_dispatched_once() {
     assert_eq!(stream_messages(&client, "EV_DISPATCH").await, 1);
     pipeline.stop().await;
 }
+
+/// Every service refuses a nats-server older than 2.10, naming both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_refuses_a_server_that_is_too_old() {
+    use evgrid::up::service_config;
+    use tokio_util::sync::CancellationToken;
+
+    let bin = evgrid_test_support::old_nats_server_bin().unwrap();
+    let server = evgrid_test_support::NatsServer::start_with(bin).unwrap();
+    let version = server.client().await.unwrap().server_info().version;
+    let words = |extra: &[&str]| -> Vec<String> {
+        ["--nats-url", server.url()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let listener = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let token = CancellationToken::new();
+    let version = version.as_str();
+    let refusal = |service: &'static str,
+                   run: std::pin::Pin<
+        Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+    >| async move {
+        let result = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .unwrap_or_else(|_| panic!("{service} kept running on an old server"));
+        let message = format!("{:#}", result.expect_err(service));
+        assert!(
+            message.contains(version) && message.contains("2.10.0"),
+            "{service}: {message}"
+        );
+    };
+    let ingest = evgrid_ingest::run(
+        service_config(&words(&[])).unwrap(),
+        listener().await,
+        token.clone(),
+    );
+    refusal("ingest", Box::pin(ingest)).await;
+    let dispatcher = evgrid_dispatcher::run(
+        service_config(&words(&[])).unwrap(),
+        listener().await,
+        token.clone(),
+    );
+    refusal("dispatcher", Box::pin(dispatcher)).await;
+    let substation = evgrid_substation::run(
+        service_config(&words(&["--id", "s1"])).unwrap(),
+        listener().await,
+        token.clone(),
+    );
+    refusal("substation", Box::pin(substation)).await;
+}
