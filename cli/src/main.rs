@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the whole grid locally: NATS, ingest, dispatcher, substations (and Prometheus if installed).
-    Up(evgrid::up::UpArgs),
+    Up(Box<evgrid::up::UpArgs>),
     /// Drive charge requests at a deployment (HTTP or NATS) and report throughput and latency.
     Load(Box<evgrid::load::LoadArgs>),
 }
@@ -31,7 +31,7 @@ async fn main() -> std::process::ExitCode {
     let cli: Cli = evgrid_common::config::parse_or_exit();
     evgrid_common::telemetry::init(cli.log.log_format);
     let result = match cli.command {
-        Command::Up(args) => evgrid::up::run(args, evgrid_common::shutdown::on_signals())
+        Command::Up(args) => evgrid::up::run(*args, evgrid_common::shutdown::on_signals())
             .await
             .map(|()| std::process::ExitCode::SUCCESS),
         Command::Load(args) => evgrid::load::main(*args).await,

@@ -8,12 +8,13 @@ use evgrid_observability::{SubstationTarget, Targets, prometheus_config};
 
 use crate::up::Endpoints;
 
-/// Renders `prometheus.yml` scraping every component of `endpoints`, Prometheus itself on `port`.
-pub fn local_config(endpoints: &Endpoints, port: u16) -> String {
+/// Renders `prometheus.yml` scraping every component of `endpoints` every `scrape_interval`
+/// (rules evaluated as often), Prometheus itself on `port`.
+pub fn local_config(endpoints: &Endpoints, port: u16, scrape_interval: Duration) -> String {
     let rules =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../observability/prometheus/rules/*.yml");
     prometheus_config(&Targets {
-        scrape_interval: Duration::from_secs(5),
+        scrape_interval,
         rule_files: vec![rules.display().to_string()],
         ingest: vec![endpoints.ingest.to_string()],
         dispatcher: vec![endpoints.dispatcher_metrics.to_string()],

@@ -14,7 +14,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use evgrid_common::config::{parse_listen, parse_positive};
+use evgrid_common::config::{parse_duration, parse_listen, parse_positive};
 use evgrid_common::nats::{MIN_SERVER_VERSION, version_at_least};
 
 #[derive(Args, Debug, Clone)]
@@ -58,6 +58,10 @@ pub struct UpArgs {
     /// Port for Prometheus (0 = any free port).
     #[arg(long, default_value_t = 9090)]
     pub prometheus_port: u16,
+    /// How often Prometheus scrapes every component and evaluates the rules (the compose
+    /// stack's 5s; shorter gives data sooner, e.g. in tests).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub prometheus_scrape_interval: Duration,
     /// Also drive a steady demo load of real charging sessions (ACN-Data, Caltech).
     #[arg(long)]
     pub demo: bool,
@@ -448,7 +452,7 @@ async fn start_prometheus(
         0 => free_port().map_err(|e| format!("no free port: {e}"))?,
         port => port,
     };
-    let config = crate::prometheus::local_config(endpoints, port);
+    let config = crate::prometheus::local_config(endpoints, port, args.prometheus_scrape_interval);
     std::fs::create_dir_all(dir.join("data"))
         .and_then(|_| std::fs::write(dir.join("prometheus.yml"), config))
         .map_err(|e| format!("cannot write its config in {}: {e}", dir.display()))?;

@@ -6,5 +6,6 @@ mod e2e;
 mod helpers;
 mod load;
 mod load_live;
+mod observability;
 mod pipeline;
 mod up;

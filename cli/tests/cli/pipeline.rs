@@ -13,8 +13,12 @@ use tokio_util::sync::CancellationToken;
 pub struct Pipeline {
     pub nats: NatsServer,
     pub ingest: SocketAddr,
+    /// The dispatcher's ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub dispatcher: SocketAddr,
     pub http: reqwest::Client,
     pub substations: Vec<(String, f64)>,
+    /// Each substation's ops endpoint, in the order of `substations`.
+    pub substation_ops: Vec<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -68,16 +72,19 @@ impl Pipeline {
         let mut dispatcher_words = words(&["--nats-url", &url]);
         dispatcher_words.extend(words(opts.dispatcher_args));
         let config: evgrid_dispatcher::Config = service_config(&dispatcher_words).unwrap();
+        let dispatcher_listener = listener().await;
+        let dispatcher = dispatcher_listener.local_addr().unwrap();
         tasks.push((
             "dispatcher".to_owned(),
             tokio::spawn(evgrid_dispatcher::run(
                 config,
-                listener().await,
+                dispatcher_listener,
                 shutdown.clone(),
             )),
         ));
 
         let mut substations = Vec::new();
+        let mut substation_ops = Vec::new();
         for (i, capacity) in opts.capacities.iter().enumerate() {
             let id = format!("s{}", i + 1);
             let config: evgrid_substation::Config = service_config(&words(&[
@@ -93,11 +100,13 @@ impl Pipeline {
                 opts.heartbeat_interval,
             ]))
             .unwrap();
+            let ops_listener = listener().await;
+            substation_ops.push(ops_listener.local_addr().unwrap());
             tasks.push((
                 id.clone(),
                 tokio::spawn(evgrid_substation::run(
                     config,
-                    listener().await,
+                    ops_listener,
                     shutdown.clone(),
                 )),
             ));
@@ -107,8 +116,10 @@ impl Pipeline {
         let pipeline = Pipeline {
             nats,
             ingest,
+            dispatcher,
             http: reqwest::Client::new(),
             substations,
+            substation_ops,
             shutdown,
             tasks,
         };

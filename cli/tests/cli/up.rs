@@ -1,18 +1,24 @@
 //! `evgrid up` as a user runs it: the built binary with a pinned nats-server on free ports comes
 //! up, serves `/readyz`, completes a posted request, and leaves no process behind after SIGINT.
+//! [`UpProcess`] runs it for other tests too (the live Prometheus of `observability`).
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use evgrid_test_support::{eventually, nats_server_bin};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
-/// Processes whose command line mentions `needle` (our temporary data directory).
-fn processes_mentioning(needle: &str) -> Vec<String> {
+/// Live processes (id, command line) whose command line mentions `needle` (our temporary data
+/// directory).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
@@ -20,62 +26,123 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         let zombie =
             std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
         if cmdline.contains(needle) && !zombie {
-            found.push(cmdline);
+            found.push((pid, cmdline));
         }
     }
     found
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
-    let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap().to_owned();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evgrid"))
-        .args([
-            "up",
-            "--nats-port",
-            "0",
-            "--metrics-base-port",
-            "0",
-            "--prometheus-port",
-            "0",
-        ])
-        .args([
-            "--ingest-listen",
-            "127.0.0.1:0",
-            "--time-scale",
-            "3600",
-            "--data-dir",
-            &data_dir,
-        ])
-        .arg("--nats-server-bin")
-        .arg(nats_server_bin())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+fn signal(which: &str, pid: u32) -> bool {
+    std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
-    // The banner names where everything runs.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut api, mut nats) = (None, None);
-    while api.is_none() || nats.is_none() {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+/// The built `evgrid up` on free ports, in a temporary data directory, with what its banner
+/// says. [`UpProcess::stop`] stops it as Ctrl-C does; dropped while running (a failing test),
+/// it gets SIGINT, then whatever it started and left gets SIGKILL, so nothing outlives a test.
+pub struct UpProcess {
+    child: Child,
+    /// The data directory, part of the command line of every process `evgrid up` starts.
+    pub data_dir: String,
+    /// Banner label (`API (ingest)`, `NATS`, `Prometheus`…) → the rest of its line.
+    banner: BTreeMap<String, String>,
+    data: Option<tempfile::TempDir>,
+}
+
+impl UpProcess {
+    /// Starts `evgrid up` with `args` besides the free ports, data directory and pinned
+    /// nats-server; returns once the banner is printed.
+    pub async fn start(args: &[&str]) -> UpProcess {
+        let data = tempfile::tempdir().unwrap();
+        let data_dir = data.path().to_str().unwrap().to_owned();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_evgrid"))
+            .args(["up", "--nats-port", "0", "--metrics-base-port", "0"])
+            .args(["--prometheus-port", "0", "--ingest-listen", "127.0.0.1:0"])
+            .args(["--data-dir", &data_dir])
+            .arg("--nats-server-bin")
+            .arg(nats_server_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut up = UpProcess {
+            child,
+            data_dir,
+            banner: BTreeMap::new(),
+            data: Some(data),
+        };
+        // The banner lists `label   value` lines, then the "Try:" examples.
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("banner within 30 s")
+                .unwrap()
+                .expect("evgrid up exited before printing its banner");
+            if line.trim() == "Try:" {
+                break;
+            }
+            if let Some((label, value)) = line.trim().split_once("  ") {
+                up.banner.insert(label.to_owned(), value.trim().to_owned());
+            }
+        }
+        // Keep draining stdout (the live line) so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        up
+    }
+
+    /// The value of a banner line, e.g. `banner("NATS")`.
+    pub fn banner(&self, label: &str) -> &str {
+        self.banner
+            .get(label)
+            .unwrap_or_else(|| panic!("no {label:?} in the banner: {:?}", self.banner))
+    }
+
+    /// SIGINT, as Ctrl-C: requires a clean exit with nothing left running; returns the data
+    /// directory, kept until the caller drops it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        assert!(signal("-INT", self.child.id().expect("still running")));
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
-            .expect("banner within 30 s")
-            .unwrap()
-            .expect("evgrid up exited before printing its banner");
-        let word = |l: &str| l.split_whitespace().last().map(str::to_owned);
-        if line.trim_start().starts_with("API (ingest)") {
-            api = word(&line);
-        } else if line.trim_start().starts_with("NATS ") {
-            nats = word(&line);
+            .expect("evgrid up stops within 15 s of SIGINT")
+            .unwrap();
+        assert!(status.success(), "clean exit, got {status}");
+        assert_eq!(
+            processes_mentioning(&self.data_dir),
+            Vec::<(u32, String)>::new(),
+            "nothing left running"
+        );
+        self.data.take().expect("stopped once")
+    }
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let Ok(None) = self.child.try_wait() else {
+            return;
+        };
+        if let Some(pid) = self.child.id() {
+            signal("-INT", pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !processes_mentioning(&self.data_dir).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (pid, _) in processes_mentioning(&self.data_dir) {
+            signal("-KILL", pid);
         }
     }
-    let (api, nats) = (api.unwrap(), nats.unwrap());
-    // Keep draining stdout (the live line) so the process never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
+    let up = UpProcess::start(&["--time-scale", "3600"]).await;
+    let (api, nats) = (up.banner("API (ingest)"), up.banner("NATS"));
 
     let http = reqwest::Client::new();
     eventually(
@@ -132,27 +199,10 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     drop(client);
 
     assert!(
-        !processes_mentioning(&data_dir).is_empty(),
+        !processes_mentioning(&up.data_dir).is_empty(),
         "nats-server runs under the data dir"
     );
-    let pid = child.id().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("evgrid up stops within 15 s of SIGINT")
-        .unwrap();
-    assert!(status.success(), "clean exit, got {status}");
-    assert_eq!(
-        processes_mentioning(&data_dir),
-        Vec::<String>::new(),
-        "nothing left running"
-    );
+    let data = up.stop().await;
     assert!(
         data.path().join("nats").exists(),
         "the JetStream store is kept for the next run"
