@@ -396,11 +396,13 @@ async fn run_services(
     tokio::select! {
         _ = token.cancelled() => {}
         Some(joined) = set.join_next() => {
-            failure = Some(match joined {
-                Ok(Ok(name)) => anyhow::anyhow!("{name} stopped unexpectedly"),
-                Ok(Err(e)) => e,
-                Err(e) => anyhow::anyhow!("a service panicked: {e}"),
-            });
+            failure = match joined {
+                // A service that saw the signal first and stopped cleanly is no failure.
+                Ok(Ok(_)) if token.is_cancelled() => None,
+                Ok(Ok(name)) => Some(anyhow::anyhow!("{name} stopped unexpectedly")),
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(anyhow::anyhow!("a service panicked: {e}")),
+            };
         }
     }
     token.cancel();
