@@ -4,6 +4,7 @@
 mod demo;
 pub mod load;
 mod prometheus;
+pub mod sim;
 mod status;
 pub mod trace;
 pub mod up;

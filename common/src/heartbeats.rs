@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::messages::Heartbeat;
+use serde::de::DeserializeOwned;
+
+use crate::messages::{Heartbeat, Telemetry};
 use crate::{streams, subjects};
 
 /// A substation silent for this many of its heartbeat intervals is out.
@@ -51,6 +53,37 @@ pub async fn follow(
     shutdown: CancellationToken,
     mut on: impl FnMut(Observed),
 ) {
+    follow_parsed(js, shutdown, |heartbeat: Heartbeat, stored_at| {
+        on(Observed {
+            heartbeat,
+            stored_at,
+        })
+    })
+    .await
+}
+
+/// [`follow`], with the additions substations send beside the heartbeat ([`Telemetry`]: the
+/// projection and the limit in force).
+pub async fn follow_telemetry(
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+    mut on: impl FnMut(Observed, Telemetry),
+) {
+    follow_parsed(js, shutdown, |telemetry: Telemetry, stored_at| {
+        let observed = Observed {
+            heartbeat: telemetry.heartbeat.clone(),
+            stored_at,
+        };
+        on(observed, telemetry)
+    })
+    .await
+}
+
+async fn follow_parsed<T: DeserializeOwned>(
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+    mut on: impl FnMut(T, DateTime<Utc>),
+) {
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         match open(&js).await {
@@ -71,11 +104,8 @@ pub async fn follow(
                                 )
                             })
                             .unwrap_or_else(Utc::now);
-                        match serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                            Ok(heartbeat) => on(Observed {
-                                heartbeat,
-                                stored_at,
-                            }),
+                        match serde_json::from_slice::<T>(&msg.payload) {
+                            Ok(heartbeat) => on(heartbeat, stored_at),
                             Err(e) => {
                                 tracing::warn!(subject = %msg.subject, error = %e, "ignoring malformed heartbeat")
                             }

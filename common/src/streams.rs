@@ -15,6 +15,12 @@ pub const DISPATCH: &str = "EV_DISPATCH";
 pub const TELEMETRY: &str = "EV_TELEMETRY";
 pub const SESSIONS: &str = "EV_SESSIONS";
 pub const REJECTED: &str = "EV_REJECTED";
+/// Grid-operator limits (`ev.limits.<substation_id>`), the last [`LIMIT_HISTORY`] per
+/// substation.
+pub const LIMITS: &str = "EV_LIMITS";
+/// Limit messages kept per substation. A starting substation replays them in order, ignoring
+/// invalid ones as a running one does, so one bad message cannot erase the limit in force.
+pub const LIMIT_HISTORY: i64 = 64;
 /// Key-value bucket: request id → [`crate::messages::RequestRecord`].
 pub const REQUEST_STATE_BUCKET: &str = "EV_REQUEST_STATE";
 /// The dispatcher's durable pull consumer on `EV_REQUESTS`, shared by all dispatcher instances.
@@ -96,6 +102,18 @@ pub fn stream_configs(r: &Retention) -> Vec<stream::Config> {
                 TELEMETRY,
                 subjects::TELEMETRY_ALL,
                 "evgrid substation heartbeats, last per substation",
+                r,
+            )
+        },
+        stream::Config {
+            // The limit in force follows from the last messages per substation, kept until
+            // replaced (a permanent limit must survive any restart, however long ago it was set).
+            max_messages_per_subject: LIMIT_HISTORY,
+            max_age: Duration::ZERO,
+            ..limits(
+                LIMITS,
+                subjects::LIMITS_ALL,
+                "evgrid grid-operator capacity limits, last per substation",
                 r,
             )
         },

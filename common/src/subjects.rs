@@ -11,6 +11,8 @@ pub const TELEMETRY_ALL: &str = "ev.telemetry.*";
 pub const DISPATCH_ALL: &str = "ev.dispatch.*";
 /// Wildcard over every session event.
 pub const SESSIONS_ALL: &str = "ev.sessions.*.*";
+/// Wildcard over every substation's grid-operator limits.
+pub const LIMITS_ALL: &str = "ev.limits.*";
 
 /// Heartbeats of one substation.
 pub fn telemetry(substation_id: &str) -> String {
@@ -27,7 +29,13 @@ pub fn sessions(substation_id: &str, event: &str) -> String {
     format!("ev.sessions.{substation_id}.{event}")
 }
 
-/// The substation id is the last token of a telemetry or dispatch subject.
+/// Grid-operator capacity limits of one substation (`{"capacity_kw": 80, "until": "…"}`).
+/// Stored in `EV_LIMITS`, last one per substation.
+pub fn limits(substation_id: &str) -> String {
+    format!("ev.limits.{substation_id}")
+}
+
+/// The substation id is the last token of a telemetry, dispatch or limits subject.
 pub fn substation_of(subject: &str) -> Option<&str> {
     let mut tokens = subject.split('.');
     match (tokens.next(), tokens.next(), tokens.next()) {
@@ -53,6 +61,7 @@ mod tests {
     fn substation_is_the_third_token() {
         assert_eq!(substation_of(&telemetry("s-1")), Some("s-1"));
         assert_eq!(substation_of(&dispatch("north")), Some("north"));
+        assert_eq!(substation_of(&limits("s-2")), Some("s-2"));
         assert_eq!(substation_of("ev.requests"), None);
     }
 

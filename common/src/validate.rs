@@ -57,6 +57,73 @@ pub fn parse_charge_request(
     body: &[u8],
     now: DateTime<Utc>,
 ) -> Result<ChargeRequest, RequestError> {
+    // Nearly every body is a valid request: read it straight into its fields. Anything else
+    // (an error, or merely a form the short way does not know) goes the full way, which names
+    // every offending field; both ways accept exactly the same requests (tested below).
+    if let Some(request) = parse_valid(body, now) {
+        return Ok(request);
+    }
+    parse_in_full(body, now)
+}
+
+/// The fields of a charge request as the contract spells them, read without building a JSON
+/// tree (which cost ingest and the dispatcher about 4% of their CPU per request).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fields<'a> {
+    vehicle_id: String,
+    energy_kwh: f64,
+    max_power_kw: f64,
+    #[serde(default, borrow)]
+    departure: Option<&'a str>,
+    #[serde(default, borrow)]
+    request_id: Option<&'a str>,
+}
+
+/// The request when `body` is a valid one by the rules of [`validate_object`], else `None`
+/// (then only the full way can say why, or accept a form this one does not read, such as
+/// escaped characters in `departure`).
+fn parse_valid(body: &[u8], now: DateTime<Utc>) -> Option<ChargeRequest> {
+    // A derived struct would also read a JSON array; the contract wants an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let f: Fields = serde_json::from_slice(body).ok()?;
+    let chars = f.vehicle_id.chars().count();
+    let in_range = |x: f64, max: f64| x > 0.0 && x <= max;
+    if chars == 0
+        || chars > VEHICLE_ID_MAX_CHARS
+        || f.vehicle_id.chars().any(char::is_control)
+        || !in_range(f.energy_kwh, ENERGY_KWH_MAX)
+        || !in_range(f.max_power_kw, MAX_POWER_KW_MAX)
+    {
+        return None;
+    }
+    let departure = match f.departure {
+        None => None,
+        Some(s) => {
+            let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
+            if t <= now {
+                return None;
+            }
+            Some(t)
+        }
+    };
+    let request_id = match f.request_id {
+        None => None,
+        Some(s) => Some(Uuid::parse_str(s).ok()?),
+    };
+    Some(ChargeRequest {
+        request_id,
+        vehicle_id: f.vehicle_id,
+        energy_kwh: f.energy_kwh,
+        max_power_kw: f.max_power_kw,
+        departure,
+    })
+}
+
+/// The full way: every field checked, every error named.
+fn parse_in_full(body: &[u8], now: DateTime<Utc>) -> Result<ChargeRequest, RequestError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| RequestError::Malformed(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -231,6 +298,47 @@ mod tests {
             RequestError::Invalid(errs) => errs.into_iter().map(|e| e.field).collect(),
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    /// The short way accepts exactly what the full way accepts, with the same result.
+    #[test]
+    fn both_ways_agree() {
+        let bodies: &[&[u8]] = &[
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11}"#,
+            br#" {"vehicle_id":"ev-\u00e9","energy_kwh":30.5,"max_power_kw":11,"departure":null,"request_id":null}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":200,"max_power_kw":400,"departure":"2026-01-01T02:00:00+01:00","request_id":"6f1c0b5e-7a2d-4d55-9a3e-1f0e2b3c4d5e"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":1,"max_power_kw":1,"departure":"2026\u002d01-01T02:00:00Z"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":1,"max_power_kw":1,"request_id":"6F1C0B5E7A2D4D559A3E1F0E2B3C4D5E"}"#,
+            br#"["ev-1",30,11]"#,
+            br#"["ev-1",30,11,null,null]"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"energy_kwh":40}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"colour":"red"}"#,
+            br#"{"vehicle_id":null,"energy_kwh":30,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"","energy_kwh":30,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"a\nb","energy_kwh":30,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":"30","max_power_kw":11}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":0,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":400.5}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"departure":"2025-12-31T23:00:00Z"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"departure":"tomorrow"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"request_id":"x"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":1e400,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"ev-1"} trailing"#,
+            b"{not json",
+            b"",
+        ];
+        for body in bodies {
+            assert_eq!(
+                parse_charge_request(body, now()),
+                parse_in_full(body, now()),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(
+            parse_valid(bodies[0], now()).is_some(),
+            "the usual body goes the short way"
+        );
     }
 
     #[test]

@@ -43,8 +43,9 @@ pub struct Config {
     )]
     pub defer_delay: Duration,
 
-    /// How a substation is chosen among those that are up.
-    #[arg(long, env = "EVGRID_DISPATCH_POLICY", value_enum, default_value_t = Policy::Headroom)]
+    /// How a substation is chosen among those that are up (docs/dispatch.md; predictive by
+    /// default: it delivers the most energy in `evgrid sim`).
+    #[arg(long, env = "EVGRID_POLICY", value_enum, default_value_t = Policy::default())]
     pub policy: Policy,
 }
 

@@ -2,11 +2,12 @@
 //! ingest → **dispatcher** → substation.
 //!
 //! Decisions are made one message at a time, in order of delivery; the publishes and acks they
-//! lead to run concurrently, at most `--max-in-flight` at once, and the loop only asks the server
-//! for as many messages as it has room for. When the consumer fails (server restart, consumer
-//! deleted) it is rebuilt with backoff while in-flight work finishes. On shutdown the loop stops
-//! pulling, hands back what reached it unstarted, finishes every in-flight publish and ack, and
-//! returns.
+//! lead to run concurrently, at most `--max-in-flight` at once, and the loop asks the server for
+//! the room it has plus one window ahead, so the next messages are already here when room frees
+//! rather than a round trip away, and the server delivers in fuller batches. When the consumer
+//! fails (server restart, consumer deleted) it is rebuilt with backoff while in-flight work
+//! finishes. On shutdown the loop stops pulling, hands back what reached it unstarted, finishes
+//! every in-flight publish and ack, and returns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +30,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Pause before asking again after the server refused a pull request.
 const REQUEST_RETRY: Duration = Duration::from_millis(100);
 
-/// The consumer's `max_ack_pending` for `max_in_flight` publishes: deferred requests stay
-/// ack-pending while they wait for their redelivery, so they need room next to the ones in flight.
+/// The consumer's `max_ack_pending` for `max_in_flight` publishes: up to twice that is in flight
+/// or waiting in the inbox (the look-ahead), and deferred requests stay ack-pending while they
+/// wait for their redelivery, so they need room next to those.
 pub(crate) fn max_ack_pending(max_in_flight: usize) -> i64 {
     (max_in_flight as i64).saturating_mul(4)
 }
@@ -110,8 +112,9 @@ impl Work {
                 && Instant::now() >= retry_at
                 && (self.room() >= low_water || self.in_flight.is_empty())
             {
+                // One window ahead: those wait in the inbox (handed back on shutdown).
                 puller
-                    .request(self.room())
+                    .request(self.room() + self.max_in_flight)
                     .await
                     .map_err(|e| format!("cannot send a pull request: {e}"))?;
                 silence_until = Instant::now() + SILENCE_LIMIT;

@@ -2,41 +2,76 @@
 //! is rejected.
 //!
 //! This is the functional core of the dispatcher (ingest → **dispatcher** → substation): plain
-//! data in — the dispatcher's view of the grid ([`Grid`]), what the car needs ([`Demand`]) and the
-//! time — and a [`Decision`] out. No clock reads, no NATS, no randomness, so the live service and
-//! a simulator make the same decisions from the same inputs. A decision scans the substations
-//! once and allocates nothing.
+//! data in — the dispatcher's view of the grid ([`Grid`]), what the car needs ([`Demand`]), the
+//! time, the [`Policy`] and a seeded random number generator — and a [`Decision`] out. No clock
+//! reads, no NATS, no other randomness, so the live service and the simulator (`evgrid sim`)
+//! make the same decisions from the same inputs. A decision scans the substations once and
+//! allocates nothing.
 //!
 //! The grid view is the last heartbeat of every substation plus the assignments sent to it since
 //! that heartbeat (pending). A heartbeat's `dispatch_seq` echoes the highest `EV_DISPATCH`
 //! sequence the substation has taken, so pending assignments up to it are dropped: from then on
-//! they are part of the reported load, and nothing is counted twice.
+//! they are part of the reported load (and projection), and nothing is counted twice.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use evgrid_common::SECONDS_PER_HOUR;
 use evgrid_common::heartbeats::{Observed, STALE_AFTER_INTERVALS};
-use evgrid_common::messages::{ChargeRequest, RejectReason};
+use evgrid_common::messages::{ChargeRequest, PROJECTION_HORIZONS_S, Projection, RejectReason};
+use rand::Rng;
 
-/// How the dispatcher chooses among the substations that are up.
+/// Number of departure horizons of the predictive outlook ([`PROJECTION_HORIZONS_S`]).
+const HORIZONS: usize = PROJECTION_HORIZONS_S.len();
+
+/// How the dispatcher chooses among the substations that are up (`--policy`).
 ///
-/// Only `headroom` exists today; round-robin, least-loaded, power-of-two-choices and predictive
-/// policies are planned. Every policy shares the rules of [`decide`] that do not depend on the
-/// choice (nothing up → defer, undeliverable → reject, no room → defer).
+/// Every policy shares the rules of [`decide`] that do not depend on the choice (nothing up →
+/// defer, undeliverable → reject). docs/dispatch.md compares them on real data.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Policy {
-    /// The up substation with the most headroom (capacity minus estimated load); ties go to the
-    /// lowest substation id.
-    #[default]
+    /// Each up substation in turn, whatever its load (a baseline): never defers for lack of
+    /// room, the substation queues.
+    RoundRobin,
+    /// The lowest reported utilization on the last heartbeat only, not counting what was sent
+    /// since (the original design, kept as the baseline that herds on stale data); defers when
+    /// that substation reported no room.
+    LeastLoaded,
+    /// Power of two choices: the lower estimated utilization of two random up substations
+    /// (estimated = heartbeat + assignments since); when neither has room, the one with the most
+    /// headroom if any has room, else defer.
+    P2c,
+    /// The most headroom: capacity − (reported load + assignments since the heartbeat, echo
+    /// corrected); defers when no substation has room.
     Headroom,
+    /// Where the request is expected to get its energy soonest against its departure, from each
+    /// substation's projection (energy its sessions still need, by departure) plus the
+    /// assignments since: the most spare time (capacity-hours not yet owed) at the car's
+    /// departure and every later horizon, less the extra time a substation smaller than the
+    /// car's max power would take. Never defers for lack of room: the substation's allocation
+    /// shares its capacity by deadline.
+    #[default]
+    Predictive,
 }
 
 impl Policy {
+    /// Every policy, for sweeps (`--policy all` in the simulator).
+    pub const ALL: [Policy; 5] = [
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::P2c,
+        Policy::Headroom,
+        Policy::Predictive,
+    ];
+
     /// The name on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::RoundRobin => "round-robin",
+            Self::LeastLoaded => "least-loaded",
+            Self::P2c => "p2c",
             Self::Headroom => "headroom",
+            Self::Predictive => "predictive",
         }
     }
 }
@@ -83,7 +118,7 @@ pub enum Decision {
 pub enum DeferReason {
     /// No substation has sent a heartbeat recently enough to count as up.
     NoSubstationUp,
-    /// Every up substation is at or above its capacity, counting the assignments in flight.
+    /// No up substation has room by the policy's estimate.
     NoHeadroom,
 }
 
@@ -104,6 +139,9 @@ struct Pending {
     /// `EV_DISPATCH` sequence, once the PubAck told it.
     seq: Option<u64>,
     power_kw: f64,
+    energy_kwh: f64,
+    /// µs since the epoch.
+    departure_us: Option<i64>,
 }
 
 /// The numbers a decision reads for one substation, packed apart from everything else so a scan
@@ -144,15 +182,160 @@ impl Load {
     fn headroom_kw(&self) -> f64 {
         self.capacity_kw - (self.reported_kw + self.pending_kw)
     }
+
+    /// Reported + pending, over capacity.
+    fn estimated_utilization(&self) -> f64 {
+        utilization(self.reported_kw + self.pending_kw, self.capacity_kw)
+    }
+
+    /// Reported only (what the last heartbeat said), over capacity.
+    fn reported_utilization(&self) -> f64 {
+        utilization(self.reported_kw, self.capacity_kw)
+    }
 }
 
-/// What the grid keeps per substation besides its [`Load`].
+fn utilization(load_kw: f64, capacity_kw: f64) -> f64 {
+    if capacity_kw > 0.0 {
+        load_kw / capacity_kw
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// What a substation's sessions and the assignments sent since its heartbeat still need, by
+/// departure: the heartbeat's [`Projection`] on the fixed horizons plus the pending energy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Owed {
+    /// When the heartbeat was stored (µs since the epoch): horizons count from here.
+    base_us: i64,
+    /// Energy due by each of [`PROJECTION_HORIZONS_S`] after `base_us` (cumulative), kWh.
+    due_kwh: [f64; HORIZONS],
+    /// All energy still to deliver, kWh.
+    remaining_kwh: f64,
+}
+
+impl Owed {
+    fn of(observed: &Observed, projection: Option<&Projection>) -> Self {
+        let mut due_kwh = [0.0; HORIZONS];
+        let mut remaining_kwh = 0.0;
+        if let Some(p) = projection {
+            // Resampled onto our horizons, should a substation send others: each takes the
+            // energy due by the latest of its horizons within ours.
+            for (due, &horizon) in due_kwh.iter_mut().zip(&PROJECTION_HORIZONS_S) {
+                *due = p
+                    .horizons_s
+                    .iter()
+                    .zip(&p.due_kwh)
+                    .take_while(|(h, _)| **h <= horizon)
+                    .last()
+                    .map_or(0.0, |(_, kwh)| kwh.max(0.0));
+            }
+            remaining_kwh = p.remaining_kwh.max(0.0);
+        }
+        Self {
+            base_us: observed.stored_at.timestamp_micros(),
+            due_kwh,
+            remaining_kwh,
+        }
+    }
+
+    /// Adds (or with `sign` −1, takes out) a pending assignment.
+    fn add(&mut self, p: &Pending, sign: f64) {
+        let kwh = sign * p.energy_kwh;
+        self.remaining_kwh += kwh;
+        if let Some(k) = p.departure_us.and_then(|d| self.bucket(d)) {
+            for due in &mut self.due_kwh[k..] {
+                *due += kwh;
+            }
+        }
+    }
+
+    /// The first horizon a departure at `departure_us` falls within, if any.
+    fn bucket(&self, departure_us: i64) -> Option<usize> {
+        let after_s = (departure_us - self.base_us) as f64 / 1e6;
+        PROJECTION_HORIZONS_S.iter().position(|&h| after_s <= h)
+    }
+}
+
+/// What the predictive policy reads per substation, derived from its [`Owed`] and capacity
+/// whenever either changes, so a decision costs a few operations per substation. Kept apart
+/// from [`Load`]: other policies never touch it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Outlook {
+    base_us: i64,
+    /// `spare_from_h[k]`: the least, over horizons k and later, of the horizon (hours after
+    /// `base_us`) minus the hours the capacity needs for the energy due by it.
+    spare_from_h: [f64; HORIZONS],
+    /// Hours the capacity needs for all the energy still to deliver.
+    everything_h: f64,
+}
+
+impl Outlook {
+    fn of(owed: &Owed, capacity_kw: f64) -> Self {
+        let mut spare_from_h = [f64::NEG_INFINITY; HORIZONS];
+        let mut everything_h = f64::INFINITY;
+        if capacity_kw > 0.0 {
+            let mut least = f64::INFINITY;
+            for k in (0..HORIZONS).rev() {
+                let spare =
+                    PROJECTION_HORIZONS_S[k] / SECONDS_PER_HOUR - owed.due_kwh[k] / capacity_kw;
+                least = least.min(spare);
+                spare_from_h[k] = least;
+            }
+            everything_h = owed.remaining_kwh / capacity_kw;
+        }
+        Self {
+            base_us: owed.base_us,
+            spare_from_h,
+            everything_h,
+        }
+    }
+
+    /// Spare time (hours) the substation has, at `now_us`, for a car leaving at `departure_us`
+    /// (or never, `None`): the least, over the car's departure and every later horizon, of the
+    /// time left minus the time the capacity needs for all the energy due by then. Without a
+    /// departure: minus the time to deliver everything. Higher is better; negative means
+    /// something will leave short.
+    ///
+    /// The car's own energy is left out: it is the same wherever the car goes, and counting it
+    /// would send big cars to big substations and small ones to the rest, skewing how many cars
+    /// each gets (the herd factor) for no energy gained (`evgrid sim`, docs/dispatch.md).
+    fn spare_hours(&self, departure_us: Option<i64>, now_us: i64) -> f64 {
+        let Some(departure_us) = departure_us else {
+            return -self.everything_h;
+        };
+        const HOURS_PER_US: f64 = 1.0 / 3.6e9;
+        const SECONDS_PER_US: f64 = 1e-6;
+        let elapsed_h = ((now_us - self.base_us) as f64 * HOURS_PER_US).max(0.0);
+        let after_s = (departure_us - self.base_us) as f64 * SECONDS_PER_US;
+        // The first horizon at or after the departure (a branch-free count: this runs once per
+        // substation per decision).
+        let k = PROJECTION_HORIZONS_S
+            .iter()
+            .map(|&h| usize::from(h < after_s))
+            .sum::<usize>();
+        let mut spare = self
+            .spare_from_h
+            .get(k)
+            .map_or(f64::INFINITY, |s| s - elapsed_h);
+        if k == HORIZONS {
+            // Beyond the last horizon: only the total owed binds.
+            spare = spare.min(after_s / SECONDS_PER_HOUR - elapsed_h - self.everything_h);
+        }
+        spare
+    }
+}
+
+/// What the grid keeps per substation besides its [`Load`] and [`Outlook`].
 #[derive(Debug, Clone)]
 struct Entry {
     id: Arc<str>,
     observed: Observed,
+    projection: Option<Projection>,
     /// In ticket order (the order of decisions).
     pending: Vec<Pending>,
+    /// The projection plus the pending assignments.
+    owed: Owed,
 }
 
 impl Entry {
@@ -160,6 +343,15 @@ impl Entry {
         self.pending
             .binary_search_by_key(&ticket, |p| p.ticket)
             .ok()
+    }
+
+    /// The owed energy summed afresh (no rounding drift survives a heartbeat).
+    fn owed_afresh(&self) -> Owed {
+        let mut owed = Owed::of(&self.observed, self.projection.as_ref());
+        for p in &self.pending {
+            owed.add(p, 1.0);
+        }
+        owed
     }
 }
 
@@ -179,6 +371,11 @@ impl<'a> Substation<'a> {
     /// The newest heartbeat and when the server stored it.
     pub fn observed(&self) -> &'a Observed {
         &self.entry.observed
+    }
+
+    /// The projection the newest heartbeat carried, if any.
+    pub fn projection(&self) -> Option<&'a Projection> {
+        self.entry.projection.as_ref()
     }
 
     /// Up = heard from within 3 heartbeat intervals of when its last heartbeat was stored
@@ -227,10 +424,13 @@ impl Ticket {
 /// meets ties in id order), with its newest heartbeat and pending assignments.
 #[derive(Debug, Clone, Default)]
 pub struct Grid {
-    /// Parallel to `loads`: same substations, same order.
+    /// Parallel to `loads` and `outlooks`: same substations, same order.
     entries: Vec<Entry>,
     loads: Vec<Load>,
+    outlooks: Vec<Outlook>,
     next_ticket: u64,
+    /// Where round-robin looks first: the position after the last assignment.
+    round_robin_next: usize,
 }
 
 impl Grid {
@@ -265,12 +465,19 @@ impl Grid {
             .binary_search_by(|e| (*e.id).cmp(substation_id))
     }
 
-    /// Takes in a heartbeat. Returns false (and changes nothing) when it is older than the one
-    /// already held for that substation: a replay after a reconnect must not roll the view back.
+    /// Takes in a heartbeat without a projection (a substation that sends none is seen as
+    /// carrying only what was sent to it since). See [`Grid::observe_with`].
+    pub fn observe(&mut self, observed: Observed) -> bool {
+        self.observe_with(observed, None)
+    }
+
+    /// Takes in a heartbeat and the projection it carried. Returns false (and changes nothing)
+    /// when it is older than the one already held for that substation: a replay after a
+    /// reconnect must not roll the view back.
     ///
     /// The pending assignments the heartbeat echoes (`EV_DISPATCH` sequence ≤ its `dispatch_seq`)
-    /// are dropped: they are in its load now.
-    pub fn observe(&mut self, observed: Observed) -> bool {
+    /// are dropped: they are in its load and projection now.
+    pub fn observe_with(&mut self, observed: Observed, projection: Option<Projection>) -> bool {
         match self.position(&observed.heartbeat.substation_id) {
             Ok(i) => {
                 let entry = &mut self.entries[i];
@@ -285,35 +492,56 @@ impl Grid {
                 let pending_kw = entry.pending.iter().map(|p| p.power_kw).sum();
                 self.loads[i] = Load::of(&observed, pending_kw);
                 entry.observed = observed;
+                entry.projection = projection;
+                entry.owed = entry.owed_afresh();
+                self.outlooks[i] = Outlook::of(&entry.owed, self.loads[i].capacity_kw);
             }
             Err(i) => {
-                self.loads.insert(i, Load::of(&observed, 0.0));
-                self.entries.insert(
-                    i,
-                    Entry {
-                        id: Arc::from(observed.heartbeat.substation_id.as_str()),
-                        observed,
-                        pending: Vec::new(),
-                    },
-                );
+                let owed = Owed::of(&observed, projection.as_ref());
+                let entry = Entry {
+                    id: Arc::from(observed.heartbeat.substation_id.as_str()),
+                    observed,
+                    projection,
+                    pending: Vec::new(),
+                    owed,
+                };
+                let load = Load::of(&entry.observed, 0.0);
+                self.outlooks
+                    .insert(i, Outlook::of(&owed, load.capacity_kw));
+                self.loads.insert(i, load);
+                self.entries.insert(i, entry);
+                if self.round_robin_next > i {
+                    self.round_robin_next += 1;
+                }
             }
         }
         true
     }
 
-    /// Records an assignment of `power_kw` to a substation at decision time, before its
-    /// `EV_DISPATCH` sequence is known, so the next decision already counts it. `None` when the
-    /// substation is unknown.
-    pub fn assign(&mut self, substation_id: &str, power_kw: f64) -> Option<Ticket> {
+    /// Records an assignment of `demand` (counted as `power_kw`) to a substation at decision
+    /// time, before its `EV_DISPATCH` sequence is known, so the next decision already counts
+    /// it. `None` when the substation is unknown.
+    pub fn assign(
+        &mut self,
+        substation_id: &str,
+        power_kw: f64,
+        demand: &Demand,
+    ) -> Option<Ticket> {
         let i = self.position(substation_id).ok()?;
         self.next_ticket += 1;
-        let entry = &mut self.entries[i];
-        entry.pending.push(Pending {
+        let pending = Pending {
             ticket: self.next_ticket,
             seq: None,
             power_kw,
-        });
+            energy_kwh: demand.energy_kwh,
+            departure_us: demand.departure.map(|d| d.timestamp_micros()),
+        };
+        let entry = &mut self.entries[i];
+        entry.pending.push(pending);
+        entry.owed.add(&pending, 1.0);
         self.loads[i].pending_kw += power_kw;
+        self.outlooks[i] = Outlook::of(&entry.owed, self.loads[i].capacity_kw);
+        self.round_robin_next = i + 1;
         Some(Ticket {
             substation_id: entry.id.clone(),
             id: self.next_ticket,
@@ -352,17 +580,26 @@ impl Grid {
         let entry = &mut self.entries[i];
         let removed = entry.pending.remove(k);
         let load = &mut self.loads[i];
-        load.pending_kw = if entry.pending.is_empty() {
-            0.0
+        if entry.pending.is_empty() {
+            load.pending_kw = 0.0;
+            entry.owed = entry.owed_afresh();
         } else {
-            load.pending_kw - removed.power_kw
-        };
+            load.pending_kw -= removed.power_kw;
+            entry.owed.add(&removed, -1.0);
+        }
+        self.outlooks[i] = Outlook::of(&entry.owed, load.capacity_kw);
     }
 
     /// Records an assignment whose `EV_DISPATCH` sequence is already known (a simulator, or a
     /// caller that publishes before recording). False when the substation is unknown.
-    pub fn record_assignment(&mut self, substation_id: &str, seq: u64, power_kw: f64) -> bool {
-        match self.assign(substation_id, power_kw) {
+    pub fn record_assignment(
+        &mut self,
+        substation_id: &str,
+        seq: u64,
+        power_kw: f64,
+        demand: &Demand,
+    ) -> bool {
+        match self.assign(substation_id, power_kw, demand) {
             Some(ticket) => {
                 self.confirm(&ticket, seq);
                 true
@@ -372,37 +609,74 @@ impl Grid {
     }
 }
 
-/// Decides where a request goes, at `now`.
+/// The best substation so far of a scan, by a score where higher wins; ties keep the earlier
+/// (lower) id.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    index: usize,
+    score: f64,
+}
+
+fn keep_best(best: &mut Option<Best>, index: usize, score: f64) {
+    // Strictly greater: on a tie the earlier (lower) id stays.
+    if best.is_none_or(|b| score > b.score) {
+        *best = Some(Best { index, score });
+    }
+}
+
+/// Decides where a request goes, at `now`, by `policy`; `rng` is used by `p2c` only.
 ///
 /// 1. No substation up → [`DeferReason::NoSubstationUp`].
 /// 2. A departure is given and the energy cannot be delivered before it even at
 ///    `min(max_power_kw, largest capacity among the up substations)` → reject `undeliverable`.
-/// 3. The policy picks an up substation with headroom > 0 → dispatch; none has room →
-///    [`DeferReason::NoHeadroom`]. A car asking more power than the headroom is still
-///    dispatched: it charges slower.
-pub fn decide(grid: &Grid, demand: &Demand, now: DateTime<Utc>, policy: Policy) -> Decision {
+/// 3. The policy picks an up substation → dispatch; a policy that judges room (least-loaded,
+///    p2c, headroom) defers with [`DeferReason::NoHeadroom`] when none has any. A car asking more
+///    power than the headroom is still dispatched: it charges slower.
+pub fn decide<R: Rng + ?Sized>(
+    grid: &Grid,
+    demand: &Demand,
+    now: DateTime<Utc>,
+    policy: Policy,
+    rng: &mut R,
+) -> Decision {
     let now_us = now.timestamp_micros();
-    let mut any_up = false;
+    let departure_us = demand.departure.map(|d| d.timestamp_micros());
+    let mut up = 0_usize;
     let mut largest_capacity_kw = 0.0_f64;
-    let mut best: Option<(usize, f64)> = None;
+    // The policy's own pick, and the most headroom (p2c falls back to it).
+    let mut best: Option<Best> = None;
+    let mut roomiest: Option<Best> = None;
+    let mut first_up: Option<usize> = None;
     for (i, load) in grid.loads.iter().enumerate() {
         if !load.is_up(now_us) {
             continue;
         }
-        any_up = true;
+        up += 1;
         largest_capacity_kw = largest_capacity_kw.max(load.capacity_kw);
+        first_up.get_or_insert(i);
         match policy {
-            Policy::Headroom => {
-                let headroom = load.headroom_kw();
-                // Strictly greater: on a tie the earlier (lower) id stays.
-                if best.is_none_or(|(_, b)| headroom > b) {
-                    best = Some((i, headroom));
+            Policy::RoundRobin => {
+                if i >= grid.round_robin_next && best.is_none() {
+                    best = Some(Best {
+                        index: i,
+                        score: 0.0,
+                    });
                 }
+            }
+            Policy::LeastLoaded => keep_best(&mut best, i, -load.reported_utilization()),
+            Policy::P2c | Policy::Headroom => keep_best(&mut roomiest, i, load.headroom_kw()),
+            Policy::Predictive => {
+                let spare = grid.outlooks[i].spare_hours(departure_us, now_us);
+                keep_best(
+                    &mut best,
+                    i,
+                    spare - slowdown_hours(demand, load.capacity_kw),
+                );
             }
         }
     }
 
-    if !any_up {
+    if up == 0 {
         return Decision::Defer {
             reason: DeferReason::NoSubstationUp,
         };
@@ -415,7 +689,7 @@ pub fn decide(grid: &Grid, demand: &Demand, now: DateTime<Utc>, policy: Policy) 
     }
     if let Some(departure) = demand.departure {
         let power_kw = demand.max_power_kw.min(largest_capacity_kw);
-        let hours_needed = demand.energy_kwh / power_kw;
+        let hours_needed = hours_to_deliver(demand, largest_capacity_kw);
         let hours_left = hours_between(now, departure);
         if hours_needed > hours_left {
             return Decision::Reject {
@@ -429,15 +703,84 @@ pub fn decide(grid: &Grid, demand: &Demand, now: DateTime<Utc>, policy: Policy) 
             };
         }
     }
-    match best {
-        Some((i, headroom)) if headroom > 0.0 => Decision::Dispatch {
+
+    let chosen = match policy {
+        // Wrapped around: the first up substation.
+        Policy::RoundRobin => best.map(|b| b.index).or(first_up),
+        Policy::LeastLoaded => best.map(|b| b.index).filter(|&i| {
+            // Room as the last heartbeat reported it.
+            let load = &grid.loads[i];
+            load.capacity_kw - load.reported_kw > 0.0
+        }),
+        Policy::Headroom => roomiest.filter(|b| b.score > 0.0).map(|b| b.index),
+        // No draw when nothing has room: the random sequence only moves with dispatches.
+        Policy::P2c => roomiest.filter(|b| b.score > 0.0).map(|b| {
+            two_choices(grid, now_us, up, rng)
+                .filter(|&i| grid.loads[i].headroom_kw() > 0.0)
+                .unwrap_or(b.index)
+        }),
+        Policy::Predictive => best.map(|b| b.index),
+    };
+    match chosen {
+        Some(i) => Decision::Dispatch {
             substation_id: grid.entries[i].id.clone(),
             power_kw: demand.max_power_kw.min(grid.loads[i].capacity_kw),
         },
-        _ => Decision::Defer {
+        None => Decision::Defer {
             reason: DeferReason::NoHeadroom,
         },
     }
+}
+
+/// Two distinct up substations drawn at random (of `up` up ones): the one with the lower
+/// estimated utilization (ties: the lower id).
+fn two_choices<R: Rng + ?Sized>(grid: &Grid, now_us: i64, up: usize, rng: &mut R) -> Option<usize> {
+    let a = rng.random_range(0..up);
+    let b = if up > 1 {
+        // Uniform over the others.
+        let b = rng.random_range(0..up - 1);
+        if b >= a { b + 1 } else { b }
+    } else {
+        a
+    };
+    let nth_up = |n: usize| -> Option<usize> {
+        if up == grid.loads.len() {
+            // Everything is up (the usual case): the n-th substation, no scan.
+            return Some(n);
+        }
+        grid.loads
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_up(now_us))
+            .nth(n)
+            .map(|(i, _)| i)
+    };
+    let (a, b) = (nth_up(a)?, nth_up(b)?);
+    let (lo, hi) = (a.min(b), a.max(b));
+    if grid.loads[hi].estimated_utilization() < grid.loads[lo].estimated_utilization() {
+        Some(hi)
+    } else {
+        Some(lo)
+    }
+}
+
+/// How much longer (hours) `demand` takes at a substation of `capacity_kw` than at its own max
+/// power: zero unless the whole substation is smaller than the car.
+fn slowdown_hours(demand: &Demand, capacity_kw: f64) -> f64 {
+    if capacity_kw >= demand.max_power_kw {
+        0.0
+    } else if capacity_kw > 0.0 {
+        demand.energy_kwh * (1.0 / capacity_kw - 1.0 / demand.max_power_kw)
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The shortest time `demand` can be delivered in (hours): at its max power, or the largest
+/// capacity if that is less. [`decide`] rejects a request as `undeliverable` once less than
+/// this is left before its departure.
+pub fn hours_to_deliver(demand: &Demand, largest_capacity_kw: f64) -> f64 {
+    demand.energy_kwh / demand.max_power_kw.min(largest_capacity_kw)
 }
 
 fn hours_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
@@ -450,8 +793,14 @@ mod tests {
 
     use chrono::Duration;
     use evgrid_common::messages::Heartbeat;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
 
     use super::*;
+
+    fn rng() -> SmallRng {
+        SmallRng::seed_from_u64(7)
+    }
 
     fn t0() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
@@ -497,21 +846,44 @@ mod tests {
     }
 
     fn run(grid: &Grid, d: &Demand) -> Decision {
-        decide(grid, d, t0(), Policy::Headroom)
+        decide(grid, d, t0(), Policy::Headroom, &mut rng())
     }
 
-    /// Decides and records like the live service: the assignment counts at once.
-    fn dispatch_one(grid: &mut Grid, d: &Demand, seq: u64) -> Option<Arc<str>> {
-        match run(grid, d) {
+    /// Decides by `policy` and records like the live service: the assignment counts at once.
+    fn dispatch_by(
+        policy: Policy,
+        grid: &mut Grid,
+        d: &Demand,
+        seq: u64,
+        rng: &mut SmallRng,
+    ) -> Option<Arc<str>> {
+        match decide(grid, d, t0(), policy, rng) {
             Decision::Dispatch {
                 substation_id,
                 power_kw,
             } => {
-                assert!(grid.record_assignment(&substation_id, seq, power_kw));
+                assert!(grid.record_assignment(&substation_id, seq, power_kw, d));
                 Some(substation_id)
             }
             _ => None,
         }
+    }
+
+    fn dispatch_one(grid: &mut Grid, d: &Demand, seq: u64) -> Option<Arc<str>> {
+        dispatch_by(Policy::Headroom, grid, d, seq, &mut rng())
+    }
+
+    /// Requests sent to each substation by `policy` out of `n` identical ones, no heartbeat in
+    /// between.
+    fn burst(policy: Policy, grid: &mut Grid, d: &Demand, n: u64) -> BTreeMap<Arc<str>, usize> {
+        let mut rng = rng();
+        let mut got = BTreeMap::new();
+        for seq in 1..=n {
+            if let Some(id) = dispatch_by(policy, grid, d, seq, &mut rng) {
+                *got.entry(id).or_default() += 1;
+            }
+        }
+        got
     }
 
     #[test]
@@ -610,7 +982,7 @@ mod tests {
         let g = grid(&[("a", 100.0, 0.0)]);
         let later = t0() + Duration::milliseconds(3001);
         assert_eq!(
-            decide(&g, &demand(11.0), later, Policy::Headroom),
+            decide(&g, &demand(11.0), later, Policy::Headroom, &mut rng()),
             Decision::Defer {
                 reason: DeferReason::NoSubstationUp
             }
@@ -641,7 +1013,7 @@ mod tests {
     fn an_echo_drops_pending_without_double_counting() {
         let mut g = grid(&[("a", 100.0, 0.0)]);
         for seq in 1..=3 {
-            assert!(g.record_assignment("a", seq, 11.0));
+            assert!(g.record_assignment("a", seq, 11.0, &demand(11.0)));
         }
         assert_eq!(g.get("a").unwrap().pending_kw(), 33.0);
 
@@ -667,9 +1039,10 @@ mod tests {
     #[test]
     fn tickets_count_at_once_and_settle_later() {
         let mut g = grid(&[("a", 100.0, 0.0)]);
-        let t1 = g.assign("a", 11.0).unwrap();
-        let t2 = g.assign("a", 11.0).unwrap();
-        let t3 = g.assign("a", 11.0).unwrap();
+        let d = demand(11.0);
+        let t1 = g.assign("a", 11.0, &d).unwrap();
+        let t2 = g.assign("a", 11.0, &d).unwrap();
+        let t3 = g.assign("a", 11.0, &d).unwrap();
         assert_eq!(g.get("a").unwrap().pending_kw(), 33.0);
         // An echo never drops an assignment whose sequence is still unknown.
         g.observe(echo(
@@ -685,7 +1058,7 @@ mod tests {
         g.cancel(&t3);
         let a = g.get("a").unwrap();
         assert_eq!((a.pending_count(), a.pending_kw()), (1, 11.0));
-        assert!(g.assign("nowhere", 1.0).is_none());
+        assert!(g.assign("nowhere", 1.0, &d).is_none());
     }
 
     #[test]
@@ -735,7 +1108,7 @@ mod tests {
     }
 
     #[test]
-    fn decisions_are_deterministic() {
+    fn decisions_are_deterministic_for_every_policy() {
         let build = || {
             let mut g = Grid::new();
             for (i, id) in ["n", "m", "k", "z", "a"].iter().enumerate() {
@@ -743,11 +1116,192 @@ mod tests {
             }
             g
         };
-        let sequence = |mut g: Grid| -> Vec<Option<Arc<str>>> {
-            (1..=60)
-                .map(|seq| dispatch_one(&mut g, &demand(7.0 + (seq % 5) as f64), seq))
-                .collect()
+        for policy in Policy::ALL {
+            let sequence = |mut g: Grid, seed: u64| -> Vec<Option<Arc<str>>> {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                (1..=60)
+                    .map(|seq| {
+                        let d = demand(7.0 + (seq % 5) as f64);
+                        dispatch_by(policy, &mut g, &d, seq, &mut rng)
+                    })
+                    .collect()
+            };
+            assert_eq!(sequence(build(), 1), sequence(build(), 1), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn round_robin_takes_each_up_substation_in_turn_whatever_its_load() {
+        let mut g = grid(&[("a", 100.0, 100.0), ("b", 10.0, 0.0), ("c", 100.0, 0.0)]);
+        g.observe(heartbeat("d", 100.0, 0.0, t0() - Duration::seconds(10)));
+        let mut rng = rng();
+        let order: Vec<Option<Arc<str>>> = (1..=5)
+            .map(|seq| dispatch_by(Policy::RoundRobin, &mut g, &demand(11.0), seq, &mut rng))
+            .collect();
+        // "d" is down; "a" is full and still gets its turn.
+        let ids = |names: &[&str]| -> Vec<Option<Arc<str>>> {
+            names.iter().map(|n| Some(Arc::from(*n))).collect()
         };
-        assert_eq!(sequence(build()), sequence(build()));
+        assert_eq!(order, ids(&["a", "b", "c", "a", "b"]));
+    }
+
+    #[test]
+    fn least_loaded_herds_a_burst_onto_the_last_reported_emptiest() {
+        let mut g = grid(&[("a", 100.0, 50.0), ("b", 100.0, 40.0), ("c", 300.0, 150.0)]);
+        let got = burst(Policy::LeastLoaded, &mut g, &demand(11.0), 30);
+        // All 30 to "b" (40 %), far past its room: it only learns at the next heartbeat.
+        assert_eq!(got.get("b"), Some(&30));
+        assert_eq!(got.len(), 1);
+        // A heartbeat saying every substation is full: it defers.
+        let mut g = grid(&[("a", 100.0, 100.0), ("b", 50.0, 70.0)]);
+        assert_eq!(
+            decide(&g, &demand(11.0), t0(), Policy::LeastLoaded, &mut rng()),
+            Decision::Defer {
+                reason: DeferReason::NoHeadroom
+            }
+        );
+        assert!(burst(Policy::LeastLoaded, &mut g, &demand(11.0), 3).is_empty());
+    }
+
+    #[test]
+    fn p2c_takes_the_less_loaded_of_two_and_falls_back_to_any_room() {
+        let pick = |g: &Grid, seed: u64| match decide(
+            g,
+            &demand(11.0),
+            t0(),
+            Policy::P2c,
+            &mut SmallRng::seed_from_u64(seed),
+        ) {
+            Decision::Dispatch { substation_id, .. } => substation_id.to_string(),
+            other => panic!("seed {seed}: {other:?}"),
+        };
+        // "c" is the most loaded: never the lower of two distinct choices.
+        let g = grid(&[("a", 100.0, 10.0), ("b", 100.0, 20.0), ("c", 100.0, 90.0)]);
+        assert!((0..200).all(|seed| pick(&g, seed) != "c"));
+        // Two full choices: the one with room, found by the scan.
+        let g = grid(&[("a", 100.0, 100.0), ("b", 100.0, 100.0), ("c", 100.0, 99.0)]);
+        assert!((0..50).all(|seed| pick(&g, seed) == "c"));
+        // A burst counts what it sent (estimated load): spread over the three.
+        let mut g = grid(&[("a", 100.0, 0.0), ("b", 100.0, 0.0), ("c", 100.0, 0.0)]);
+        let got = burst(Policy::P2c, &mut g, &demand(10.0), 27);
+        assert!(got.values().all(|&n| (8..=10).contains(&n)), "{got:?}");
+    }
+
+    /// A heartbeat of a substation drawing its capacity, with twice that demand.
+    fn saturated(id: &str, capacity_kw: f64) -> Observed {
+        let mut o = heartbeat(id, capacity_kw, capacity_kw, t0());
+        o.heartbeat.demand_kw = capacity_kw * 2.0;
+        o
+    }
+
+    fn projection(due: &[(f64, f64)], remaining_kwh: f64) -> Projection {
+        // Energy due per departure time (seconds after the heartbeat) → cumulative buckets.
+        let due_kwh = PROJECTION_HORIZONS_S
+            .iter()
+            .map(|&h| {
+                due.iter()
+                    .filter(|(at, _)| *at <= h)
+                    .map(|(_, kwh)| kwh)
+                    .sum()
+            })
+            .collect();
+        Projection {
+            horizons_s: PROJECTION_HORIZONS_S.to_vec(),
+            due_kwh,
+            remaining_kwh,
+        }
+    }
+
+    #[test]
+    fn predictive_sends_a_car_where_its_departure_is_met_soonest() {
+        let mut g = Grid::new();
+        // Both are saturated right now (demand above capacity). "a" must deliver 90 kWh within
+        // the next hour; "b" has 400 kWh to deliver, but by tomorrow evening.
+        g.observe_with(
+            saturated("a", 100.0),
+            Some(projection(&[(3000.0, 90.0)], 90.0)),
+        );
+        g.observe_with(
+            saturated("b", 100.0),
+            Some(projection(&[(30.0 * 3600.0, 400.0)], 400.0)),
+        );
+        let leaving_in = |hours: i64| Demand {
+            energy_kwh: 10.0,
+            max_power_kw: 11.0,
+            departure: Some(t0() + Duration::hours(hours)),
+        };
+        let pick = |d: &Demand| match decide(&g, d, t0(), Policy::Predictive, &mut rng()) {
+            Decision::Dispatch { substation_id, .. } => substation_id.to_string(),
+            other => panic!("{other:?}"),
+        };
+        // Leaving in 2 h: "b" has the whole capacity free until then.
+        assert_eq!(pick(&leaving_in(2)), "b");
+        // Not leaving before tomorrow night, or never: "a" is done in an hour; "b" is busy.
+        assert_eq!(pick(&leaving_in(40)), "a");
+        assert_eq!(pick(&demand(11.0)), "a");
+        // Full by heartbeat, yet it never defers: the allocation shares by deadline.
+        assert!(g.substations().all(|s| s.headroom_kw() < 0.0));
+    }
+
+    #[test]
+    fn predictive_avoids_a_substation_smaller_than_the_car() {
+        let mut g = Grid::new();
+        g.observe_with(heartbeat("a", 20.0, 0.0, t0()), Some(projection(&[], 0.0)));
+        g.observe_with(
+            heartbeat("b", 100.0, 0.0, t0()),
+            Some(projection(&[(3600.0, 50.0)], 50.0)),
+        );
+        let fast_car = Demand {
+            energy_kwh: 40.0,
+            max_power_kw: 50.0,
+            departure: Some(t0() + Duration::hours(3)),
+        };
+        // "a" is idle, but a 50 kW car would charge at 20 kW there: 2 h instead of 0.8 h.
+        let d = decide(&g, &fast_car, t0(), Policy::Predictive, &mut rng());
+        assert!(matches!(d, Decision::Dispatch { substation_id, .. } if &*substation_id == "b"));
+        // A car that fits in "a" goes to the idle one.
+        let d = decide(&g, &demand(11.0), t0(), Policy::Predictive, &mut rng());
+        assert!(matches!(d, Decision::Dispatch { substation_id, .. } if &*substation_id == "a"));
+    }
+
+    #[test]
+    fn predictive_spreads_a_burst_by_capacity_and_counts_what_it_sent() {
+        let capacities = [("s1", 100.0), ("s2", 200.0), ("s3", 300.0)];
+        let mut g = Grid::new();
+        for (id, capacity) in capacities {
+            g.observe_with(
+                heartbeat(id, capacity, 0.0, t0()),
+                Some(projection(&[], 0.0)),
+            );
+        }
+        let d = Demand {
+            departure: Some(t0() + Duration::hours(8)),
+            ..demand(11.0)
+        };
+        let got = burst(Policy::Predictive, &mut g, &d, 300);
+        assert_eq!(got.values().sum::<usize>(), 300);
+        for (id, capacity) in capacities {
+            let share = 300.0 * capacity / 600.0;
+            let n = got[id] as f64;
+            assert!(
+                n <= 1.2 * share && n >= 0.8 * share,
+                "{id}: {n} of fair {share}"
+            );
+        }
+        // An echo moves the pending energy into the reported projection: no double count.
+        let s1 = g.get("s1").unwrap().pending_count() as u64;
+        assert!(s1 > 0);
+        let before = g.entries[0].owed;
+        let mut echoed = echo(
+            heartbeat("s1", 100.0, 100.0, t0() + Duration::seconds(1)),
+            300,
+        );
+        echoed.heartbeat.demand_kw = 100.0;
+        let energy = 30.0 * s1 as f64;
+        g.observe_with(echoed, Some(projection(&[(8.0 * 3600.0, energy)], energy)));
+        assert_eq!(g.get("s1").unwrap().pending_count(), 0);
+        let after = g.entries[0].owed;
+        assert!((after.remaining_kwh - before.remaining_kwh).abs() < 1e-9);
+        assert!((after.due_kwh[HORIZONS - 1] - before.due_kwh[HORIZONS - 1]).abs() < 1e-9);
     }
 }

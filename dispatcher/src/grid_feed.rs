@@ -30,7 +30,7 @@ pub(crate) async fn follow_heartbeats(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    heartbeats::follow(js, shutdown, move |observed: Observed| {
+    heartbeats::follow_telemetry(js, shutdown, move |observed: Observed, telemetry| {
         let id = observed.heartbeat.substation_id.clone();
         // The id becomes a subject token and a metric label: refuse anything else.
         if !subjects::valid_substation_id(&id) {
@@ -39,7 +39,7 @@ pub(crate) async fn follow_heartbeats(
         }
         let mut grid = lock(&grid);
         let new = grid.get(&id).is_none();
-        grid.observe(observed);
+        grid.observe_with(observed, telemetry.projection);
         if new {
             drop(grid);
             metrics.substation_seen(&id);

@@ -2,10 +2,11 @@
 //!
 //! The middle of ingest → `ev.requests` → **dispatcher** → `ev.dispatch.<id>` → substation. It
 //! reads `EV_REQUESTS` through the durable pull consumer `dispatcher`, keeps the live view of the
-//! grid from the substations' heartbeats (`ev.telemetry.<id>`), and for each request either
-//! publishes an assignment to the substation with the most headroom (then acks), lets it wait in
-//! the stream (nak with a delay), or publishes it to `ev.rejected` (then terminates it). The
-//! decision itself is the pure [`decision::decide`]; docs/dispatch.md describes the rule.
+//! grid from the substations' heartbeats (`ev.telemetry.<id>`, with their projections), and for
+//! each request either publishes an assignment to the substation its `--policy` picks (then
+//! acks), lets it wait in the stream (nak with a delay), or publishes it to `ev.rejected` (then
+//! terminates it). The decision itself is the pure [`decision::decide`]; docs/dispatch.md
+//! describes the policies and how `evgrid sim` compares them.
 
 pub mod config;
 mod consumer;
@@ -21,6 +22,8 @@ use std::time::Duration;
 use evgrid_common::http::{self, Readiness};
 use evgrid_common::nats::{self, NatsError};
 use evgrid_common::streams;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -110,6 +113,7 @@ async fn route(
         grid,
         metrics,
         policy: config.policy,
+        rng: Mutex::new(SmallRng::from_os_rng()),
         defer_delay: config.defer_delay,
     });
     consumer::run(

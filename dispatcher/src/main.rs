@@ -9,7 +9,7 @@ use evgrid_common::config::{LogArgs, parse_listen, parse_or_exit};
 use evgrid_common::{http, shutdown, telemetry};
 use evgrid_dispatcher::Config;
 
-/// Routes EV charge requests from ev.requests to the substation with the most headroom.
+/// Routes EV charge requests from ev.requests to substations by a routing policy (--policy).
 #[derive(Parser, Debug)]
 #[command(name = "evgrid-dispatcher", version)]
 struct Cli {

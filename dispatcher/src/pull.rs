@@ -3,10 +3,10 @@
 //!
 //! async-nats' `messages()` stream refills itself and cannot be drained, so on shutdown the
 //! messages the server had already sent towards it (up to a whole batch) would sit un-acked for
-//! AckWait (30 s) before another instance got them. Here the dispatcher asks for exactly as many
-//! messages as it has room for, one pull request at a time, and [`Puller::hand_back`] drains the
-//! inbox (UNSUB, then a PING round trip, so everything sent before the UNSUB has arrived) and
-//! naks what it finds: a rolling restart delays nothing.
+//! AckWait (30 s) before another instance got them. Here the dispatcher asks for a bounded number
+//! of messages (its room plus one window), one pull request at a time, and
+//! [`Puller::hand_back`] drains the inbox (UNSUB, then a PING round trip, so everything sent
+//! before the UNSUB has arrived) and naks what it finds: a rolling restart delays nothing.
 
 use std::time::Duration;
 

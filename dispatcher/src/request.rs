@@ -24,6 +24,7 @@ use evgrid_common::messages::{
 };
 use evgrid_common::subjects;
 use evgrid_common::validate::{RequestError, parse_charge_request};
+use rand::rngs::SmallRng;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -41,6 +42,8 @@ pub(crate) struct Handler {
     pub grid: Arc<Mutex<Grid>>,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
+    /// The only randomness of a decision (the `p2c` policy), seeded at start.
+    pub rng: Mutex<SmallRng>,
     pub defer_delay: Duration,
 }
 
@@ -130,10 +133,12 @@ impl Handler {
         };
         let request_id = request.request_id.unwrap_or(fallback_id);
 
+        let demand = Demand::from(&request);
         let (decision, ticket) = {
             let mut grid = lock(&self.grid);
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
             let started = Instant::now();
-            let decision = decide(&grid, &Demand::from(&request), now, self.policy);
+            let decision = decide(&grid, &demand, now, self.policy, &mut *rng);
             self.metrics
                 .decision_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -141,7 +146,7 @@ impl Handler {
                 Decision::Dispatch {
                     substation_id,
                     power_kw,
-                } => grid.assign(substation_id, *power_kw),
+                } => grid.assign(substation_id, *power_kw, &demand),
                 _ => None,
             };
             (decision, ticket)

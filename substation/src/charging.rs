@@ -1,13 +1,20 @@
 //! The charging model of one substation: which car draws how much power, and when each car's
-//! energy is delivered, on a simulated clock.
+//! energy is delivered or the car leaves, on a simulated clock.
 //!
 //! This is the pure core of the substation stage (ingest → dispatcher → **substation**): no
 //! NATS, no clock reads, no randomness. Times are simulated seconds (`f64`) passed in by the
-//! caller; the live service maps them to wall time, the simulator drives them directly. Power is
-//! piecewise constant between events (an arrival, a completion, a capacity change), so energy is
-//! integrated exactly and a completion is reported at the exact instant its energy is delivered.
+//! caller; the live service maps them to wall time, the simulator (`evgrid sim`) drives them
+//! directly. Power is piecewise constant between events (an arrival, a completion, a departure,
+//! a capacity change, a periodic re-allocation), so energy is integrated exactly and a
+//! completion is reported at the exact instant its energy is delivered.
+//!
+//! How the capacity is shared when the cars want more is the [`Allocation`] policy, a pure
+//! function of the sessions and the time ([`allocate`]). The allocation is recomputed on every
+//! arrival, completion, departure and capacity change, and at least every
+//! [`REALLOCATE_EVERY_S`] simulated seconds.
 
 use evgrid_common::SECONDS_PER_HOUR;
+use evgrid_common::messages::{PROJECTION_HORIZONS_S, Projection};
 use uuid::Uuid;
 
 /// Energy left below this (kWh) counts as delivered: float noise of integrating power over time.
@@ -17,27 +24,60 @@ pub const ENERGY_EPSILON_KWH: f64 = 1e-9;
 /// a rounding error for ever.
 const POWER_EPSILON_KW: f64 = 1e-9;
 
+/// The allocation is recomputed at least this often, in simulated seconds. Only `llf` depends on
+/// the time between events (laxity falls while a car waits); for the other policies such a
+/// re-allocation gives the same powers again, so the model skips computing it.
+pub const REALLOCATE_EVERY_S: f64 = 60.0;
+
+/// A load above the capacity by more than this fraction (plus [`POWER_EPSILON_KW`]) is an
+/// overload in [`Stats::overloads`]; below it is float rounding of the sum.
+const OVERLOAD_TOLERANCE: f64 = 1e-9;
+
 /// How a substation shares its capacity among the cars it charges (`--allocation`).
 ///
 /// Every policy obeys the same two limits: the sum never exceeds the capacity, and no car gets
-/// more than its max power. Issue 3 adds `equal-share`, `edf` and `llf` here.
+/// more than its max power. Every policy is work-conserving: a car is held below its max power
+/// only while the whole capacity is in use.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Allocation {
+    /// Water-filling: every car gets the same power, capped at its max; what a capped car
+    /// leaves is shared among the others.
+    EqualShare,
+    /// Earliest departure first: cars in order of departure (cars without one last, then in
+    /// arrival order) each get min(max power, capacity left).
+    Edf,
+    /// Least laxity first: like `edf`, ordered by laxity = time left − remaining energy ÷ max
+    /// power (how long the car can still wait and be full at departure).
+    #[default]
+    Llf,
     /// First come, first served: cars in arrival order each get min(max power, capacity left);
     /// a car offered nothing waits (queued) and starts when power frees up.
-    #[default]
     Fcfs,
 }
 
 impl Allocation {
     /// Every policy, for sweeps (`--allocation all` in the simulator).
-    pub const ALL: [Allocation; 1] = [Allocation::Fcfs];
+    pub const ALL: [Allocation; 4] = [
+        Allocation::EqualShare,
+        Allocation::Edf,
+        Allocation::Llf,
+        Allocation::Fcfs,
+    ];
 
     /// The name used on the command line and in reports.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::EqualShare => "equal-share",
+            Self::Edf => "edf",
+            Self::Llf => "llf",
             Self::Fcfs => "fcfs",
         }
+    }
+
+    /// Whether the allocation can change between events with time alone (not only when a car
+    /// arrives or leaves, or the capacity changes).
+    pub fn depends_on_time(self) -> bool {
+        matches!(self, Self::Llf)
     }
 }
 
@@ -49,8 +89,7 @@ pub struct Arrival {
     pub max_power_kw: f64,
     /// Energy to deliver in this session (kWh); a resumed session passes what is left.
     pub energy_kwh: f64,
-    /// When the car wants to leave, simulated seconds. Used by deadline-aware policies; the
-    /// model does not end a session at its departure (the caller may [`Station::remove`] it).
+    /// When the car leaves, simulated seconds: the session ends then with what it got.
     pub departure: Option<f64>,
 }
 
@@ -71,6 +110,10 @@ pub struct Session {
     pub power_kw: f64,
     /// When the session first drew power (simulated seconds).
     pub started_at: Option<f64>,
+    /// `delivered_kwh` when the power last changed, and when that was: energy is integrated from
+    /// there, so the model's state at a time does not depend on how often it was advanced.
+    base_kwh: f64,
+    since: f64,
 }
 
 impl Session {
@@ -89,6 +132,17 @@ impl Session {
         self.is_drawing() && self.power_kw < self.max_power_kw - POWER_EPSILON_KW
     }
 
+    /// Seconds this car can still wait at `now` and be full at its departure at its max power
+    /// (negative: it cannot be full any more); infinite without a departure.
+    pub fn laxity(&self, now: f64) -> f64 {
+        match self.departure {
+            Some(departure) => {
+                departure - now - self.remaining_kwh() / self.max_power_kw * SECONDS_PER_HOUR
+            }
+            None => f64::INFINITY,
+        }
+    }
+
     /// When this session completes at its current power (simulated seconds), if it draws.
     fn completion_time(&self, now: f64) -> Option<f64> {
         self.is_drawing()
@@ -102,6 +156,9 @@ pub struct Event {
     pub id: Uuid,
     pub at: f64,
     pub kind: EventKind,
+    /// Energy delivered in this session when the event happened (kWh): all of it on
+    /// `Completed`, what the car got on `Departed`.
+    pub delivered_kwh: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +167,8 @@ pub enum EventKind {
     Started,
     /// The session's energy is delivered; it has left the model.
     Completed,
+    /// The car left at its departure before its energy was delivered; it has left the model.
+    Departed,
 }
 
 /// The numbers a heartbeat (and the metrics) report.
@@ -131,23 +190,126 @@ pub struct Snapshot {
     pub delivered_kwh: f64,
 }
 
-/// Shares `capacity_kw` among `sessions` (in arrival order) by `policy`: the power of each
-/// session, in the same order. Never above the capacity in sum, nor above any car's max power.
-pub fn allocate(policy: Allocation, capacity_kw: f64, sessions: &[Session]) -> Vec<f64> {
-    match policy {
-        Allocation::Fcfs => {
-            let mut left = capacity_kw.max(0.0);
-            sessions
-                .iter()
-                .map(|s| {
-                    let power = s.max_power_kw.min(left);
-                    if power < POWER_EPSILON_KW {
-                        return 0.0;
-                    }
-                    left = (left - power).max(0.0);
-                    power
-                })
-                .collect()
+/// What the station has seen of its own load since it was created, checked at every
+/// re-allocation (the load only changes then).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stats {
+    /// Highest Σ allocated power (kW).
+    pub peak_load_kw: f64,
+    /// Highest Σ allocated power ÷ capacity.
+    pub peak_utilization: f64,
+    /// Re-allocations that drew more than the capacity: 0, unless the model is broken.
+    pub overloads: u64,
+}
+
+/// The load from `at` until the next point of a station's load log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadPoint {
+    pub at: f64,
+    pub load_kw: f64,
+    pub capacity_kw: f64,
+}
+
+/// Shares `capacity_kw` among `sessions` (in arrival order) at simulated time `now` by
+/// `policy`: the power of each session, in the same order. Never above the capacity in sum, nor
+/// above any car's max power.
+pub fn allocate(policy: Allocation, capacity_kw: f64, sessions: &[Session], now: f64) -> Vec<f64> {
+    let mut powers = vec![0.0; sessions.len()];
+    allocate_into(
+        policy,
+        capacity_kw,
+        sessions,
+        now,
+        &mut Vec::new(),
+        &mut powers,
+    );
+    powers
+}
+
+/// [`allocate`] into `powers` (one per session), with `keys` as scratch space: no allocation
+/// once the buffers have grown to the number of sessions.
+fn allocate_into(
+    policy: Allocation,
+    capacity_kw: f64,
+    sessions: &[Session],
+    now: f64,
+    keys: &mut Vec<(f64, u32)>,
+    powers: &mut [f64],
+) {
+    let capacity_kw = capacity_kw.max(0.0);
+    let key = |s: &Session| -> f64 {
+        match policy {
+            Allocation::EqualShare => s.max_power_kw,
+            Allocation::Edf => s.departure.unwrap_or(f64::INFINITY),
+            Allocation::Llf => s.laxity(now),
+            Allocation::Fcfs => 0.0,
+        }
+    };
+    keys.clear();
+    keys.extend(sessions.iter().enumerate().map(|(i, s)| (key(s), i as u32)));
+    if policy != Allocation::Fcfs {
+        // Ties in arrival order: a total order, so the result never depends on the sort.
+        keys.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    }
+    let mut left = capacity_kw;
+    let n = keys.len();
+    for (k, &(_, i)) in keys.iter().enumerate() {
+        let s = &sessions[i as usize];
+        let offer = match policy {
+            // Ascending max power: each car takes its max or an equal share of what is left,
+            // whichever is less, so a capped car's remainder goes to the others.
+            Allocation::EqualShare => left / (n - k) as f64,
+            Allocation::Edf | Allocation::Llf | Allocation::Fcfs => left,
+        };
+        let power = s.max_power_kw.min(offer);
+        if power < POWER_EPSILON_KW {
+            powers[i as usize] = 0.0;
+            continue;
+        }
+        powers[i as usize] = power;
+        left = (left - power).max(0.0);
+    }
+}
+
+/// The terms of [`Station::earliest_end`] at a re-allocation: a car at power p of max m, with r
+/// kWh left, cannot complete before `now + r / m` hours, which grows by `1 − p / m` per second
+/// while its power holds. Kept per kind of car, so the bound costs O(1) to read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct EarliestEnds {
+    /// Departures, and completions of cars at their max power (they do not move).
+    fixed: f64,
+    /// Cars drawing less than their max: the earliest completion at the re-allocation, and the
+    /// least rate at which any of them moves later.
+    throttled: f64,
+    throttled_slope: f64,
+    /// Cars drawing nothing: they move later one second per second.
+    paused: f64,
+}
+
+impl Default for EarliestEnds {
+    fn default() -> Self {
+        Self {
+            fixed: f64::INFINITY,
+            throttled: f64::INFINITY,
+            throttled_slope: 1.0,
+            paused: f64::INFINITY,
+        }
+    }
+}
+
+impl EarliestEnds {
+    fn add(&mut self, s: &Session, now: f64) {
+        if let Some(d) = s.departure {
+            self.fixed = self.fixed.min(d);
+        }
+        let full = now + s.remaining_kwh() / s.max_power_kw * SECONDS_PER_HOUR;
+        if s.power_kw >= s.max_power_kw {
+            self.fixed = self.fixed.min(full);
+        } else if s.power_kw > 0.0 {
+            self.throttled = self.throttled.min(full);
+            self.throttled_slope = self.throttled_slope.min(1.0 - s.power_kw / s.max_power_kw);
+        } else {
+            self.paused = self.paused.min(full);
         }
     }
 }
@@ -162,6 +324,18 @@ pub struct Station {
     sessions: Vec<Session>,
     /// Energy of sessions no longer here (completed or removed).
     departed_kwh: f64,
+    /// The next completion at the current allocation: (when, index in `sessions`).
+    next_completion: Option<(f64, usize)>,
+    /// The earliest departure of the sessions here.
+    next_departure: Option<f64>,
+    /// See [`Station::earliest_end`]: its terms as of the last re-allocation.
+    ends: EarliestEnds,
+    /// When the allocation was last computed.
+    allocated_at: f64,
+    stats: Stats,
+    load_log: Option<Vec<LoadPoint>>,
+    keys: Vec<(f64, u32)>,
+    powers: Vec<f64>,
 }
 
 impl Station {
@@ -173,7 +347,25 @@ impl Station {
             now,
             sessions: Vec::new(),
             departed_kwh: 0.0,
+            next_completion: None,
+            next_departure: None,
+            ends: EarliestEnds::default(),
+            allocated_at: now,
+            stats: Stats::default(),
+            load_log: None,
+            keys: Vec::new(),
+            powers: Vec::new(),
         }
+    }
+
+    /// Keeps a log of the load from now on ([`Station::load_log`]), for plots.
+    pub fn record_load(&mut self) {
+        self.load_log.get_or_insert_with(Vec::new);
+    }
+
+    /// Every change of load or capacity since [`Station::record_load`], in time order.
+    pub fn load_log(&self) -> &[LoadPoint] {
+        self.load_log.as_deref().unwrap_or_default()
     }
 
     /// The simulated time the model has reached.
@@ -189,6 +381,16 @@ impl Station {
         self.policy
     }
 
+    /// When the allocation in force was computed (simulated seconds).
+    pub fn allocated_at(&self) -> f64 {
+        self.allocated_at
+    }
+
+    /// Peak load and overloads seen so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
     /// Sessions in arrival order.
     pub fn sessions(&self) -> &[Session] {
         &self.sessions
@@ -200,15 +402,22 @@ impl Station {
 
     /// A car arrives at `at` (not before [`Station::now`]): the clock advances to `at` first,
     /// then power is reallocated. Returns every event up to and including the arrival (a car
-    /// with nothing left to charge completes at once).
+    /// with nothing left to charge completes at once; one whose departure has passed leaves at
+    /// once).
     pub fn arrive(&mut self, at: f64, car: Arrival) -> Vec<Event> {
         let mut events = self.advance_to(at);
+        let leave = |kind| Event {
+            id: car.id,
+            at: self.now,
+            kind,
+            delivered_kwh: 0.0,
+        };
         if car.energy_kwh <= ENERGY_EPSILON_KWH {
-            events.push(Event {
-                id: car.id,
-                at: self.now,
-                kind: EventKind::Completed,
-            });
+            events.push(leave(EventKind::Completed));
+            return events;
+        }
+        if car.departure.is_some_and(|d| d <= self.now) {
+            events.push(leave(EventKind::Departed));
             return events;
         }
         self.sessions.push(Session {
@@ -220,48 +429,87 @@ impl Station {
             departure: car.departure,
             power_kw: 0.0,
             started_at: None,
+            base_kwh: 0.0,
+            since: self.now,
         });
         self.reallocate(&mut events);
         events
     }
 
     /// Advances the clock to `t`, integrating each session's power, completing sessions exactly
-    /// when their energy is delivered and reallocating the power they free. Earlier `t`: no-op.
+    /// when their energy is delivered, letting cars leave at their departure, and reallocating
+    /// the power they free (and at least every [`REALLOCATE_EVERY_S`]). Earlier `t`: no-op.
     pub fn advance_to(&mut self, t: f64) -> Vec<Event> {
         let mut events = Vec::new();
-        while let Some((at, index)) = self.next_completion().filter(|&(at, _)| at <= t) {
+        while let Some(at) = self.next_event_time().filter(|&at| at <= t) {
+            let at = at.max(self.now);
             self.integrate_to(at);
-            // The session that set `at` finishes now even if float rounding left a crumb, so the
-            // loop always makes progress; others within the epsilon finish with it.
-            let first = &mut self.sessions[index];
-            first.delivered_kwh = first.energy_kwh;
-            let now = self.now;
-            let mut finished = Vec::new();
-            self.sessions.retain(|s| {
-                let done = s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH;
-                if done {
-                    finished.push((s.id, s.energy_kwh));
-                }
-                !done
-            });
-            for (id, energy_kwh) in finished {
-                self.departed_kwh += energy_kwh;
-                events.push(Event {
-                    id,
-                    at: now,
-                    kind: EventKind::Completed,
-                });
+            if let Some((due, index)) = self.next_completion
+                && due <= at
+            {
+                // The session that set `due` finishes now even if float rounding left a crumb,
+                // so the loop always makes progress; others within the epsilon finish with it.
+                let first = &mut self.sessions[index];
+                first.delivered_kwh = first.energy_kwh;
             }
+            let now = self.now;
+            let mut ended = 0.0;
+            self.sessions.retain(|s| {
+                let kind = if s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH {
+                    EventKind::Completed
+                } else if s.departure.is_some_and(|d| d <= now) {
+                    EventKind::Departed
+                } else {
+                    return true;
+                };
+                let delivered_kwh = match kind {
+                    EventKind::Completed => s.energy_kwh,
+                    _ => s.delivered_kwh,
+                };
+                ended += delivered_kwh;
+                events.push(Event {
+                    id: s.id,
+                    at: now,
+                    kind,
+                    delivered_kwh,
+                });
+                false
+            });
+            self.departed_kwh += ended;
             self.reallocate(&mut events);
         }
         self.integrate_to(t);
         events
     }
 
-    /// When the next session completes at the current allocation (simulated seconds), if any
-    /// draws power: the live service sleeps exactly until then.
+    /// When the model next changes on its own (simulated seconds): the next completion at the
+    /// current allocation, the next departure, or the next periodic re-allocation of a
+    /// time-dependent policy. The live service sleeps exactly until then.
     pub fn next_event_time(&self) -> Option<f64> {
-        self.next_completion().map(|(at, _)| at)
+        let tick = (self.policy.depends_on_time() && !self.sessions.is_empty())
+            .then_some(self.allocated_at + REALLOCATE_EVERY_S);
+        [
+            self.next_completion.map(|(at, _)| at),
+            self.next_departure,
+            tick,
+        ]
+        .into_iter()
+        .flatten()
+        .min_by(f64::total_cmp)
+    }
+
+    /// No session can end before this (simulated seconds): the earliest departure, or the
+    /// earliest completion were every car to draw its max power from now on. Until then the set
+    /// of sessions, and so the demand, stays as it is (barring arrivals). A lower bound, exact
+    /// for cars at full power or paused, in O(1).
+    pub fn earliest_end(&self) -> Option<f64> {
+        let since = (self.now - self.allocated_at).max(0.0);
+        let e = &self.ends;
+        let end = e
+            .fixed
+            .min(e.throttled + e.throttled_slope * since)
+            .min(e.paused + since);
+        end.is_finite().then_some(end)
     }
 
     /// Changes the capacity (a grid operator's limit) and reallocates at once.
@@ -308,12 +556,36 @@ impl Station {
         snapshot
     }
 
-    fn next_completion(&self) -> Option<(f64, usize)> {
-        self.sessions
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.completion_time(self.now).map(|at| (at, i)))
-            .min_by(|a, b| a.0.total_cmp(&b.0))
+    /// What the sessions still need, by departure ([`Projection`], for the heartbeat): each
+    /// session's remaining energy, capped at what its max power can still deliver before it
+    /// leaves, summed per horizon of [`PROJECTION_HORIZONS_S`].
+    pub fn projection(&self) -> Projection {
+        let mut due_kwh = vec![0.0; PROJECTION_HORIZONS_S.len()];
+        let mut remaining_kwh = 0.0;
+        for s in &self.sessions {
+            let Some(departure) = s.departure else {
+                remaining_kwh += s.remaining_kwh();
+                continue;
+            };
+            let left_s = (departure - self.now).max(0.0);
+            let kwh = s
+                .remaining_kwh()
+                .min(s.max_power_kw * left_s / SECONDS_PER_HOUR);
+            remaining_kwh += kwh;
+            if let Some(k) = PROJECTION_HORIZONS_S.iter().position(|&h| left_s <= h) {
+                due_kwh[k] += kwh;
+            }
+        }
+        let mut cumulative = 0.0;
+        for due in &mut due_kwh {
+            cumulative += *due;
+            *due = cumulative;
+        }
+        Projection {
+            horizons_s: PROJECTION_HORIZONS_S.to_vec(),
+            due_kwh,
+            remaining_kwh,
+        }
     }
 
     fn integrate_to(&mut self, t: f64) {
@@ -324,23 +596,81 @@ impl Station {
         for s in &mut self.sessions {
             if s.is_drawing() {
                 s.delivered_kwh =
-                    (s.delivered_kwh + s.power_kw * dt / SECONDS_PER_HOUR).min(s.energy_kwh);
+                    (s.base_kwh + s.power_kw * (t - s.since) / SECONDS_PER_HOUR).min(s.energy_kwh);
             }
         }
         self.now = t;
     }
 
+    /// Recomputes every session's power, the next completion and departure, and the stats.
     fn reallocate(&mut self, events: &mut Vec<Event>) {
-        let powers = allocate(self.policy, self.capacity_kw, &self.sessions);
-        for (s, power) in self.sessions.iter_mut().zip(powers) {
+        let now = self.now;
+        self.allocated_at = now;
+        self.powers.clear();
+        self.powers.resize(self.sessions.len(), 0.0);
+        allocate_into(
+            self.policy,
+            self.capacity_kw,
+            &self.sessions,
+            now,
+            &mut self.keys,
+            &mut self.powers,
+        );
+        let mut load_kw = 0.0;
+        let mut next_completion: Option<(f64, usize)> = None;
+        let mut next_departure: Option<f64> = None;
+        let mut ends = EarliestEnds::default();
+        for (i, (s, &power)) in self.sessions.iter_mut().zip(&self.powers).enumerate() {
             s.power_kw = power;
+            s.base_kwh = s.delivered_kwh;
+            s.since = now;
+            load_kw += power;
             if power > 0.0 && s.started_at.is_none() {
-                s.started_at = Some(self.now);
+                s.started_at = Some(now);
                 events.push(Event {
                     id: s.id,
-                    at: self.now,
+                    at: now,
                     kind: EventKind::Started,
+                    delivered_kwh: s.delivered_kwh,
                 });
+            }
+            if let Some(at) = s.completion_time(now)
+                && next_completion.is_none_or(|(best, _)| at < best)
+            {
+                next_completion = Some((at, i));
+            }
+            if let Some(d) = s.departure
+                && next_departure.is_none_or(|best| d < best)
+            {
+                next_departure = Some(d);
+            }
+            ends.add(s, now);
+        }
+        self.next_completion = next_completion;
+        self.next_departure = next_departure;
+        self.ends = ends;
+        self.observe_load(load_kw);
+    }
+
+    fn observe_load(&mut self, load_kw: f64) {
+        let stats = &mut self.stats;
+        stats.peak_load_kw = stats.peak_load_kw.max(load_kw);
+        if self.capacity_kw > 0.0 {
+            stats.peak_utilization = stats.peak_utilization.max(load_kw / self.capacity_kw);
+        }
+        if load_kw > self.capacity_kw * (1.0 + OVERLOAD_TOLERANCE) + POWER_EPSILON_KW {
+            stats.overloads += 1;
+        }
+        if let Some(log) = &mut self.load_log {
+            let point = LoadPoint {
+                at: self.now,
+                load_kw,
+                capacity_kw: self.capacity_kw,
+            };
+            match log.last_mut() {
+                Some(last) if last.load_kw == load_kw && last.capacity_kw == self.capacity_kw => {}
+                Some(last) if last.at == point.at => *last = point,
+                _ => log.push(point),
             }
         }
     }
@@ -468,9 +798,164 @@ mod tests {
         assert_eq!(station.now(), 100.0);
     }
 
-    /// Checks the allocation invariants of the station as it is now.
+    fn car_leaving(n: u128, max_power_kw: f64, energy_kwh: f64, departure: f64) -> Arrival {
+        Arrival {
+            departure: Some(departure),
+            ..car(n, max_power_kw, energy_kwh)
+        }
+    }
+
+    fn powers(station: &Station) -> Vec<f64> {
+        station.sessions().iter().map(|s| s.power_kw).collect()
+    }
+
+    #[test]
+    fn equal_share_fills_water_to_one_level_and_redistributes_what_capped_cars_leave() {
+        let sessions: Vec<Session> = [(1, 3.0), (2, 50.0), (3, 11.0), (4, 50.0)]
+            .map(|(n, max)| {
+                let mut station = Station::new(0.0, Allocation::EqualShare, 0.0);
+                station.arrive(0.0, car(n, max, 10.0));
+                station.sessions()[0].clone()
+            })
+            .to_vec();
+        // 60 kW over 4 cars: 15 each, but car 1 takes only 3 and car 3 only 11; the other two
+        // share the rest equally.
+        assert_eq!(
+            allocate(Allocation::EqualShare, 60.0, &sessions, 0.0),
+            [3.0, 23.0, 11.0, 23.0]
+        );
+        // Plenty: everyone at max.
+        assert_eq!(
+            allocate(Allocation::EqualShare, 500.0, &sessions, 0.0),
+            [3.0, 50.0, 11.0, 50.0]
+        );
+    }
+
+    #[test]
+    fn edf_serves_the_earliest_departure_first() {
+        let mut station = Station::new(10.0, Allocation::Edf, 0.0);
+        station.arrive(0.0, car_leaving(1, 10.0, 10.0, 8.0 * 3600.0));
+        station.arrive(0.0, car(2, 10.0, 10.0));
+        station.arrive(0.0, car_leaving(3, 10.0, 10.0, 2.0 * 3600.0));
+        assert_eq!(powers(&station), [0.0, 0.0, 10.0]);
+        // Car 3 is full after an hour; then car 1 (leaving at 8 h) before car 2 (never).
+        station.advance_to(3600.0);
+        assert_eq!(powers(&station), [10.0, 0.0]);
+    }
+
+    #[test]
+    fn llf_serves_the_least_laxity_first_and_rechecks_every_minute() {
+        let mut station = Station::new(10.0, Allocation::Llf, 0.0);
+        // Car 2: 4 h left, needs 2.5 h at 10 kW: laxity 1.5 h. Car 1: 3 h left, needs 1 h at
+        // 10 kW: laxity 2 h. Car 2 goes first though it leaves later (EDF would pick car 1).
+        station.arrive(0.0, car_leaving(2, 10.0, 25.0, 4.0 * 3600.0));
+        station.arrive(0.0, car_leaving(1, 10.0, 10.0, 3.0 * 3600.0));
+        assert_eq!(powers(&station), [10.0, 0.0]);
+        assert_eq!(station.next_event_time(), Some(REALLOCATE_EVERY_S));
+        // While car 1 waits its laxity falls; car 2's stays 1.5 h. At 30 min they tie (car 2
+        // keeps the power: it came first); at the next minute's re-allocation car 1 takes over.
+        let events = station.advance_to(1800.0);
+        assert!(events.is_empty(), "{events:?}");
+        let events = station.advance_to(1900.0);
+        assert_eq!(kinds(&events), [(1, EventKind::Started)]);
+        assert_eq!(events[0].at, 1800.0 + REALLOCATE_EVERY_S);
+        assert_eq!(powers(&station), [0.0, 10.0]);
+        // No tick is scheduled for policies whose allocation cannot change with time alone.
+        let mut edf = Station::new(10.0, Allocation::Edf, 0.0);
+        edf.arrive(0.0, car_leaving(1, 5.0, 10.0, 3.0 * 3600.0));
+        assert_eq!(edf.next_event_time(), Some(2.0 * 3600.0));
+    }
+
+    #[test]
+    fn a_car_leaves_at_its_departure_with_what_it_got() {
+        let mut station = Station::new(10.0, Allocation::Fcfs, 0.0);
+        station.arrive(0.0, car_leaving(1, 10.0, 30.0, 7200.0));
+        station.arrive(0.0, car_leaving(2, 10.0, 5.0, 9000.0));
+        assert_eq!(station.next_event_time(), Some(7200.0));
+        let events = station.advance_to(7200.0);
+        assert_eq!(
+            kinds(&events),
+            [(1, EventKind::Departed), (2, EventKind::Started)]
+        );
+        assert!((events[0].delivered_kwh - 20.0).abs() < 1e-9);
+        // Car 2 needs 30 min at 10 kW; it has 30 min left: full just in time.
+        let events = station.advance_to(9000.0);
+        assert_eq!(kinds(&events), [(2, EventKind::Completed)]);
+        assert_eq!(events[0].delivered_kwh, 5.0);
+        assert!((station.snapshot().delivered_kwh - 25.0).abs() < 1e-9);
+        // A car whose departure has passed leaves at once, with nothing.
+        let events = station.arrive(9100.0, car_leaving(3, 10.0, 5.0, 9000.0));
+        assert_eq!(kinds(&events), [(3, EventKind::Departed)]);
+        assert!(station.sessions().is_empty());
+    }
+
+    #[test]
+    fn the_projection_sums_what_is_due_by_each_horizon() {
+        let mut station = Station::new(100.0, Allocation::Edf, 1000.0);
+        // Due in 10 min, needs 5 kWh: at 10 kW it can still take 1.67 kWh, so that counts.
+        station.arrive(1000.0, car_leaving(1, 10.0, 5.0, 1600.0));
+        // Due in 2 h, 20 kWh (deliverable: 2 h at 11 kW is 22 kWh).
+        station.arrive(1000.0, car_leaving(2, 11.0, 20.0, 1000.0 + 7200.0));
+        // No departure: only in the total.
+        station.arrive(1000.0, car(3, 7.0, 30.0));
+        let p = station.projection();
+        assert_eq!(p.horizons_s, PROJECTION_HORIZONS_S);
+        let first = 10.0 * 600.0 / 3600.0;
+        assert!((p.due_kwh[0] - 0.0).abs() < 1e-9, "{p:?}");
+        assert!((p.due_kwh[1] - first).abs() < 1e-9, "{p:?}");
+        assert!((p.due_kwh[4] - (first + 20.0)).abs() < 1e-9, "{p:?}");
+        assert_eq!(p.due_kwh[10], p.due_kwh[4]);
+        assert!((p.remaining_kwh - (first + 20.0 + 30.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn stats_and_the_load_log_follow_every_reallocation() {
+        let mut station = Station::new(20.0, Allocation::EqualShare, 0.0);
+        station.record_load();
+        station.arrive(0.0, car(1, 11.0, 11.0));
+        station.arrive(600.0, car(2, 11.0, 11.0));
+        station.set_capacity(15.0);
+        let log: Vec<(f64, f64, f64)> = station
+            .load_log()
+            .iter()
+            .map(|p| (p.at, p.load_kw, p.capacity_kw))
+            .collect();
+        // At 600 s the load was 20 kW for no time at all: the log keeps what held after.
+        assert_eq!(log, [(0.0, 11.0, 20.0), (600.0, 15.0, 15.0)]);
+        let stats = station.stats();
+        assert_eq!((stats.peak_load_kw, stats.overloads), (20.0, 0));
+        assert_eq!(stats.peak_utilization, 1.0);
+    }
+
+    #[test]
+    fn no_session_ends_before_the_earliest_end() {
+        let mut station = Station::new(10.0, Allocation::Fcfs, 0.0);
+        // Car 1 at full power: done at 1 h. Car 2 paused: at least 1 h from whenever it starts.
+        station.arrive(0.0, car(1, 10.0, 10.0));
+        station.arrive(0.0, car(2, 10.0, 10.0));
+        assert_eq!(station.earliest_end(), Some(3600.0));
+        station.advance_to(1800.0);
+        assert_eq!(station.earliest_end(), Some(3600.0));
+        let events = station.advance_to(3600.0);
+        assert_eq!(
+            kinds(&events),
+            [(1, EventKind::Completed), (2, EventKind::Started)]
+        );
+        // Car 2 waited an hour: it cannot end before 2 h; a departure bounds it too.
+        assert_eq!(station.earliest_end(), Some(7200.0));
+        station.arrive(3600.0, car_leaving(3, 10.0, 10.0, 5000.0));
+        assert_eq!(station.earliest_end(), Some(5000.0));
+        assert_eq!(
+            Station::new(10.0, Allocation::Llf, 0.0).earliest_end(),
+            None
+        );
+    }
+
+    /// Checks the allocation invariants of the station as it is now: within capacity and every
+    /// car's max power, work-conserving, and in the policy's order.
     fn assert_allocation_holds(station: &Station, context: &str) {
         let sessions = station.sessions();
+        let now = station.now();
         let load: f64 = sessions.iter().map(|s| s.power_kw).sum();
         assert!(
             load <= station.capacity_kw() + 1e-9,
@@ -483,41 +968,75 @@ mod tests {
                 s.power_kw <= s.max_power_kw + 1e-12,
                 "{context}: power above the car's max"
             );
-            // FCFS is work-conserving and ordered: nobody waits or is throttled while capacity
-            // is idle, and no later car draws while an earlier one is short of its max.
-            if s.power_kw < s.max_power_kw - 1e-9 {
-                assert!(
-                    load >= station.capacity_kw() - 1e-6,
-                    "{context}: car {i} is short while capacity is idle"
-                );
-                assert!(
-                    sessions[i + 1..].iter().all(|later| later.power_kw == 0.0),
-                    "{context}: a later car draws before car {i} is served"
-                );
+            if s.power_kw >= s.max_power_kw - 1e-9 {
+                continue;
+            }
+            // Short of its max: only while the whole capacity is in use...
+            assert!(
+                load >= station.capacity_kw() - 1e-6,
+                "{context}: car {i} is short while capacity is idle"
+            );
+            // ...and never while a car the policy ranks lower draws.
+            let ranks_lower = |other: &Session, j: usize| match station.policy() {
+                Allocation::Fcfs => j > i,
+                Allocation::Edf => {
+                    let (a, b) = (
+                        s.departure.unwrap_or(f64::INFINITY),
+                        other.departure.unwrap_or(f64::INFINITY),
+                    );
+                    b > a || (b == a && j > i)
+                }
+                // Laxities drift between re-allocations: checked where they were computed.
+                Allocation::Llf if station.allocated_at() != now => false,
+                Allocation::Llf => {
+                    let (a, b) = (s.laxity(now), other.laxity(now));
+                    b > a || (b == a && j > i)
+                }
+                // Water-filling: a car short of its max gets the highest level there is.
+                Allocation::EqualShare => other.power_kw > s.power_kw + 1e-9,
+            };
+            for (j, other) in sessions.iter().enumerate() {
+                if station.policy() == Allocation::EqualShare {
+                    assert!(!ranks_lower(other, j), "{context}: car {j} above the level");
+                } else if ranks_lower(other, j) {
+                    assert_eq!(
+                        other.power_kw, 0.0,
+                        "{context}: car {j} draws before car {i} is served"
+                    );
+                }
             }
         }
     }
 
-    /// Many random workloads (fixed seed): arrivals at random times with random energy and max
-    /// power, random capacity changes. At every instant the allocation holds; the energy
-    /// delivered equals the integral of the load; every completed session got exactly its energy.
+    /// Many random workloads (fixed seed) for every policy: arrivals at random times with random
+    /// energy, max power and (mostly) departures, random capacity changes. At every instant the
+    /// allocation holds; the energy delivered equals the integral of the load; every session
+    /// ends exactly once, with all of its energy or at its departure.
     #[test]
     fn random_workloads_never_exceed_capacity_and_conserve_energy() {
         let mut rng = StdRng::seed_from_u64(0x6576_6772_6964);
-        for workload in 0..300 {
+        for workload in 0..400 {
+            let policy = Allocation::ALL[workload % Allocation::ALL.len()];
             let capacity = rng.random_range(5.0..200.0);
-            let mut station = Station::new(capacity, Allocation::Fcfs, 0.0);
+            let mut station = Station::new(capacity, policy, 0.0);
             let mut arrivals: Vec<(f64, Arrival)> = (0..rng.random_range(1..40u128))
                 .map(|n| {
                     let at = rng.random_range(0.0..4.0 * 3600.0);
                     let max_power = rng.random_range(1.0..350.0);
                     let energy = rng.random_range(0.5..120.0);
-                    (at, car(n, max_power, energy))
+                    let departure = rng
+                        .random_bool(0.8)
+                        .then(|| at + rng.random_range(60.0..8.0 * 3600.0));
+                    let car = Arrival {
+                        departure,
+                        ..car(n, max_power, energy)
+                    };
+                    (at, car)
                 })
                 .collect();
             arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let requested: std::collections::HashMap<Uuid, f64> =
-                arrivals.iter().map(|(_, a)| (a.id, a.energy_kwh)).collect();
+            let cars: std::collections::HashMap<Uuid, Arrival> =
+                arrivals.iter().map(|(_, a)| (a.id, a.clone())).collect();
             let mut capacity_changes: Vec<(f64, f64)> = (0..rng.random_range(0..4))
                 .map(|_| {
                     (
@@ -528,21 +1047,31 @@ mod tests {
                 .collect();
             capacity_changes.sort_by(|a, b| a.0.total_cmp(&b.0));
 
+            let context = format!("workload {workload} ({})", policy.as_str());
             let mut integrated_kwh = 0.0;
-            let mut completed = 0;
+            let mut ended_kwh = 0.0;
+            let mut ended = std::collections::HashSet::new();
             let mut started = std::collections::HashSet::new();
             let (mut next_arrival, mut next_change) = (0, 0);
             let mut check = |events: Vec<Event>, station: &Station| {
                 for e in events {
                     match e.kind {
                         EventKind::Started => assert!(started.insert(e.id), "started twice"),
-                        EventKind::Completed => {
-                            completed += 1;
+                        EventKind::Completed | EventKind::Departed => {
+                            assert!(ended.insert(e.id), "{context}: ended twice");
                             assert!(station.session(e.id).is_none());
+                            let car = &cars[&e.id];
+                            if e.kind == EventKind::Completed {
+                                assert_eq!(e.delivered_kwh, car.energy_kwh);
+                            } else {
+                                assert_eq!(Some(e.at), car.departure, "{context}: left early");
+                                assert!(e.delivered_kwh < car.energy_kwh);
+                            }
+                            ended_kwh += e.delivered_kwh;
                         }
                     }
                 }
-                assert_allocation_holds(station, &format!("workload {workload}"));
+                assert_allocation_holds(station, &context);
             };
             loop {
                 // Step to the next event of any kind, so the load is constant within each step
@@ -570,18 +1099,20 @@ mod tests {
                     check(events, &station);
                 }
             }
-            assert_eq!(completed, requested.len(), "workload {workload}");
+            assert_eq!(ended.len(), cars.len(), "{context}");
             assert!(station.sessions().is_empty());
-            let total: f64 = requested.values().sum();
+            assert_eq!(station.stats().overloads, 0, "{context}");
             let delivered = station.snapshot().delivered_kwh;
             assert!(
-                (delivered - total).abs() <= 1e-9 * total.max(1.0),
-                "workload {workload}: delivered {delivered} of {total}"
+                (delivered - ended_kwh).abs() <= 1e-9 * ended_kwh.max(1.0),
+                "{context}: delivered {delivered} vs sessions' {ended_kwh}"
             );
             assert!(
-                (integrated_kwh - total).abs() <= 1e-6 * total.max(1.0),
-                "workload {workload}: integral of load {integrated_kwh} vs {total}"
+                (integrated_kwh - ended_kwh).abs() <= 1e-6 * ended_kwh.max(1.0),
+                "{context}: integral of load {integrated_kwh} vs {ended_kwh}"
             );
+            let requested: f64 = cars.values().map(|c| c.energy_kwh).sum();
+            assert!(ended_kwh <= requested + 1e-9);
         }
     }
 }

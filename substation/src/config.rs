@@ -59,8 +59,9 @@ pub struct Config {
     )]
     pub heartbeat_interval: Duration,
 
-    /// How the capacity is shared when the cars want more than it.
-    #[arg(long, env = "SUBSTATION_ALLOCATION", value_enum, default_value_t = Allocation::Fcfs)]
+    /// How the capacity is shared when the cars want more than it (docs/substation.md;
+    /// llf by default: it delivers the most energy in `evgrid sim`, docs/dispatch.md).
+    #[arg(long, env = "EVGRID_ALLOCATION", value_enum, default_value_t = Allocation::default())]
     pub allocation: Allocation,
 }
 

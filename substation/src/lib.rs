@@ -3,16 +3,19 @@
 //! `ev.dispatch.<id>`, charges them in simulated time without ever drawing more than its
 //! capacity, reports every session's lifecycle on `ev.sessions.<id>.<event>` and in the
 //! request-state bucket, and heartbeats its load on `ev.telemetry.<id>` so the dispatcher can
-//! route by headroom.
+//! route by it. Cars leave at their departure; grid operators change the capacity at run time
+//! on `ev.limits.<id>`.
 //!
 //! [`charging`] is the pure model (also used by the simulator); [`run`] is the live service
 //! around it. docs/substation.md describes both.
 
 pub mod charging;
 pub mod config;
+mod limits;
 mod live;
 pub mod metrics;
 mod publisher;
+mod reopen;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

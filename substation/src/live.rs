@@ -6,11 +6,16 @@
 //!
 //! A dispatch message stays un-acked while its session lives (progress acks keep it from being
 //! redelivered): it is the session's durable record. It is acked only after the completion's
-//! writes are acknowledged. On shutdown the live sessions record their energy, announce
-//! `interrupted` and hand their messages back (nak) to the next substation process, which
-//! resumes them from the recorded energy.
+//! writes are acknowledged; a session completes when its energy is delivered or when the car
+//! leaves at its departure (`completed`, outcome `departed`, with the energy it got). On shutdown
+//! the live sessions record their energy, announce `interrupted` and hand their messages back
+//! (nak) to the next substation process, which resumes them from the recorded energy.
+//!
+//! Grid-operator limits on `ev.limits.<id>` ([`crate::limits`]) change the capacity at run
+//! time; heartbeats carry the capacity in force and the sessions' projection
+//! ([`Station::projection`]) for the dispatcher's predictive routing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, PullConsumer};
@@ -21,21 +26,25 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use evgrid_common::http::Readiness;
 use evgrid_common::messages::{
-    Dispatch, Heartbeat, RequestRecord, RequestState, SessionEvent, SessionEventKind,
+    Dispatch, Heartbeat, Limit, RequestRecord, RequestState, SessionEvent, SessionEventKind,
+    SessionOutcome, SessionReport, Telemetry,
 };
 use evgrid_common::nats::{self, NatsError};
 use evgrid_common::{headers, streams, subjects};
 
 use crate::Config;
 use crate::charging::{Arrival, Event, EventKind, Station};
+use crate::limits::{self, InForce, LimitFeed};
 use crate::metrics::Metrics;
 use crate::publisher::{Publisher, Write};
+use crate::reopen::Reopening;
 
 /// Progress acks go out this often, well within the consumer's ack wait.
 const PROGRESS_EVERY: Duration = Duration::from_secs(streams::SUBSTATION_ACK_WAIT.as_secs() / 3);
@@ -46,6 +55,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Dispatches taken ahead of the one being handled, each with its request's stored state being
+/// read meanwhile: one state read awaited per dispatch, in turn, capped a substation at about
+/// 800 dispatches a second however idle its CPU (docs/benchmarks.md).
+const READ_AHEAD: usize = 64;
 
 /// Maps the simulated clock of the charging model to wall time: simulated seconds since start
 /// = wall seconds since start × time scale.
@@ -112,16 +125,46 @@ pub(crate) async fn run(
     readiness.set_streams_ready(true);
 
     let (publisher, writer) = Publisher::start(nats.js.clone());
-    let mut feed = Feed::new(nats.js.clone(), config.id.clone());
+    let mut feed = ReadAhead::new(Feed::new(nats.js.clone(), config.id.clone()), kv.clone());
+    let mut limit_feed = LimitFeed::new(nats.js.clone(), &config.id);
     let mut substation = Substation::new(&config, kv, publisher, metrics);
+    // A limit in force applies before the first car charges: replay the stored messages.
+    let last = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        last = limit_feed.last_seq() => last,
+    };
+    match last {
+        Ok(Some(last)) => {
+            let mut in_force = None;
+            while substation.limit_seq < last {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    received = limit_feed.next() => {
+                        in_force = substation.take_limit(received).or(in_force);
+                    }
+                }
+            }
+            if let Some(in_force) = in_force {
+                substation.set_limit(in_force);
+            }
+        }
+        Ok(None) => {}
+        // The limit consumer delivers them shortly.
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored grid-operator limits yet"),
+    }
     tracing::info!(
-        capacity_kw = config.capacity_kw,
+        capacity_kw = substation.station.capacity_kw(),
         time_scale = config.time_scale,
         allocation = config.allocation.as_str(),
         "substation charging"
     );
     substation
-        .serve(&mut feed, config.heartbeat_interval, &shutdown)
+        .serve(
+            &mut feed,
+            &mut limit_feed,
+            config.heartbeat_interval,
+            &shutdown,
+        )
         .await;
     substation.stop(&mut feed).await;
     drop(substation);
@@ -168,9 +211,7 @@ async fn until_ok<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
 struct Feed {
     js: jetstream::Context,
     id: String,
-    messages: Option<consumer::pull::Stream>,
-    retry_at: Instant,
-    backoff: Duration,
+    messages: Reopening<consumer::pull::Stream>,
 }
 
 impl Feed {
@@ -178,57 +219,107 @@ impl Feed {
         Self {
             js,
             id,
-            messages: None,
-            retry_at: Instant::now(),
-            backoff: BACKOFF_FIRST,
+            messages: Reopening::new("dispatch consumer"),
         }
     }
 
-    /// The next dispatch message. Cancel-safe: a rebuild interrupted by another branch of a
-    /// `select!` resumes where it was.
+    /// The next dispatch message. Cancel-safe.
     async fn next(&mut self) -> jetstream::Message {
-        loop {
-            if let Some(messages) = &mut self.messages {
-                match messages.next().await {
-                    Some(Ok(msg)) => {
-                        self.backoff = BACKOFF_FIRST;
-                        return msg;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "dispatch consumer failed; rebuilding")
-                    }
-                    None => tracing::warn!("dispatch consumer ended; rebuilding"),
-                }
-                self.messages = None;
-                self.fail();
-            }
-            tokio::time::sleep_until(self.retry_at).await;
-            match open(&self.js, &self.id).await {
-                Ok(messages) => self.messages = Some(messages),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot open the dispatch consumer yet");
-                    self.fail();
-                }
-            }
-        }
-    }
-
-    fn fail(&mut self) {
-        self.retry_at = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let Self { js, id, messages } = self;
+        messages.next(|| open(js, id)).await
     }
 
     /// Stops pulling; returns the messages that already reached this process but were not
     /// taken yet.
     fn close(&mut self) -> Vec<jetstream::Message> {
         let mut buffered = Vec::new();
-        if let Some(messages) = &mut self.messages {
+        if let Some(mut messages) = self.messages.take() {
             while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
                 buffered.push(msg);
             }
         }
-        self.messages = None;
         buffered
+    }
+}
+
+/// The stored state of a dispatch's request (`EV_REQUEST_STATE`), read ahead of handling it.
+type StateRead = Result<Option<Bytes>, async_nats::Error>;
+
+/// Dispatch messages with their request's stored state read ahead: up to [`READ_AHEAD`]
+/// messages are taken from the feed while earlier ones are handled, each with its state read
+/// running meanwhile, and handed out in delivery order. One awaited state read per dispatch, in
+/// turn, capped a substation near 800 dispatches a second (docs/benchmarks.md).
+struct ReadAhead {
+    feed: Feed,
+    kv: kv::Store,
+    /// Taken from the feed, not handed out yet: each message with its state read.
+    reading: VecDeque<(jetstream::Message, JoinHandle<StateRead>)>,
+}
+
+impl ReadAhead {
+    fn new(feed: Feed, kv: kv::Store) -> Self {
+        Self {
+            feed,
+            kv,
+            reading: VecDeque::new(),
+        }
+    }
+
+    /// The next dispatch message, in delivery order, with its request's state. Cancel-safe:
+    /// messages taken while waiting stay queued with their reads.
+    async fn next(&mut self) -> (jetstream::Message, StateRead) {
+        let Self { feed, kv, reading } = self;
+        loop {
+            tokio::select! {
+                biased;
+                // Awaiting the handle by reference: dropping this future leaves it queued.
+                state = async { (&mut reading.front_mut().expect("non-empty").1).await },
+                    if !reading.is_empty() =>
+                {
+                    let (msg, _) = reading.pop_front().expect("non-empty");
+                    let state = state.map_err(async_nats::Error::from).and_then(|read| read);
+                    return (msg, state);
+                }
+                msg = feed.next(), if reading.len() < READ_AHEAD => {
+                    let read = tokio::spawn(read_state(kv.clone(), request_key(&msg)));
+                    reading.push_back((msg, read));
+                }
+            }
+        }
+    }
+
+    /// Stops pulling; returns the messages taken but not handed out yet (their reads are
+    /// dropped), then those that reached the feed, in delivery order.
+    fn close(&mut self) -> Vec<jetstream::Message> {
+        let mut messages: Vec<jetstream::Message> = self
+            .reading
+            .drain(..)
+            .map(|(msg, read)| {
+                read.abort();
+                msg
+            })
+            .collect();
+        messages.extend(self.feed.close());
+        messages
+    }
+}
+
+/// The state key of a dispatch's request: its id, from the body (`None` when the body is not a
+/// dispatch: handling it terminates the message without a state).
+fn request_key(msg: &jetstream::Message) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        request_id: Uuid,
+    }
+    serde_json::from_slice::<Id>(&msg.payload)
+        .ok()
+        .map(|id| id.request_id.to_string())
+}
+
+async fn read_state(kv: kv::Store, key: Option<String>) -> StateRead {
+    match key {
+        Some(key) => Ok(kv.get(key).await?),
+        None => Ok(None),
     }
 }
 
@@ -312,6 +403,14 @@ struct Substation {
     heartbeat_seq: u64,
     heartbeat_interval_ms: u64,
     dispatch_seq: u64,
+    /// `--capacity-kw`: the capacity without a grid-operator limit.
+    configured_capacity_kw: f64,
+    /// The grid-operator limit in force (the configured capacity when there is none).
+    limit: InForce,
+    /// When the limit in force ends, on the tokio clock.
+    limit_end: Option<Instant>,
+    /// `EV_LIMITS` sequence of the last limit message handled.
+    limit_seq: u64,
 }
 
 impl Substation {
@@ -330,11 +429,22 @@ impl Substation {
             heartbeat_seq: 0,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
             dispatch_seq: 0,
+            configured_capacity_kw: config.capacity_kw,
+            limit: InForce::configured(config.capacity_kw),
+            limit_end: None,
+            limit_seq: 0,
         }
     }
 
-    /// Charges until `shutdown`: takes dispatches, completes sessions on time, heartbeats.
-    async fn serve(&mut self, feed: &mut Feed, heartbeat: Duration, shutdown: &CancellationToken) {
+    /// Charges until `shutdown`: takes dispatches, completes sessions on time (and lets cars
+    /// leave at their departure), applies grid-operator limits, heartbeats.
+    async fn serve(
+        &mut self,
+        feed: &mut ReadAhead,
+        limit_feed: &mut LimitFeed,
+        heartbeat: Duration,
+        shutdown: &CancellationToken,
+    ) {
         let mut heartbeat = tokio::time::interval(heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
@@ -356,11 +466,62 @@ impl Substation {
                     let due = self.station.next_event_time().unwrap_or(0.0);
                     self.advance(self.clock.now().max(due));
                 }
+                _ = tokio::time::sleep_until(self.limit_end.unwrap_or_else(Instant::now)), if self.limit_end.is_some() => {
+                    tracing::info!(capacity_kw = self.configured_capacity_kw, "grid-operator limit ended; back to the configured capacity");
+                    self.set_limit(InForce::configured(self.configured_capacity_kw));
+                }
                 _ = heartbeat.tick() => self.heartbeat(),
                 _ = progress.tick() => self.progress().await,
-                msg = feed.next() => self.on_message(msg).await,
+                limit = limit_feed.next() => {
+                    if let Some(in_force) = self.take_limit(limit) {
+                        self.set_limit(in_force);
+                    }
+                }
+                (msg, state) = feed.next() => self.on_message(msg, state).await,
             }
         }
+    }
+
+    /// A message on `ev.limits.<id>`: what it puts in force, or `None` when it is invalid
+    /// (logged and counted; the limit in force stays) or already handled (a rebuilt consumer
+    /// delivers the stored messages again).
+    fn take_limit(&mut self, received: limits::Received) -> Option<InForce> {
+        if received.seq != 0 && received.seq <= self.limit_seq {
+            return None;
+        }
+        self.limit_seq = self.limit_seq.max(received.seq);
+        match Limit::parse(&received.payload) {
+            Ok(limit) => {
+                let in_force = limits::resolve(&limit, self.configured_capacity_kw, Utc::now());
+                tracing::info!(
+                    capacity_kw = in_force.capacity_kw,
+                    until = ?in_force.until,
+                    seq = received.seq,
+                    "grid-operator limit"
+                );
+                self.metrics.limit_applied.inc();
+                Some(in_force)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, seq = received.seq, "ignoring an invalid grid-operator limit");
+                self.metrics.limit_invalid.inc();
+                None
+            }
+        }
+    }
+
+    /// Puts `in_force` in force: re-allocates at once (the load never exceeds the new capacity)
+    /// and heartbeats, so the dispatcher sees the new capacity without waiting an interval.
+    fn set_limit(&mut self, in_force: InForce) {
+        self.advance(self.clock.now());
+        let events = self.station.set_capacity(in_force.capacity_kw);
+        self.apply(events);
+        self.limit_end = in_force.until.map(|until| {
+            let wait = (until - Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + wait
+        });
+        self.limit = in_force;
+        self.heartbeat();
     }
 
     /// Brings the model to `sim` and reports what happened.
@@ -375,7 +536,8 @@ impl Substation {
         self.dispatch_seq = self.dispatch_seq.max(seq);
     }
 
-    async fn on_message(&mut self, msg: jetstream::Message) {
+    /// `state`: the request's record in `EV_REQUEST_STATE`, read when the message was taken.
+    async fn on_message(&mut self, msg: jetstream::Message, state: StateRead) {
         let (stream_seq, delivery) = match msg.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(e) => {
@@ -419,7 +581,7 @@ impl Substation {
             return;
         }
 
-        let record = match self.kv.get(request_id.to_string()).await {
+        let record = match state {
             Ok(value) => value.and_then(|v| serde_json::from_slice::<RequestRecord>(&v).ok()),
             Err(e) => {
                 tracing::warn!(%request_id, error = %e, "cannot read the request state; retrying the dispatch later");
@@ -464,7 +626,13 @@ impl Substation {
         } else {
             tracing::info!(%request_id, "session accepted");
         }
-        self.send_event(&live, SessionEventKind::Accepted, Utc::now(), prior_kwh);
+        self.send_event(
+            &live,
+            SessionEventKind::Accepted,
+            Utc::now(),
+            prior_kwh,
+            None,
+        );
         self.sessions.insert(request_id, live);
         self.took_dispatch(stream_seq);
 
@@ -487,7 +655,10 @@ impl Substation {
             let at = self.clock.wall_at(event.at);
             match event.kind {
                 EventKind::Started => self.on_started(event.id, at),
-                EventKind::Completed => self.on_completed(event.id, at),
+                EventKind::Completed => {
+                    self.on_ended(event, at, SessionOutcome::Delivered);
+                }
+                EventKind::Departed => self.on_ended(event, at, SessionOutcome::Departed),
             }
         }
         self.metrics.observe(&self.station.snapshot());
@@ -507,22 +678,42 @@ impl Substation {
         self.metrics.sessions_started.inc();
         tracing::info!(request_id = %id, "charging");
         let live = &self.sessions[&id];
-        self.send_event(live, SessionEventKind::Started, at, live.prior_kwh);
+        self.send_event(live, SessionEventKind::Started, at, live.prior_kwh, None);
         let record = self.record(live, RequestState::Charging, live.prior_kwh, None);
         self.send_state(record);
     }
 
-    fn on_completed(&mut self, id: Uuid, at: DateTime<Utc>) {
+    /// The session ended: its energy is delivered, or the car left at its departure with what
+    /// it got. Either way the request is `completed`, with the energy and the outcome.
+    fn on_ended(&mut self, event: Event, at: DateTime<Utc>, outcome: SessionOutcome) {
+        let id = event.id;
         let Some(live) = self.sessions.get_mut(&id) else {
             return;
         };
         live.ending = Some(Ending::Completed);
-        self.metrics.sessions_completed.inc();
+        let energy = match outcome {
+            SessionOutcome::Delivered => {
+                self.metrics.sessions_completed.inc();
+                live.dispatch.energy_kwh
+            }
+            SessionOutcome::Departed => {
+                self.metrics.sessions_departed.inc();
+                (live.prior_kwh + event.delivered_kwh).min(live.dispatch.energy_kwh)
+            }
+        };
         let live = &self.sessions[&id];
-        let energy = live.dispatch.energy_kwh;
-        tracing::info!(request_id = %id, energy_kwh = energy, "session completed");
-        self.send_event(live, SessionEventKind::Completed, at, energy);
-        let record = self.record(live, RequestState::Completed, energy, Some(at));
+        tracing::info!(
+            request_id = %id,
+            energy_kwh = live.dispatch.energy_kwh,
+            energy_delivered_kwh = energy,
+            outcome = outcome.as_str(),
+            "session completed"
+        );
+        self.send_event(live, SessionEventKind::Completed, at, energy, Some(outcome));
+        let record = RequestRecord {
+            reason: Some(outcome.as_str().to_owned()),
+            ..self.record(live, RequestState::Completed, energy, Some(at))
+        };
         let (write, receipt) = self.state_write(record).with_receipt();
         self.publisher.send(write);
         // The message is acked once this last write (and all before it) is durable.
@@ -566,6 +757,8 @@ impl Substation {
         }
     }
 
+    /// Publishes the state now, with the projection for predictive routing and the limit in
+    /// force.
     fn heartbeat(&mut self) {
         self.advance(self.clock.now());
         let s = self.station.snapshot();
@@ -582,15 +775,22 @@ impl Substation {
             dispatch_seq: self.dispatch_seq,
             interval_ms: self.heartbeat_interval_ms,
         };
+        let limited = self.limit.capacity_kw != self.configured_capacity_kw;
+        let telemetry = Telemetry {
+            heartbeat,
+            projection: Some(self.station.projection()),
+            configured_capacity_kw: limited.then_some(self.configured_capacity_kw),
+            limit_until: self.limit.until,
+        };
         self.publisher.send(Write::new(
             subjects::telemetry(&self.id),
-            PublishMessage::build().payload(json(&heartbeat)),
+            PublishMessage::build().payload(json(&telemetry)),
         ));
     }
 
     /// Shutdown: stop pulling, record and announce every live session as interrupted, hand
     /// their messages back once that is durable, and finish the completions in flight.
-    async fn stop(&mut self, feed: &mut Feed) {
+    async fn stop(&mut self, feed: &mut ReadAhead) {
         for msg in feed.close() {
             let held = msg.info().ok().is_some_and(|info| {
                 self.sessions
@@ -623,7 +823,7 @@ impl Substation {
             let live = &self.sessions[&id];
             tracing::info!(request_id = %id, energy_delivered_kwh = delivered, "session interrupted by shutdown");
             self.metrics.sessions_interrupted.inc();
-            self.send_event(live, SessionEventKind::Interrupted, at, delivered);
+            self.send_event(live, SessionEventKind::Interrupted, at, delivered, None);
             let (write, receipt) = self
                 .state_write(self.record(live, state, delivered, None))
                 .with_receipt();
@@ -695,6 +895,7 @@ impl Substation {
         kind: SessionEventKind,
         at: DateTime<Utc>,
         delivered_kwh: f64,
+        outcome: Option<SessionOutcome>,
     ) {
         let d = &live.dispatch;
         let event = SessionEvent {
@@ -718,7 +919,7 @@ impl Substation {
             live.delivery
         );
         let message = PublishMessage::build()
-            .payload(json(&event))
+            .payload(json(&SessionReport { event, outcome }))
             .message_id(msg_id)
             .header(headers::REQUEST_ID, d.request_id.to_string())
             .header(headers::ACCEPTED_AT, live.accepted_at.to_rfc3339());

@@ -4,7 +4,9 @@
 //! `substation="<id>"`, so one Prometheus tells many substations apart (several may run in one
 //! process, each with its own registry).
 
-use prometheus::{Counter, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{
+    Counter, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use evgrid_common::metrics::register;
 
@@ -33,7 +35,13 @@ pub struct Metrics {
     pub energy_delivered_joules: Counter,
     pub sessions_started: IntCounter,
     pub sessions_completed: IntCounter,
+    /// Sessions whose car left at its departure before its energy was delivered.
+    pub sessions_departed: IntCounter,
     pub sessions_interrupted: IntCounter,
+    /// `evgrid_substation_limit_messages_total{outcome="applied"}`.
+    pub limit_applied: IntCounter,
+    /// `evgrid_substation_limit_messages_total{outcome="invalid"}`: logged and ignored.
+    pub limit_invalid: IntCounter,
     pub accept_to_charging_seconds: Histogram,
     /// Energy already counted into `energy_delivered_joules` (kWh).
     counted_kwh: f64,
@@ -62,7 +70,21 @@ impl Metrics {
                 IntCounter::with_opts(opts(name, help)).expect("valid counter"),
             )
         };
+        let limit_messages = register(
+            registry,
+            IntCounterVec::new(
+                opts(
+                    "evgrid_substation_limit_messages_total",
+                    "Grid-operator limit messages on ev.limits.<id>, by outcome (applied, or \
+                     invalid: logged and ignored).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid counter"),
+        );
         Self {
+            limit_applied: limit_messages.with_label_values(&["applied"]),
+            limit_invalid: limit_messages.with_label_values(&["invalid"]),
             current_load_kw: gauge(
                 "substation_current_load",
                 "Power drawn now, in kW (the original name; see evgrid_substation_load_watts).",
@@ -106,6 +128,11 @@ impl Metrics {
             sessions_completed: counter(
                 "evgrid_substation_sessions_completed_total",
                 "Sessions whose requested energy was delivered.",
+            ),
+            sessions_departed: counter(
+                "evgrid_substation_sessions_departed_total",
+                "Sessions whose car left at its departure before its energy was delivered \
+                 (their request is completed with the energy it got).",
             ),
             sessions_interrupted: counter(
                 "evgrid_substation_sessions_interrupted_total",
@@ -170,13 +197,14 @@ mod tests {
             ..Snapshot::default()
         });
         let families = registry.gather();
-        assert_eq!(families.len(), 12);
+        assert_eq!(families.len(), 14);
         for family in &families {
             for metric in family.get_metric() {
                 let labels: Vec<(&str, &str)> = metric
                     .get_label()
                     .iter()
                     .map(|l| (l.name(), l.value()))
+                    .filter(|(name, _)| *name != "outcome")
                     .collect();
                 assert_eq!(labels, [("substation", "s-1")], "{}", family.name());
             }

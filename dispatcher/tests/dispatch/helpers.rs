@@ -9,7 +9,7 @@ use async_nats::{Client, HeaderMap, Subscriber};
 use chrono::Utc;
 use evgrid_common::messages::{Dispatch, Heartbeat};
 use evgrid_common::{streams, subjects};
-use evgrid_dispatcher::Config;
+use evgrid_dispatcher::{Config, Policy};
 use evgrid_test_support::{NatsServer, eventually};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,13 +32,18 @@ pub struct TestApp {
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// Starts a nats-server and a dispatcher on it, and waits until it is ready.
+/// Starts a nats-server and a dispatcher on it (default policy), and waits until it is ready.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Policy::default()).await
+}
+
+/// [`spawn_app`] with a routing policy.
+pub async fn spawn_app_with(policy: Policy) -> TestApp {
     evgrid_common::telemetry::init_for_tests();
     let nats = NatsServer::start().expect("nats-server starts");
     let client = nats.client().await.expect("test client connects");
     let js = jetstream::new(client.clone());
-    let (addr, shutdown, handle) = start_dispatcher(&nats).await;
+    let (addr, shutdown, handle) = start_dispatcher_with(&nats, policy).await;
     let app = TestApp {
         nats,
         client,
@@ -59,8 +64,21 @@ pub async fn start_dispatcher(
     CancellationToken,
     JoinHandle<anyhow::Result<()>>,
 ) {
+    start_dispatcher_with(nats, Policy::default()).await
+}
+
+/// [`start_dispatcher`] with a routing policy.
+pub async fn start_dispatcher_with(
+    nats: &NatsServer,
+    policy: Policy,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    JoinHandle<anyhow::Result<()>>,
+) {
     let mut config = Config::new(nats.url());
     config.defer_delay = TEST_DEFER_DELAY;
+    config.policy = policy;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("bound address");
     let shutdown = CancellationToken::new();

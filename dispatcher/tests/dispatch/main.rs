@@ -3,6 +3,7 @@
 //! (heartbeats on `ev.telemetry.<id>`, watching `ev.dispatch.>`).
 
 mod helpers;
+mod live_grid;
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -12,8 +13,9 @@ use chrono::Utc;
 use evgrid_common::headers;
 use evgrid_common::messages::{RequestRecord, RequestState, request_id_from_sequence};
 use evgrid_common::streams;
+use evgrid_dispatcher::Policy;
 use futures::{FutureExt, StreamExt};
-use helpers::{WAIT, header, next_dispatch, spawn_app, start_dispatcher};
+use helpers::{WAIT, header, next_dispatch, spawn_app, spawn_app_with, start_dispatcher};
 use uuid::Uuid;
 
 fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
@@ -224,7 +226,8 @@ async fn a_request_waits_queued_until_a_substation_is_up() {
 #[tokio::test]
 async fn a_burst_is_spread_and_the_excess_waits_for_room() {
     const REQUESTS: usize = 300;
-    let mut app = spawn_app().await;
+    // Headroom judges room, and defers when there is none.
+    let mut app = spawn_app_with(Policy::Headroom).await;
     let mut dispatches = app.subscribe("ev.dispatch.>").await;
     let mut substations = [
         app.substation("s1", 100.0),
@@ -376,6 +379,18 @@ async fn dispatching_resumes_after_a_nats_restart() {
         }
         assert_eq!(id, before);
     }
+    // A core subscriber may see the dispatch before the stream has stored it: await the count.
+    let js = app.js.clone();
+    evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(streams::DISPATCH).await.ok()?;
+            let messages = stream.info().await.ok()?.state.messages;
+            (messages == 2).then_some(())
+        }
+    })
+    .await
+    .expect("both dispatches stored, once each");
     assert_eq!(app.dispatch_stream_messages().await, 2);
     app.stop().await;
 }
@@ -387,7 +402,8 @@ fn bad_config_exits_non_zero_with_one_line() {
     let cases = [
         (vec!["--defer-delay", "soon"], None, "--defer-delay"),
         (vec!["--max-in-flight", "0"], None, "--max-in-flight"),
-        (vec!["--policy", "round-robin"], None, "--policy"),
+        (vec!["--policy", "fastest"], None, "--policy"),
+        (vec![], Some(("EVGRID_POLICY", "random")), "--policy"),
         (vec!["--listen", "nowhere"], None, "--listen"),
         (
             vec![],
@@ -416,7 +432,12 @@ fn bad_config_exits_non_zero_with_one_line() {
         "EVGRID_LISTEN",
         "EVGRID_DISPATCH_MAX_IN_FLIGHT",
         "EVGRID_DISPATCH_DEFER_DELAY",
-        "EVGRID_DISPATCH_POLICY",
+        "EVGRID_POLICY",
+        "[default: predictive]",
+        "round-robin",
+        "least-loaded",
+        "p2c",
+        "headroom",
         "EVGRID_LOG_FORMAT",
         "[default: 1s]",
         "[default: 127.0.0.1:9101]",

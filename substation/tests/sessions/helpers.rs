@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv};
 use chrono::Utc;
 use evgrid_common::config::NatsArgs;
-use evgrid_common::messages::{Dispatch, Heartbeat, RequestRecord, SessionEvent};
+use evgrid_common::messages::{Dispatch, Heartbeat, RequestRecord, SessionEvent, Telemetry};
 use evgrid_common::{headers, streams, subjects};
 use evgrid_substation::Config;
 use evgrid_substation::charging::Allocation;
@@ -118,6 +118,21 @@ impl Grid {
 
     pub async fn heartbeats(&self, id: &str) -> Messages<Heartbeat> {
         self.subscribe(subjects::telemetry(id)).await
+    }
+
+    /// Heartbeats with what issue 3 added: the projection and the limit in force.
+    pub async fn telemetry(&self, id: &str) -> Messages<Telemetry> {
+        self.subscribe(subjects::telemetry(id)).await
+    }
+
+    /// Publishes a grid operator's limit message (any body) to `ev.limits.<id>`.
+    pub async fn limit(&self, id: &str, body: &str) {
+        self.js
+            .publish(subjects::limits(id), body.to_owned().into())
+            .await
+            .expect("publish limit")
+            .await
+            .expect("limit stored");
     }
 }
 

@@ -5,7 +5,7 @@ mod helpers;
 
 use std::time::{Duration, Instant};
 
-use evgrid_common::messages::{RequestState, SessionEventKind};
+use evgrid_common::messages::{RequestState, SessionEventKind, SessionOutcome, SessionReport};
 use evgrid_common::streams;
 use helpers::{Grid, Running, WAIT, dispatch, sample};
 
@@ -288,6 +288,139 @@ async fn a_nats_restart_mid_session_does_not_stop_the_substation() {
     substation.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_car_leaves_at_its_departure_with_the_energy_it_got() {
+    let grid = Grid::start().await;
+    let mut completed = grid
+        .subscribe::<SessionReport>("ev.sessions.s1.completed".into())
+        .await;
+    let substation = Running::start(grid.config("s1", 20.0)).await;
+    // 20 kWh at 10 kW takes two simulated hours; the car leaves after one (a real second).
+    let mut leaving = dispatch("s1", 20.0, 10.0);
+    leaving.departure = Some(leaving.accepted_at + chrono::Duration::hours(1));
+    // 1 kWh at 10 kW: done in six simulated minutes, well before it leaves.
+    let staying = dispatch("s1", 1.0, 10.0);
+    grid.dispatch(&leaving).await;
+    grid.dispatch(&staying).await;
+
+    let first = completed.next().await;
+    assert_eq!(first.event.request_id, staying.request_id);
+    assert_eq!(first.outcome, Some(SessionOutcome::Delivered));
+    let left = completed.next().await;
+    assert_eq!(left.event.request_id, leaving.request_id);
+    assert_eq!(left.event.event, SessionEventKind::Completed);
+    assert_eq!(left.outcome, Some(SessionOutcome::Departed));
+    // It drew 10 kW from its arrival to its departure: 10 kWh of the 20 asked for.
+    let got = left.event.energy_delivered_kwh;
+    assert!((got - 10.0).abs() < 1e-6, "{got} kWh");
+
+    let record = grid.record(leaving.request_id).await;
+    assert_eq!(record.state, RequestState::Completed);
+    assert_eq!(record.reason.as_deref(), Some("departed"));
+    assert!((record.energy_delivered_kwh - 10.0).abs() < 1e-6);
+    assert!(record.completed_at.is_some());
+    let record = grid.record(staying.request_id).await;
+    assert_eq!(
+        (record.reason.as_deref(), record.energy_delivered_kwh),
+        (Some("delivered"), 1.0)
+    );
+    grid.all_acked("s1").await;
+    let (_, page) = substation.get("/metrics").await;
+    assert_eq!(
+        sample(&page, "evgrid_substation_sessions_departed_total", "s1"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, "evgrid_substation_sessions_completed_total", "s1"),
+        Some(1.0)
+    );
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grid_operator_limit_applies_at_once_reverts_and_survives_a_restart() {
+    let grid = Grid::start().await;
+    let mut telemetry = grid.telemetry("s1").await;
+    let substation = Running::start(grid.config("s1", 100.0)).await;
+    // Three cars wanting 150 kW for hours: the substation stays saturated.
+    let mut last_seq = 0;
+    for _ in 0..3 {
+        last_seq = grid.dispatch(&dispatch("s1", 150.0, 50.0)).await;
+    }
+    let beat = telemetry
+        .until(|t| t.heartbeat.dispatch_seq == last_seq)
+        .await;
+    assert_eq!(
+        (beat.heartbeat.capacity_kw, beat.heartbeat.load_kw),
+        (100.0, 100.0)
+    );
+    let projection = beat.projection.expect("heartbeats carry the projection");
+    assert!(projection.remaining_kwh > 0.0);
+    assert_eq!(beat.configured_capacity_kw, None);
+
+    // Lowered: the next heartbeat already draws within the limit.
+    grid.limit("s1", r#"{"capacity_kw": 40}"#).await;
+    let limited = telemetry.until(|t| t.heartbeat.capacity_kw == 40.0).await;
+    assert_eq!(limited.heartbeat.load_kw, 40.0);
+    assert_eq!(limited.configured_capacity_kw, Some(100.0));
+    assert_eq!(limited.limit_until, None);
+    // Nonsense is logged, counted and ignored.
+    grid.limit("s1", r#"{"capacity_kw": -5}"#).await;
+    grid.limit("s1", "eighty please").await;
+    let page = evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || async {
+        let (_, page) = substation.get("/metrics").await;
+        page.contains(
+            r#"evgrid_substation_limit_messages_total{outcome="invalid",substation="s1"} 2"#,
+        )
+        .then_some(page)
+    })
+    .await
+    .expect("invalid limits counted");
+    assert!(page.contains(
+        r#"evgrid_substation_limit_messages_total{outcome="applied",substation="s1"} 1"#
+    ));
+    assert_eq!(
+        sample(&page, "evgrid_substation_capacity_watts", "s1"),
+        Some(40_000.0)
+    );
+    for _ in 0..3 {
+        let t = telemetry.next().await;
+        assert_eq!((t.heartbeat.capacity_kw, t.heartbeat.load_kw), (40.0, 40.0));
+    }
+
+    // A restarted substation applies the limit in force before it charges anything.
+    substation.stop().await.unwrap();
+    let substation = Running::start(grid.config("s1", 100.0)).await;
+    let first = telemetry.until(|t| t.heartbeat.seq == 1).await;
+    assert_eq!(first.heartbeat.capacity_kw, 40.0);
+    let resumed = telemetry
+        .until(|t| t.heartbeat.active_sessions + t.heartbeat.queued_sessions == 3)
+        .await;
+    assert_eq!(
+        (resumed.heartbeat.capacity_kw, resumed.heartbeat.load_kw),
+        (40.0, 40.0)
+    );
+
+    // Raised for a moment: back to the configured capacity when it ends.
+    let until = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let body = format!(
+        r#"{{"capacity_kw": 60, "until": "{}"}}"#,
+        until.to_rfc3339()
+    );
+    grid.limit("s1", &body).await;
+    let raised = telemetry.until(|t| t.heartbeat.capacity_kw == 60.0).await;
+    assert_eq!(raised.heartbeat.load_kw, 60.0);
+    assert!(raised.limit_until.is_some());
+    let back = telemetry.until(|t| t.heartbeat.capacity_kw == 100.0).await;
+    assert!(chrono::Utc::now() >= until);
+    assert_eq!(back.heartbeat.load_kw, 100.0);
+    assert_eq!(
+        (back.configured_capacity_kw, back.limit_until),
+        (None, None)
+    );
+    substation.stop().await.unwrap();
+}
+
 mod cli {
     use std::process::Stdio;
 
@@ -301,7 +434,7 @@ mod cli {
             "SUBSTATION_CAPACITY_KW",
             "EVGRID_TIME_SCALE",
             "EVGRID_HEARTBEAT_INTERVAL",
-            "SUBSTATION_ALLOCATION",
+            "EVGRID_ALLOCATION",
             "EVGRID_LISTEN",
             "NATS_URL",
         ] {
@@ -343,6 +476,7 @@ mod cli {
                 "duration",
             ),
             (&["--id", "s1", "--time-scale", "0"][..], "greater than 0"),
+            (&["--id", "s1", "--allocation", "fifo"][..], "--allocation"),
         ] {
             let (ok, _, stderr) = run(args).await;
             assert!(!ok, "{args:?} accepted");
@@ -368,6 +502,9 @@ mod cli {
             "EVGRID_HEARTBEAT_INTERVAL",
             "default: 1s",
             "--allocation",
+            "EVGRID_ALLOCATION",
+            "default: llf",
+            "equal-share",
             "fcfs",
             "--listen",
             "EVGRID_LISTEN",
