@@ -184,7 +184,13 @@ impl Handler {
                 Action::Defer {
                     reason,
                     queued: (d.delivered <= 1).then(|| {
-                        record(&request, request_id, RequestState::Queued, accepted_at, now)
+                        RequestRecord::new(
+                            request_id,
+                            RequestState::Queued,
+                            &request,
+                            accepted_at,
+                            now,
+                        )
                     }),
                 }
             }
@@ -390,32 +396,6 @@ fn header_value(s: &str) -> String {
         .collect()
 }
 
-fn record(
-    request: &ChargeRequest,
-    request_id: Uuid,
-    state: RequestState,
-    accepted_at: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> RequestRecord {
-    RequestRecord {
-        request_id,
-        state,
-        vehicle_id: request.vehicle_id.clone(),
-        energy_kwh: request.energy_kwh,
-        max_power_kw: request.max_power_kw,
-        departure: request.departure,
-        substation_id: None,
-        energy_delivered_kwh: 0.0,
-        reason: None,
-        accepted_at,
-        dispatched_at: None,
-        charging_started_at: None,
-        completed_at: None,
-        rejected_at: None,
-        updated_at: now,
-    }
-}
-
 fn rejected_record(
     request: &ChargeRequest,
     request_id: Uuid,
@@ -426,10 +406,10 @@ fn rejected_record(
     RequestRecord {
         reason: Some(reason.as_str().to_owned()),
         rejected_at: Some(now),
-        ..record(
-            request,
+        ..RequestRecord::new(
             request_id,
             RequestState::Rejected,
+            request,
             accepted_at,
             now,
         )
