@@ -76,6 +76,19 @@ enum Action {
     },
 }
 
+impl Action {
+    /// Dispatching and rejecting settle a request for good: on a redelivery they are taken only
+    /// after checking that no earlier delivery did already. A rejection without a record (the
+    /// payload's fields did not parse) has no state to check and is the same every time.
+    fn settles_for_good(&self) -> bool {
+        match self {
+            Action::Dispatch { .. } => true,
+            Action::Reject { record, .. } => record.is_some(),
+            Action::Defer { .. } => false,
+        }
+    }
+}
+
 /// Locks the grid; a panic elsewhere while holding it cannot leave it half-updated (every
 /// mutation is a single call), so a poisoned lock is still usable.
 pub(crate) fn lock(grid: &Mutex<Grid>) -> MutexGuard<'_, Grid> {
@@ -240,6 +253,31 @@ impl Handler {
     }
 
     async fn execute(self: Arc<Self>, msg: Message, d: Delivery, request_id: Uuid, action: Action) {
+        if d.delivered > 1 && action.settles_for_good() {
+            match self.handled_before(request_id).await {
+                Ok(None) => {}
+                Ok(Some(state)) => {
+                    // An earlier delivery was dispatched or rejected, and only its ack was
+                    // lost (a PubAck timeout, a crash before the ack): deciding again could
+                    // reject a car that is charging, or, past the dedupe window, send it to a
+                    // second substation.
+                    if let Action::Dispatch { ticket, .. } = &action {
+                        lock(&self.grid).cancel(ticket);
+                    }
+                    tracing::info!(state = ?state, "handled by an earlier delivery; acking this one");
+                    settle(&msg, AckKind::Ack).await;
+                    return;
+                }
+                Err(e) => {
+                    if let Action::Dispatch { ticket, .. } = &action {
+                        lock(&self.grid).cancel(ticket);
+                    }
+                    tracing::warn!(error = %e, "cannot read the request state; retrying later");
+                    settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+                    return;
+                }
+            }
+        }
         match action {
             Action::Dispatch { dispatch, ticket } => self.dispatch(msg, dispatch, ticket).await,
             Action::Defer { reason, queued } => self.defer(msg, reason, queued).await,
@@ -252,6 +290,21 @@ impl Handler {
                     .await
             }
         }
+    }
+
+    /// The request's stored state when it is past `queued`: an earlier delivery of it was
+    /// dispatched (the substation records `dispatched` on) or rejected.
+    async fn handled_before(
+        &self,
+        request_id: Uuid,
+    ) -> Result<Option<RequestState>, kv::EntryError> {
+        let Some(value) = self.kv.get(request_id.to_string()).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<RequestRecord>(&value)
+            .ok()
+            .map(|record| record.state)
+            .filter(|state| *state != RequestState::Queued))
     }
 
     /// Publishes the assignment (deduplicated by request id), then acks the request.

@@ -581,6 +581,13 @@ impl Substation {
             return;
         }
 
+        // A redelivery's state read ahead may predate the end of its own earlier delivery
+        // (acked meanwhile): read it again rather than resume a finished session. Rare path.
+        let state = if delivery > 1 {
+            read_state(self.kv.clone(), Some(request_id.to_string())).await
+        } else {
+            state
+        };
         let record = match state {
             Ok(value) => value.and_then(|v| serde_json::from_slice::<RequestRecord>(&v).ok()),
             Err(e) => {
@@ -595,15 +602,38 @@ impl Substation {
             self.took_dispatch(stream_seq);
             return;
         }
+        if let Some(other) = record
+            .as_ref()
+            .and_then(|r| r.substation_id.as_deref())
+            .filter(|other| *other != self.id)
+        {
+            // Dispatched twice (an earlier delivery's ack was lost past the dedupe window): the
+            // substation that took it first keeps it; one car charges in one place.
+            tracing::warn!(%request_id, substation = other, "request already taken by another substation; skipping the dispatch");
+            ack(&acker, AckKind::Ack, "ack").await;
+            self.took_dispatch(stream_seq);
+            return;
+        }
         let prior_kwh = record.as_ref().map_or(0.0, |r| {
             r.energy_delivered_kwh.clamp(0.0, dispatch.energy_kwh)
         });
 
         self.advance(self.clock.now());
         let now = self.station.now();
+        // A session taken here before (resumed after a restart) has been at the substation since
+        // its dispatch: that time counts against its stay, so a restart never extends it.
+        let stayed_s = match record.as_ref().and_then(|r| r.substation_id.as_deref()) {
+            Some(_) => {
+                let wall = (Utc::now() - dispatch.dispatched_at)
+                    .num_milliseconds()
+                    .max(0);
+                wall as f64 / 1000.0 * self.clock.scale
+            }
+            None => 0.0,
+        };
         let departure = dispatch.departure.map(|d| {
             // The departure keeps its distance from acceptance, on the simulated clock.
-            now + (d - dispatch.accepted_at).num_milliseconds() as f64 / 1000.0
+            now + (d - dispatch.accepted_at).num_milliseconds() as f64 / 1000.0 - stayed_s
         });
         let car = Arrival {
             id: request_id,

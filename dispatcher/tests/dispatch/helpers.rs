@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer};
 use async_nats::{Client, HeaderMap, Subscriber};
 use chrono::Utc;
 use evgrid_common::messages::{Dispatch, Heartbeat};
@@ -186,18 +186,19 @@ impl TestApp {
         eventually(WAIT, Duration::from_millis(50), || {
             let js = js.clone();
             async move {
-                let info = js
-                    .get_stream_no_info(streams::REQUESTS)
-                    .await
-                    .ok()?
-                    .consumer_info(streams::DISPATCHER_CONSUMER)
-                    .await
-                    .ok()?;
+                let info = dispatcher_consumer(&js).await.ok()?;
                 (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
             }
         })
         .await
         .expect("every request settled");
+    }
+
+    /// The dispatcher's durable consumer as the server sees it now.
+    pub async fn dispatcher_consumer(&self) -> consumer::Info {
+        dispatcher_consumer(&self.js)
+            .await
+            .expect("dispatcher consumer")
     }
 
     pub async fn dispatch_stream_messages(&self) -> u64 {
@@ -302,4 +303,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+async fn dispatcher_consumer(js: &jetstream::Context) -> Result<consumer::Info, async_nats::Error> {
+    Ok(js
+        .get_stream_no_info(streams::REQUESTS)
+        .await?
+        .consumer_info(streams::DISPATCHER_CONSUMER)
+        .await?)
 }

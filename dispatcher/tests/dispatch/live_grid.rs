@@ -3,6 +3,8 @@
 //! raw to `ev.requests`, as `nats pub` would.
 
 use std::collections::{BTreeMap, HashSet};
+
+use futures::{FutureExt, StreamExt};
 use std::time::Duration;
 
 use evgrid_common::config::NatsArgs;
@@ -62,20 +64,25 @@ async fn headroom_spreads_a_burst_over_real_substations_by_capacity() {
     app.wait_for_metric("evgrid_substations_up 3").await;
     let mut dispatches = app.subscribe("ev.dispatch.>").await;
 
-    // 300 cars of 11 kW at once: 3,300 kW against 1,800. The first heartbeat interval takes
-    // what fits (spread by the assignments counted since the heartbeats); the rest waits for
-    // the cars to finish (2 kWh: 11 simulated minutes) and the heartbeats that say so.
+    // 300 cars of 11 kW at once: 3,300 kW against 1,800. Each substation takes cars while its
+    // estimated headroom (last heartbeat + assignments counted since) is above zero:
+    // ceil(capacity / 11) of them, 165 in all. The cars need 200 kWh (18 simulated hours, 18
+    // real seconds), so none finishes during the test and the other 135 wait in the stream.
     let bodies = (0..REQUESTS).map(|n| {
         format!(
-            r#"{{"request_id":"{}","vehicle_id":"depot-{n}","energy_kwh":2,"max_power_kw":11}}"#,
+            r#"{{"request_id":"{}","vehicle_id":"depot-{n}","energy_kwh":200,"max_power_kw":11}}"#,
             Uuid::new_v4()
         )
     });
     app.publish_requests(bodies).await;
+    let fits: usize = capacities
+        .iter()
+        .map(|c| (c.1 / 11.0_f64).ceil() as usize)
+        .sum();
 
     let mut seen = HashSet::new();
     let mut per_substation: BTreeMap<String, usize> = BTreeMap::new();
-    while seen.len() < REQUESTS {
+    while seen.len() < fits {
         let got = next_dispatch(&mut dispatches).await;
         assert!(seen.insert(got.dispatch.request_id), "dispatched twice");
         *per_substation
@@ -84,15 +91,31 @@ async fn headroom_spreads_a_burst_over_real_substations_by_capacity() {
     }
     let total_kw: f64 = capacities.iter().map(|c| c.1).sum();
     for (id, capacity_kw) in capacities {
-        let fair = REQUESTS as f64 * capacity_kw / total_kw;
+        let fair = fits as f64 * capacity_kw / total_kw;
         let got = per_substation.get(id).copied().unwrap_or(0) as f64;
         assert!(
             got <= 1.2 * fair,
-            "{id} got {got} of {REQUESTS}, fair share {fair:.0}: {per_substation:?}"
+            "{id} got {got} of {fits}, fair share {fair:.0}: {per_substation:?}"
         );
     }
-    app.wait_until_all_settled().await;
-    assert_eq!(app.dispatch_stream_messages().await, REQUESTS as u64);
+    // Two more heartbeats of every substation (each saying it is full): nothing more is sent,
+    // the excess waits in the stream, un-acked.
+    let mut heartbeats = app.subscribe("ev.telemetry.*").await;
+    for _ in 0..2 * capacities.len() {
+        tokio::time::timeout(WAIT, heartbeats.next())
+            .await
+            .expect("heartbeats go on");
+    }
+    assert!(
+        dispatches.next().now_or_never().is_none(),
+        "dispatched beyond the capacity"
+    );
+    assert_eq!(app.dispatch_stream_messages().await, fits as u64);
+    let waiting = app.dispatcher_consumer().await;
+    assert_eq!(
+        waiting.num_pending + waiting.num_ack_pending as u64,
+        (REQUESTS - fits) as u64
+    );
     for s in substations {
         s.stop().await;
     }

@@ -224,6 +224,71 @@ async fn a_request_waits_queued_until_a_substation_is_up() {
 }
 
 #[tokio::test]
+async fn a_redelivery_of_a_request_already_taken_is_acked_without_deciding_again() {
+    let mut app = spawn_app().await;
+    let kv = app
+        .js
+        .get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .unwrap();
+    // Nothing is up: both requests are deferred (delivery 1 writes `queued`). One of them
+    // leaves soon, so its next delivery would be rejected as `departure_passed`.
+    let plain = Uuid::new_v4();
+    let leaving = Uuid::new_v4();
+    let departure = Utc::now() + chrono::Duration::milliseconds(1500);
+    app.publish_request(request(plain, 20.0, 11.0)).await;
+    app.publish_request(format!(
+        r#"{{"request_id":"{leaving}","vehicle_id":"ev-2","energy_kwh":1,"max_power_kw":11,"departure":"{}"}}"#,
+        departure.to_rfc3339()
+    ))
+    .await;
+    for id in [plain, leaving] {
+        let mut state = kv.watch_with_history(id.to_string()).await.unwrap();
+        let entry = tokio::time::timeout(WAIT, state.next())
+            .await
+            .expect("queued state in time")
+            .unwrap()
+            .unwrap();
+        let queued: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
+        assert_eq!(queued.state, RequestState::Queued);
+        // What an earlier delivery's dispatch leads to, when only its ack was lost: the
+        // substation took the request and records it charging.
+        let charging = RequestRecord {
+            state: RequestState::Charging,
+            substation_id: Some("s1".into()),
+            ..queued
+        };
+        kv.put(
+            id.to_string(),
+            serde_json::to_vec(&charging).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    }
+    // Past the departure, and a substation up: deciding again would reject one request and
+    // dispatch the other a second time.
+    tokio::time::sleep_until(
+        tokio::time::Instant::now() + (departure - Utc::now()).to_std().unwrap_or_default(),
+    )
+    .await;
+    app.substation("s2", 100.0).heartbeat(0.0, 0).await;
+    app.wait_until_all_settled().await;
+
+    assert_eq!(app.dispatch_stream_messages().await, 0, "dispatched again");
+    let mut rejected = app.js.get_stream(streams::REJECTED).await.unwrap();
+    let rejected = rejected.info().await.unwrap().state.messages;
+    assert_eq!(rejected, 0, "rejected while charging");
+    for id in [plain, leaving] {
+        let now = record(&app, id).await.unwrap();
+        assert_eq!(
+            (now.state, now.substation_id.as_deref()),
+            (RequestState::Charging, Some("s1"))
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_burst_is_spread_and_the_excess_waits_for_room() {
     const REQUESTS: usize = 300;
     // Headroom judges room, and defers when there is none.

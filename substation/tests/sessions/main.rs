@@ -5,7 +5,9 @@ mod helpers;
 
 use std::time::{Duration, Instant};
 
-use evgrid_common::messages::{RequestState, SessionEventKind, SessionOutcome, SessionReport};
+use evgrid_common::messages::{
+    ChargeRequest, RequestRecord, RequestState, SessionEventKind, SessionOutcome, SessionReport,
+};
 use evgrid_common::streams;
 use helpers::{Grid, Running, WAIT, dispatch, sample};
 
@@ -239,6 +241,98 @@ async fn shutdown_interrupts_and_a_restart_resumes_the_session() {
         "{joules} J"
     );
     grid.all_acked("s1").await;
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_does_not_extend_a_cars_stay() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    // 20 kWh at 10 kW, leaving one simulated hour after acceptance: at 360x, ten real seconds.
+    let slow = evgrid_substation::Config {
+        time_scale: 360.0,
+        ..grid.config("s1", 150.0)
+    };
+    let substation = Running::start(slow).await;
+    let mut d = dispatch("s1", 20.0, 10.0);
+    d.departure = Some(d.accepted_at + chrono::Duration::hours(1));
+    grid.dispatch(&d).await;
+    events.until(|e| e.event == SessionEventKind::Started).await;
+    substation.stop().await.unwrap();
+    let so_far = events
+        .until(|e| e.event == SessionEventKind::Interrupted)
+        .await
+        .energy_delivered_kwh;
+
+    // The next process runs at 3600x: once a real second has passed since the dispatch, the
+    // car's hour is over and it has left with what it got; it is not given another hour.
+    let hour_at_3600x = (d.dispatched_at + chrono::Duration::seconds(1) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(hour_at_3600x).await;
+    let substation = Running::start(grid.config("s1", 150.0)).await;
+    let completed = events
+        .until(|e| e.event == SessionEventKind::Completed)
+        .await;
+    assert!(
+        (completed.energy_delivered_kwh - so_far).abs() < 1e-6,
+        "{} kWh delivered, {so_far} before the restart",
+        completed.energy_delivered_kwh
+    );
+    let record = grid.record(d.request_id).await;
+    assert_eq!(record.reason.as_deref(), Some("departed"));
+    grid.all_acked("s1").await;
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_another_substation_took_is_not_charged_here() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let substation = Running::start(grid.config("s1", 150.0)).await;
+    // Dispatched twice (past the dedupe window): s2 took it first and charges it.
+    let twice = dispatch("s1", 10.0, 10.0);
+    let at_s2 = RequestRecord {
+        substation_id: Some("s2".into()),
+        ..RequestRecord::new(
+            twice.request_id,
+            RequestState::Charging,
+            &ChargeRequest {
+                request_id: Some(twice.request_id),
+                vehicle_id: twice.vehicle_id.clone(),
+                energy_kwh: twice.energy_kwh,
+                max_power_kw: twice.max_power_kw,
+                departure: None,
+            },
+            twice.accepted_at,
+            twice.accepted_at,
+        )
+    };
+    grid.kv
+        .put(
+            twice.request_id.to_string(),
+            serde_json::to_vec(&at_s2).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    grid.dispatch(&twice).await;
+    let other = dispatch("s1", 1.0, 10.0);
+    grid.dispatch(&other).await;
+
+    // Events are published in order: by the other request's completion, the first was handled.
+    loop {
+        let e = events.next().await;
+        assert_ne!(e.request_id, twice.request_id, "charged here too: {e:?}");
+        if e.request_id == other.request_id && e.event == SessionEventKind::Completed {
+            break;
+        }
+    }
+    grid.all_acked("s1").await;
+    let record = grid.record(twice.request_id).await;
+    assert_eq!(
+        (record.state, record.substation_id.as_deref()),
+        (RequestState::Charging, Some("s2"))
+    );
     substation.stop().await.unwrap();
 }
 
