@@ -254,28 +254,26 @@ impl Handler {
 
     async fn execute(self: Arc<Self>, msg: Message, d: Delivery, request_id: Uuid, action: Action) {
         if d.delivered > 1 && action.settles_for_good() {
-            match self.handled_before(request_id).await {
-                Ok(None) => {}
+            let settled = match self.handled_before(request_id).await {
+                Ok(None) => None,
+                // An earlier delivery was dispatched or rejected, and only its ack was lost (a
+                // PubAck timeout, a crash before the ack): deciding again could reject a car
+                // that is charging, or, past the dedupe window, send it to a second substation.
                 Ok(Some(state)) => {
-                    // An earlier delivery was dispatched or rejected, and only its ack was
-                    // lost (a PubAck timeout, a crash before the ack): deciding again could
-                    // reject a car that is charging, or, past the dedupe window, send it to a
-                    // second substation.
-                    if let Action::Dispatch { ticket, .. } = &action {
-                        lock(&self.grid).cancel(ticket);
-                    }
                     tracing::info!(state = ?state, "handled by an earlier delivery; acking this one");
-                    settle(&msg, AckKind::Ack).await;
-                    return;
+                    Some(AckKind::Ack)
                 }
                 Err(e) => {
-                    if let Action::Dispatch { ticket, .. } = &action {
-                        lock(&self.grid).cancel(ticket);
-                    }
                     tracing::warn!(error = %e, "cannot read the request state; retrying later");
-                    settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
-                    return;
+                    Some(AckKind::Nak(Some(self.defer_delay)))
                 }
+            };
+            if let Some(kind) = settled {
+                if let Action::Dispatch { ticket, .. } = &action {
+                    lock(&self.grid).cancel(ticket);
+                }
+                settle(&msg, kind).await;
+                return;
             }
         }
         match action {
