@@ -16,8 +16,6 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subject, Subscriber};
 use futures::StreamExt;
 
-use crate::request::settle;
-
 /// How long the server keeps an unfulfilled pull request.
 const EXPIRES: Duration = Duration::from_secs(30);
 /// While a pull request waits, the server says it is alive this often.
@@ -155,7 +153,9 @@ impl Puller {
                         message: msg,
                         context: self.context.clone(),
                     };
-                    settle(&msg, AckKind::Nak(None)).await;
+                    if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                        tracing::warn!(error = %e, "cannot hand back a request message; it comes back after the ack wait");
+                    }
                     returned += 1;
                 }
             }

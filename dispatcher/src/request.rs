@@ -117,7 +117,10 @@ impl Handler {
             }
         };
         let (request_id, action) = self.plan(&msg, delivery, Utc::now());
-        let span = tracing::info_span!(
+        // A debug span: creating an enabled span formats its fields, a measurable share of
+        // the dispatcher's CPU per request (docs/benchmarks.md). Lines at info and above name
+        // the request themselves.
+        let span = tracing::debug_span!(
             "request",
             %request_id,
             seq = delivery.stream_seq,
@@ -254,17 +257,19 @@ impl Handler {
 
     async fn execute(self: Arc<Self>, msg: Message, d: Delivery, request_id: Uuid, action: Action) {
         if d.delivered > 1 && action.settles_for_good() {
-            let settled = match self.handled_before(request_id).await {
+            // Boxed, like the other rare paths below: every request's future is allocated at
+            // the size of its largest path (docs/benchmarks.md).
+            let settled = match Box::pin(self.handled_before(request_id)).await {
                 Ok(None) => None,
                 // An earlier delivery was dispatched or rejected, and only its ack was lost (a
                 // PubAck timeout, a crash before the ack): deciding again could reject a car
                 // that is charging, or, past the dedupe window, send it to a second substation.
                 Ok(Some(state)) => {
-                    tracing::info!(state = ?state, "handled by an earlier delivery; acking this one");
+                    tracing::info!(%request_id, state = ?state, "handled by an earlier delivery; acking this one");
                     Some(AckKind::Ack)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the request state; retrying later");
+                    tracing::warn!(%request_id, error = %e, "cannot read the request state; retrying later");
                     Some(AckKind::Nak(Some(self.defer_delay)))
                 }
             };
@@ -272,21 +277,20 @@ impl Handler {
                 if let Action::Dispatch { ticket, .. } = &action {
                     lock(&self.grid).cancel(ticket);
                 }
-                settle(&msg, kind).await;
+                settle(&msg, request_id, kind).await;
                 return;
             }
         }
         match action {
             Action::Dispatch { dispatch, ticket } => self.dispatch(msg, dispatch, ticket).await,
-            Action::Defer { reason, queued } => self.defer(msg, reason, queued).await,
+            Action::Defer { reason, queued } => {
+                Box::pin(self.defer(msg, request_id, reason, queued)).await
+            }
             Action::Reject {
                 reason,
                 detail,
                 record,
-            } => {
-                self.reject(msg, d, request_id, reason, &detail, record)
-                    .await
-            }
+            } => Box::pin(self.reject(msg, d, request_id, reason, &detail, record)).await,
         }
     }
 
@@ -307,6 +311,7 @@ impl Handler {
 
     /// Publishes the assignment (deduplicated by request id), then acks the request.
     async fn dispatch(&self, msg: Message, dispatch: Dispatch, ticket: Ticket) {
+        let request_id = dispatch.request_id;
         let substation = dispatch.substation_id.clone();
         let publish = PublishMessage::build()
             .payload(
@@ -335,18 +340,24 @@ impl Handler {
                     duplicate = ack.duplicate,
                     "dispatched"
                 );
-                settle(&msg, AckKind::Ack).await;
+                settle(&msg, request_id, AckKind::Ack).await;
             }
             Err(e) => {
                 lock(&self.grid).cancel(&ticket);
-                tracing::warn!(%substation, error = %e, "dispatch not stored; the request is offered again later");
-                settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+                tracing::warn!(%request_id, %substation, error = %e, "dispatch not stored; the request is offered again later");
+                settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             }
         }
     }
 
     /// The request waits in the stream: nak with a delay, never drop.
-    async fn defer(&self, msg: Message, reason: DeferReason, queued: Option<RequestRecord>) {
+    async fn defer(
+        &self,
+        msg: Message,
+        request_id: Uuid,
+        reason: DeferReason,
+        queued: Option<RequestRecord>,
+    ) {
         if let Some(record) = queued {
             let key = record.request_id.to_string();
             // `create`, not `put`: queued is the first state, and whatever is there already
@@ -354,11 +365,11 @@ impl Handler {
             match self.kv.create(&key, to_json(&record)).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => tracing::warn!(error = %e, "cannot record the queued state"),
+                Err(e) => tracing::warn!(%request_id, error = %e, "cannot record the queued state"),
             }
         }
         tracing::debug!(reason = reason.as_str(), "deferred");
-        settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+        settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
     }
 
     /// Publishes the original payload to `ev.rejected`, records the state, then terminates the
@@ -382,23 +393,23 @@ impl Handler {
             .header(headers::SOURCE_SEQUENCE, d.stream_seq.to_string())
             .header(headers::REQUEST_ID, request_id.to_string());
         if let Err(e) = self.publish(subjects::REJECTED.to_owned(), publish).await {
-            tracing::warn!(reason = reason.as_str(), error = %e, "rejection not stored; retrying later");
-            settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+            tracing::warn!(%request_id, reason = reason.as_str(), error = %e, "rejection not stored; retrying later");
+            settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             return;
         }
         if let Some(record) = record
             && let Err(e) = self.kv.put(request_id.to_string(), to_json(&record)).await
         {
-            tracing::warn!(error = %e, "cannot record the rejected state; retrying later");
-            settle(&msg, AckKind::Nak(Some(self.defer_delay))).await;
+            tracing::warn!(%request_id, error = %e, "cannot record the rejected state; retrying later");
+            settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             return;
         }
-        tracing::info!(reason = reason.as_str(), detail, "rejected");
+        tracing::info!(%request_id, reason = reason.as_str(), detail, "rejected");
         self.metrics
             .rejected
             .with_label_values(&[reason.as_str()])
             .inc();
-        settle(&msg, AckKind::Term).await;
+        settle(&msg, request_id, AckKind::Term).await;
     }
 
     /// Publishes to JetStream and awaits the PubAck, timing it.
@@ -418,9 +429,9 @@ impl Handler {
 
 /// Acks, naks or terms. A failure means the connection is gone: the server redelivers the
 /// message after AckWait, and the dispatch dedupe makes that harmless.
-pub(crate) async fn settle(msg: &Message, kind: AckKind) {
+pub(crate) async fn settle(msg: &Message, request_id: Uuid, kind: AckKind) {
     if let Err(e) = msg.ack_with(kind).await {
-        tracing::warn!(error = %e, ack = ?kind, "cannot settle the request message; it will be redelivered");
+        tracing::warn!(%request_id, error = %e, ack = ?kind, "cannot settle the request message; it will be redelivered");
     }
 }
 

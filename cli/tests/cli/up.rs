@@ -39,6 +39,9 @@ fn signal(which: &str, pid: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Where [`UpProcess`] keeps what `evgrid up` writes to stderr (its logs), in its data directory.
+pub const STDERR_LOG: &str = "stderr.log";
+
 /// The built `evgrid up` on free ports, in a temporary data directory, with what its banner
 /// says. [`UpProcess::stop`] stops it as Ctrl-C does; dropped while running (a failing test),
 /// it gets SIGINT, then whatever it started and left gets SIGKILL, so nothing outlives a test.
@@ -55,9 +58,16 @@ impl UpProcess {
     /// Starts `evgrid up` with `args` besides the free ports, data directory and pinned
     /// nats-server; returns once the banner is printed.
     pub async fn start(args: &[&str]) -> UpProcess {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// [`UpProcess::start`] with environment variables set for it.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> UpProcess {
         let data = tempfile::tempdir().unwrap();
         let data_dir = data.path().to_str().unwrap().to_owned();
+        let stderr = std::fs::File::create(data.path().join(STDERR_LOG)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_evgrid"))
+            .envs(env.iter().copied())
             .args(["up", "--nats-port", "0", "--metrics-base-port", "0"])
             .args(["--prometheus-port", "0", "--ingest-listen", "127.0.0.1:0"])
             .args(["--data-dir", &data_dir])
@@ -66,7 +76,7 @@ impl UpProcess {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -141,7 +151,18 @@ impl Drop for UpProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
-    let up = UpProcess::start(&["--time-scale", "3600"]).await;
+    // Debug logs of the services, as JSON: every line about the request names it.
+    let up = UpProcess::start_with_env(
+        &["--time-scale", "3600"],
+        &[
+            ("EVGRID_LOG_FORMAT", "json"),
+            (
+                "RUST_LOG",
+                "warn,evgrid_ingest=debug,evgrid_dispatcher=debug,evgrid_substation=debug",
+            ),
+        ],
+    )
+    .await;
     let (api, nats) = (up.banner("API (ingest)"), up.banner("NATS"));
 
     let http = reqwest::Client::new();
@@ -207,4 +228,23 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
         data.path().join("nats").exists(),
         "the JetStream store is kept for the next run"
     );
+
+    // One grep follows the request through ingest, the dispatcher and the substation.
+    let logs = std::fs::read_to_string(data.path().join(STDERR_LOG)).unwrap();
+    let services: std::collections::BTreeSet<String> = logs
+        .lines()
+        .filter(|line| line.contains(&id))
+        .map(|line| {
+            let line: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let target = line["target"].as_str().unwrap_or_default();
+            target.split("::").next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    for service in ["evgrid_ingest", "evgrid_dispatcher", "evgrid_substation"] {
+        assert!(
+            services.contains(service),
+            "no {service} log line names {id}: {services:?}"
+        );
+    }
 }
