@@ -295,7 +295,7 @@ impl Handler {
     }
 
     /// The request's stored state when it is past `queued`: an earlier delivery of it was
-    /// dispatched (the substation records `dispatched` on) or rejected.
+    /// dispatched (the substation that took it recorded it) or rejected.
     async fn handled_before(
         &self,
         request_id: Uuid,

@@ -622,14 +622,12 @@ impl Substation {
         let now = self.station.now();
         // A session taken here before (resumed after a restart) has been at the substation since
         // its dispatch: that time counts against its stay, so a restart never extends it.
-        let stayed_s = match record.as_ref().and_then(|r| r.substation_id.as_deref()) {
-            Some(_) => {
-                let wall = (Utc::now() - dispatch.dispatched_at)
-                    .num_milliseconds()
-                    .max(0);
-                wall as f64 / 1000.0 * self.clock.scale
-            }
-            None => 0.0,
+        let resumed = record.as_ref().is_some_and(|r| r.substation_id.is_some());
+        let stayed_s = if resumed {
+            let wall = (Utc::now() - dispatch.dispatched_at).num_milliseconds();
+            wall.max(0) as f64 / 1000.0 * self.clock.scale
+        } else {
+            0.0
         };
         let departure = dispatch.departure.map(|d| {
             // The departure keeps its distance from acceptance, on the simulated clock.
