@@ -59,6 +59,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// read meanwhile: one state read awaited per dispatch, in turn, capped a substation at about
 /// 800 dispatches a second however idle its CPU (docs/benchmarks.md).
 const READ_AHEAD: usize = 64;
+/// At start, how long to wait for the stored grid-operator limits before charging.
+const LIMITS_REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Maps the simulated clock of the charging model to wall time: simulated seconds since start
 /// = wall seconds since start × time scale.
@@ -136,9 +138,17 @@ pub(crate) async fn run(
     match last {
         Ok(Some(last)) => {
             let mut in_force = None;
+            // Bounded: a stored limit that expires or is purged before it is delivered would
+            // otherwise hold the substation back until the next limit.
+            let deadline = tokio::time::sleep(LIMITS_REPLAY_TIMEOUT);
+            tokio::pin!(deadline);
             while substation.limit_seq < last {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
+                    _ = &mut deadline => {
+                        tracing::warn!(last, replayed = substation.limit_seq, "stored grid-operator limits not all delivered within {LIMITS_REPLAY_TIMEOUT:?}; charging now, later ones apply as they arrive");
+                        break;
+                    }
                     received = limit_feed.next() => {
                         in_force = substation.take_limit(received).or(in_force);
                     }
