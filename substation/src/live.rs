@@ -15,7 +15,7 @@
 //! time; heartbeats carry the capacity in force and the sessions' projection
 //! ([`Station::projection`]) for the dispatcher's predictive routing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, PullConsumer};
@@ -61,6 +61,36 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const READ_AHEAD: usize = 64;
 /// At start, how long to wait for the stored grid-operator limits before charging.
 const LIMITS_REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The dispatches this process has handled, as the heartbeat echoes them (`dispatch_seq`): the
+/// dispatcher stops counting an assignment as in flight once the echo reaches its sequence.
+#[derive(Debug, Default)]
+struct Taken {
+    /// The highest sequence handled.
+    highest: u64,
+    /// Sequences handed back for later (their state could not be read), not handled since.
+    held_back: BTreeSet<u64>,
+}
+
+impl Taken {
+    fn took(&mut self, seq: u64) {
+        self.held_back.remove(&seq);
+        self.highest = self.highest.max(seq);
+    }
+
+    fn held_back(&mut self, seq: u64) {
+        self.held_back.insert(seq);
+    }
+
+    /// The highest sequence below which every dispatch is handled: an assignment handed back
+    /// is not in the load yet, so the echo stays below it until it is.
+    fn echo(&self) -> u64 {
+        match self.held_back.first() {
+            Some(&first) if first <= self.highest => first - 1,
+            _ => self.highest,
+        }
+    }
+}
 
 /// Maps the simulated clock of the charging model to wall time: simulated seconds since start
 /// = wall seconds since start × time scale.
@@ -412,7 +442,8 @@ struct Substation {
     metrics: Metrics,
     heartbeat_seq: u64,
     heartbeat_interval_ms: u64,
-    dispatch_seq: u64,
+    /// The `EV_DISPATCH` sequences handled, for the heartbeat's echo.
+    taken: Taken,
     /// `--capacity-kw`: the capacity without a grid-operator limit.
     configured_capacity_kw: f64,
     /// The grid-operator limit in force (the configured capacity when there is none).
@@ -438,7 +469,7 @@ impl Substation {
             metrics,
             heartbeat_seq: 0,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
-            dispatch_seq: 0,
+            taken: Taken::default(),
             configured_capacity_kw: config.capacity_kw,
             limit: InForce::configured(config.capacity_kw),
             limit_end: None,
@@ -541,9 +572,9 @@ impl Substation {
     }
 
     /// Records that the dispatch at `seq` is handled: in the model, or skipped for good. The
-    /// heartbeat echoes the highest, so the dispatcher stops counting it as in flight.
+    /// heartbeat echoes it, so the dispatcher stops counting it as in flight.
     fn took_dispatch(&mut self, seq: u64) {
-        self.dispatch_seq = self.dispatch_seq.max(seq);
+        self.taken.took(seq);
     }
 
     /// `state`: the request's record in `EV_REQUEST_STATE`, read when the message was taken.
@@ -602,6 +633,7 @@ impl Substation {
             Ok(value) => value.and_then(|v| serde_json::from_slice::<RequestRecord>(&v).ok()),
             Err(e) => {
                 tracing::warn!(%request_id, error = %e, "cannot read the request state; retrying the dispatch later");
+                self.taken.held_back(stream_seq);
                 ack(&acker, AckKind::Nak(Some(RETRY_DELAY)), "nak").await;
                 return;
             }
@@ -810,7 +842,7 @@ impl Substation {
             active_sessions: s.active,
             queued_sessions: s.queued,
             demand_kw: s.demand_kw,
-            dispatch_seq: self.dispatch_seq,
+            dispatch_seq: self.taken.echo(),
             interval_ms: self.heartbeat_interval_ms,
         };
         let limited = self.limit.capacity_kw != self.configured_capacity_kw;
@@ -1020,6 +1052,27 @@ mod tests {
         assert_eq!(clock.wall_at(3600.0), wall + chrono::Duration::seconds(1));
         assert_eq!(clock.sim_at(start - Duration::from_secs(1)), 0.0);
         assert!(clock.instant_at(f64::INFINITY) > start + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_echo_stays_below_a_dispatch_handed_back_until_it_is_taken() {
+        let mut taken = Taken::default();
+        assert_eq!(taken.echo(), 0);
+        taken.took(3);
+        taken.held_back(5);
+        assert_eq!(taken.echo(), 3);
+        // Later dispatches are taken, but the one handed back is not in the load yet.
+        taken.took(6);
+        taken.took(7);
+        assert_eq!(taken.echo(), 4);
+        taken.took(5);
+        assert_eq!(taken.echo(), 7);
+        // Handed back again and again, then taken: no trace left.
+        taken.held_back(9);
+        taken.held_back(9);
+        assert_eq!(taken.echo(), 7);
+        taken.took(9);
+        assert_eq!(taken.echo(), 9);
     }
 
     #[test]
