@@ -6,6 +6,7 @@ mod e2e;
 mod helpers;
 mod load;
 mod load_live;
+mod nats_client;
 mod observability;
 mod pipeline;
 mod up;

@@ -2,6 +2,7 @@
 //! over real HTTP, every answer checked against docs/openapi.yaml.
 
 mod config;
+mod fuzz;
 mod helpers;
 mod lifecycle;
 mod openapi;

@@ -1,0 +1,61 @@
+"""A third-party NATS client (nats-py) using evgrid's NATS contract the way the README's nats CLI
+recipes do: watch heartbeats, publish a raw charge request (as `nats pub` would), follow its
+session to `completed`, read its state from the key-value bucket, and replay the request stream
+from a sequence. Driven by cli/tests/cli/nats_client.rs; prints one JSON line of what it saw.
+
+usage: nats_client.py NATS_URL VEHICLE_ID
+"""
+
+import asyncio
+import json
+import sys
+
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+TIMEOUT = 30
+
+
+async def main(url, vehicle_id):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    seen = {}
+
+    # nats sub 'ev.telemetry.*'
+    telemetry = await nc.subscribe("ev.telemetry.*")
+    heartbeat = json.loads((await telemetry.next_msg(timeout=TIMEOUT)).data)
+    seen["heartbeat_fields"] = sorted(heartbeat)
+
+    # nats sub 'ev.sessions.*.completed', then nats pub ev.requests '{...}'
+    completed = await nc.subscribe("ev.sessions.*.completed")
+    request = {"vehicle_id": vehicle_id, "energy_kwh": 5, "max_power_kw": 11}
+    await nc.publish("ev.requests", json.dumps(request).encode())
+    while True:
+        event = json.loads((await completed.next_msg(timeout=TIMEOUT)).data)
+        if event["vehicle_id"] == vehicle_id:
+            break
+    seen["completed"] = event
+
+    # The request's state, as GET /v1/charge-requests/{id} serves it.
+    bucket = await js.key_value("EV_REQUEST_STATE")
+    seen["state"] = json.loads((await bucket.get(event["request_id"])).value)
+
+    # nats sub --stream EV_REQUESTS --start-sequence 1 ev.requests
+    replay = await js.subscribe(
+        "ev.requests",
+        stream="EV_REQUESTS",
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1),
+    )
+    while True:
+        msg = await replay.next_msg(timeout=TIMEOUT)
+        if json.loads(msg.data).get("vehicle_id") == vehicle_id:
+            seen["replayed_sequence"] = msg.metadata.sequence.stream
+            break
+
+    await nc.close()
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
