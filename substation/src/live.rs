@@ -168,8 +168,8 @@ pub(crate) async fn run(
     match last {
         Ok(Some(last)) => {
             let mut in_force = None;
-            // Bounded: a stored limit that expires or is purged before it is delivered would
-            // otherwise hold the substation back until the next limit.
+            // Bounded: a stored limit an operator purges before it is delivered would otherwise
+            // hold the substation back until the next limit.
             let deadline = tokio::time::sleep(LIMITS_REPLAY_TIMEOUT);
             tokio::pin!(deadline);
             while substation.limit_seq < last {
