@@ -120,8 +120,20 @@ pub struct SimArgs {
 
     /// Draw load vs capacity per substation over time (SVG) for the default policy and
     /// allocation, or the first ones asked for.
-    #[arg(long, value_name = "FILE.svg")]
+    #[arg(long, value_name = "FILE.svg", value_parser = parse_svg_path)]
     pub plot: Option<PathBuf>,
+}
+
+/// `--plot` writes SVG: a file named otherwise (`.png`) would hold SVG under the wrong name.
+fn parse_svg_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(path),
+        _ => Err(format!(
+            "the plot is SVG, so its file must end in .svg, not {s:?}; a browser shows it, and \
+             `rsvg-convert -o plot.png plot.svg` makes a PNG"
+        )),
+    }
 }
 
 /// Synthetic stays: a range of hours, or no departure at all.

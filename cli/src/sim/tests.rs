@@ -3,7 +3,7 @@
 //! capacity invariant over random workloads for every policy × allocation, determinism, and the
 //! exactness of skipping futile offers.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use evgrid_dispatcher::decision::Policy;
@@ -264,6 +264,8 @@ fn options_are_checked_while_parsing() {
         "--poisson 10 --vehicle-max-kw 500",
         "--poisson 10 --heartbeat 2h",
         "--poisson 10 --stay 5..1",
+        "--poisson 10 --plot load.png",
+        "--poisson 10 --plot load",
     ] {
         assert!(parse(bad).is_err(), "{bad:?} accepted");
     }
@@ -271,7 +273,8 @@ fn options_are_checked_while_parsing() {
     assert_eq!(a.policy.0, Policy::ALL);
     assert_eq!(a.allocation.0, [Allocation::Edf, Allocation::Llf]);
     assert_eq!(a.fold, Fold::Week);
-    let a = parse("--burst 10@1h --stay none").unwrap();
+    let a = parse("--burst 10@1h --stay none --plot out/Load.SVG").unwrap();
+    assert_eq!(a.plot, Some(PathBuf::from("out/Load.SVG")));
     assert_eq!(a.stay.0, None);
     assert_eq!(a.policy.0, [Policy::default()]);
 }
