@@ -221,6 +221,25 @@ async fn bad_options_fail_with_one_line_before_sending() {
 }
 
 #[tokio::test]
+async fn a_trace_that_cannot_be_read_is_one_line_naming_it_and_why_once() {
+    let trace = "/nonexistent/acn.csv";
+    for args in [
+        &["load", "--url", "http://127.0.0.1:1", "--trace", trace][..],
+        &["sim", "--trace", trace][..],
+    ] {
+        let (ok, stdout, stderr) = evgrid(args).await;
+        assert!(!ok && stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(trace).count(), 1, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches("No such file").count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_trace_replays_its_sessions_in_arrival_order() {
     let (server, js) = nats_with_streams().await;
     let dir = tempfile::tempdir().unwrap();
