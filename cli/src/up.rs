@@ -107,6 +107,22 @@ struct ChildProcess {
 }
 
 impl ChildProcess {
+    /// After the process exited: the last line of its stderr that `wanted` keeps, trimmed
+    /// (empty when there is none), to say why it exited.
+    async fn last_stderr_line(&mut self, wanted: impl Fn(&str) -> bool) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut err = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut err).await;
+        }
+        err.lines()
+            .rev()
+            .find(|l| wanted(l))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // SIGTERM first: nats-server flushes its store, Prometheus its head block.
@@ -212,17 +228,7 @@ async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<(ChildProcess, Str
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = child.child.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut stderr) = child.child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = stderr.read_to_string(&mut err).await;
-            }
-            let last = err
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .to_owned();
+            let last = child.last_stderr_line(|l| !l.trim().is_empty()).await;
             bail!(
                 "nats-server exited at start ({status}): {last} (is port {} in use? try --nats-port 0)",
                 args.nats_port
@@ -491,18 +497,7 @@ async fn start_prometheus(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(Some(status)) = child.child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut stderr) = child.child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = stderr.read_to_string(&mut err).await;
-            }
-            let last = err
-                .lines()
-                .rev()
-                .find(|l| l.contains("err"))
-                .unwrap_or("")
-                .trim()
-                .to_owned();
+            let last = child.last_stderr_line(|l| l.contains("err")).await;
             return Err(format!(
                 "exited ({status}) {last}; is port {port} in use? try --prometheus-port 0"
             ));

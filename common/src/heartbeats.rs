@@ -5,11 +5,8 @@
 //! An ordered consumer delivering the last heartbeat per substation first, then every new one,
 //! gives a starting component the whole grid at once, without waiting a heartbeat interval.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use serde::de::DeserializeOwned;
@@ -84,60 +81,27 @@ async fn follow_parsed<T: DeserializeOwned>(
     shutdown: CancellationToken,
     mut on: impl FnMut(T, DateTime<Utc>),
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        match open(&js).await {
-            Ok(mut messages) => loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = messages.next() => next,
-                };
-                match next {
-                    Some(Ok(msg)) => {
-                        backoff = Duration::from_millis(100);
-                        let stored_at = msg
-                            .info()
-                            .ok()
-                            .map(|i| {
-                                DateTime::from_timestamp_nanos(
-                                    i.published.unix_timestamp_nanos() as i64
-                                )
-                            })
-                            .unwrap_or_else(Utc::now);
-                        match serde_json::from_slice::<T>(&msg.payload) {
-                            Ok(heartbeat) => on(heartbeat, stored_at),
-                            Err(e) => {
-                                tracing::warn!(subject = %msg.subject, error = %e, "ignoring malformed heartbeat")
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "heartbeat consumer failed; rebuilding");
-                        break;
-                    }
-                    None => break,
-                }
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot follow heartbeats yet; retrying"),
+    // The last heartbeat of every substation first, then every new one; a rebuilt consumer
+    // starts over the same way (the latest per substation is what matters).
+    let config = |_next| consumer::pull::OrderedConfig {
+        filter_subject: subjects::TELEMETRY_ALL.into(),
+        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+        ..Default::default()
+    };
+    crate::nats::follow_ordered(&js, streams::TELEMETRY, config, &shutdown, |msg| {
+        let stored_at = msg
+            .info()
+            .ok()
+            .map(|i| DateTime::from_timestamp_nanos(i.published.unix_timestamp_nanos() as i64))
+            .unwrap_or_else(Utc::now);
+        match serde_json::from_slice::<T>(&msg.payload) {
+            Ok(heartbeat) => on(heartbeat, stored_at),
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "ignoring malformed heartbeat")
+            }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn open(js: &jetstream::Context) -> Result<consumer::pull::Ordered, async_nats::Error> {
-    let stream = js.get_stream(streams::TELEMETRY).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subjects::TELEMETRY_ALL.into(),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await?;
-    Ok(consumer.messages().await?)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod http;
 pub mod messages;
 pub mod metrics;
 pub mod nats;
+pub mod service;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

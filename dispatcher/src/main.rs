@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use evgrid_common::config::{LogArgs, parse_listen, parse_or_exit};
-use evgrid_common::{http, shutdown, telemetry};
 use evgrid_dispatcher::Config;
 
 /// Routes EV charge requests from ev.requests to substations by a routing policy (--policy).
@@ -26,18 +25,13 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Bad config: one line and status 2, before anything is bound.
     let cli: Cli = parse_or_exit();
-    telemetry::init(cli.log.log_format);
-    match start(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("evgrid-dispatcher: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn start(cli: Cli) -> anyhow::Result<()> {
-    let listener = http::bind(cli.listen).await?;
-    evgrid_dispatcher::run(cli.config, listener, shutdown::on_signals()).await
+    evgrid_common::service::main(
+        "evgrid-dispatcher",
+        cli.listen,
+        &cli.log,
+        |listener, shutdown| evgrid_dispatcher::run(cli.config, listener, shutdown),
+    )
+    .await
 }

@@ -27,19 +27,13 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Bad config: one line and status 2, before anything is bound.
     let cli: Cli = evgrid_common::config::parse_or_exit();
-    evgrid_common::telemetry::init(cli.log.log_format);
-    match serve(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("evgrid-ingest: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(cli: Cli) -> anyhow::Result<()> {
-    let listener = evgrid_common::http::bind(cli.listen).await?;
-    let shutdown = evgrid_common::shutdown::on_signals();
-    evgrid_ingest::run(cli.config, listener, shutdown).await
+    evgrid_common::service::main(
+        "evgrid-ingest",
+        cli.listen,
+        &cli.log,
+        |listener, shutdown| evgrid_ingest::run(cli.config, listener, shutdown),
+    )
+    .await
 }

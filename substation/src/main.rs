@@ -27,18 +27,11 @@ struct Cli {
 async fn main() -> ExitCode {
     // Bad config: one line and status 2, before anything is bound.
     let cli: Cli = evgrid_common::config::parse_or_exit();
-    evgrid_common::telemetry::init(cli.log.log_format);
-    match serve(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("evgrid-substation: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(cli: Cli) -> anyhow::Result<()> {
-    let listener = evgrid_common::http::bind(cli.listen).await?;
-    let shutdown = evgrid_common::shutdown::on_signals();
-    evgrid_substation::run(cli.config, listener, shutdown).await
+    evgrid_common::service::main(
+        "evgrid-substation",
+        cli.listen,
+        &cli.log,
+        |listener, shutdown| evgrid_substation::run(cli.config, listener, shutdown),
+    )
+    .await
 }

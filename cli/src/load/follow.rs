@@ -17,7 +17,6 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use evgrid_common::messages::{SessionEvent, SessionEventKind};
 use evgrid_common::{headers, heartbeats, streams, subjects};
-use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -343,67 +342,23 @@ fn on_rejected(tracker: &Tracker, observations: &Mutex<Observations>, msg: &jets
 }
 
 /// Calls `on` for every message of `stream` matching `filter` from sequence `from` on, until
-/// `stop`. An ordered consumer (no acks, no server-side state to clean up); rebuilt with backoff
-/// after the last sequence seen when it fails.
+/// `stop`; after a failure the rebuilt consumer goes on after the last message seen.
 async fn follow_stream(
     js: jetstream::Context,
     stream: &'static str,
     filter: &'static str,
-    mut from: u64,
-    stop: CancellationToken,
-    mut on: impl FnMut(&jetstream::Message) + Send,
-) {
-    let mut backoff = Duration::from_millis(100);
-    while !stop.is_cancelled() {
-        match open(&js, stream, filter, from).await {
-            Ok(mut messages) => loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    next = messages.next() => next,
-                };
-                match next {
-                    Some(Ok(msg)) => {
-                        backoff = Duration::from_millis(100);
-                        if let Ok(info) = msg.info() {
-                            from = info.stream_sequence + 1;
-                        }
-                        on(&msg);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(stream, error = %e, "consumer failed; rebuilding");
-                        break;
-                    }
-                    None => break,
-                }
-            },
-            Err(e) => tracing::warn!(stream, error = %e, "cannot follow yet; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn open(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
     from: u64,
-) -> Result<consumer::pull::Ordered, async_nats::Error> {
-    let consumer = js
-        .get_stream(stream)
-        .await?
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.into(),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
-        .await?;
-    Ok(consumer.messages().await?)
+    stop: CancellationToken,
+    on: impl FnMut(&jetstream::Message) + Send,
+) {
+    let config = |next: u64| consumer::pull::OrderedConfig {
+        filter_subject: filter.into(),
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: next.max(from),
+        },
+        ..Default::default()
+    };
+    evgrid_common::nats::follow_ordered(&js, stream, config, &stop, on).await
 }
 
 #[cfg(test)]

@@ -131,40 +131,15 @@ impl Pipeline {
         format!("http://{}{path}", self.ingest)
     }
 
-    /// Ready = ingest ready and every substation `up` in the live view.
     async fn wait_until_grid_is_up(&self) {
-        let expected = self.substations.len();
-        eventually(
+        let api = format!("http://{}", self.ingest);
+        wait_until_grid_is_up(
+            &self.http,
+            &api,
+            self.substations.len(),
             Duration::from_secs(20),
-            Duration::from_millis(50),
-            || async {
-                let ready = self
-                    .http
-                    .get(self.url("/readyz"))
-                    .send()
-                    .await
-                    .ok()?
-                    .status()
-                    .is_success();
-                let view: serde_json::Value = self
-                    .http
-                    .get(self.url("/v1/substations"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                let up = view
-                    .as_array()?
-                    .iter()
-                    .filter(|s| s["status"] == "up")
-                    .count();
-                (ready && up == expected).then_some(())
-            },
         )
-        .await
-        .expect("pipeline did not come up within 20 s");
+        .await;
     }
 
     /// Stops every service as SIGTERM would and requires each to return `Ok` within 10 s.
@@ -180,4 +155,41 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Waits until the ingest at `api` is ready and its live view shows `substations` substations
+/// `up`, for at most `within`.
+pub async fn wait_until_grid_is_up(
+    http: &reqwest::Client,
+    api: &str,
+    substations: usize,
+    within: Duration,
+) {
+    eventually(within, Duration::from_millis(50), || async {
+        let ready = http
+            .get(format!("{api}/readyz"))
+            .send()
+            .await
+            .ok()?
+            .status()
+            .is_success();
+        let view: serde_json::Value = http
+            .get(format!("{api}/v1/substations"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let up = view
+            .as_array()?
+            .iter()
+            .filter(|s| s["status"] == "up")
+            .count();
+        (ready && up == substations).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("the grid is not ready with {substations} substations up within {within:?}")
+    });
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use evgrid_test_support::{eventually, nats_server_bin};
+use evgrid_test_support::nats_server_bin;
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -166,35 +166,7 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     let (api, nats) = (up.banner("API (ingest)"), up.banner("NATS"));
 
     let http = reqwest::Client::new();
-    eventually(
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || async {
-            let ready = http
-                .get(format!("{api}/readyz"))
-                .send()
-                .await
-                .ok()?
-                .status()
-                .is_success();
-            let view: serde_json::Value = http
-                .get(format!("{api}/v1/substations"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let up = view
-                .as_array()?
-                .iter()
-                .filter(|s| s["status"] == "up")
-                .count();
-            (ready && up == 3).then_some(())
-        },
-    )
-    .await
-    .expect("the grid is ready with 3 substations");
+    crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(30)).await;
 
     let client = async_nats::connect(&nats).await.unwrap();
     let mut completed = client.subscribe("ev.sessions.*.completed").await.unwrap();

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use chrono::Utc;
 use evgrid_common::headers;
 use evgrid_common::messages::{RequestRecord, RequestState, request_id_from_sequence};
@@ -24,16 +25,30 @@ fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
     )
 }
 
-async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
-    let kv = app
-        .js
+async fn state_bucket(app: &helpers::TestApp) -> kv::Store {
+    app.js
         .get_key_value(streams::REQUEST_STATE_BUCKET)
         .await
-        .unwrap();
-    kv.get(id.to_string())
+        .unwrap()
+}
+
+async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
+    state_bucket(app)
+        .await
+        .get(id.to_string())
         .await
         .unwrap()
         .map(|v| serde_json::from_slice(&v).unwrap())
+}
+
+/// The next state a watch on the request-state bucket sees, within [`WAIT`].
+async fn next_record(watch: &mut kv::Watch) -> RequestRecord {
+    let entry = tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("a state in time")
+        .unwrap()
+        .unwrap();
+    serde_json::from_slice(&entry.value).unwrap()
 }
 
 #[tokio::test]
@@ -195,21 +210,15 @@ async fn a_request_waits_queued_until_a_substation_is_up() {
     let mut app = spawn_app().await;
     let mut dispatches = app.subscribe("ev.dispatch.>").await;
     let id = Uuid::new_v4();
-    let kv = app
-        .js
-        .get_key_value(streams::REQUEST_STATE_BUCKET)
+    let mut state = state_bucket(&app)
+        .await
+        .watch(id.to_string())
         .await
         .unwrap();
-    let mut state = kv.watch(id.to_string()).await.unwrap();
 
     app.publish_request(request(id, 20.0, 11.0)).await;
 
-    let entry = tokio::time::timeout(WAIT, state.next())
-        .await
-        .expect("queued state in time")
-        .unwrap()
-        .unwrap();
-    let queued: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
+    let queued = next_record(&mut state).await;
     assert_eq!(queued.state, RequestState::Queued);
     assert_eq!(queued.request_id, id);
     // Deferred (that is what wrote the state) and nothing up to send it to.
@@ -226,11 +235,7 @@ async fn a_request_waits_queued_until_a_substation_is_up() {
 #[tokio::test]
 async fn a_redelivery_of_a_request_already_taken_is_acked_without_deciding_again() {
     let mut app = spawn_app().await;
-    let kv = app
-        .js
-        .get_key_value(streams::REQUEST_STATE_BUCKET)
-        .await
-        .unwrap();
+    let kv = state_bucket(&app).await;
     // Nothing is up: both requests are deferred (delivery 1 writes `queued`). One of them
     // leaves soon, so its next delivery would be rejected as `departure_passed`.
     let plain = Uuid::new_v4();
@@ -244,12 +249,7 @@ async fn a_redelivery_of_a_request_already_taken_is_acked_without_deciding_again
     .await;
     for id in [plain, leaving] {
         let mut state = kv.watch_with_history(id.to_string()).await.unwrap();
-        let entry = tokio::time::timeout(WAIT, state.next())
-            .await
-            .expect("queued state in time")
-            .unwrap()
-            .unwrap();
-        let queued: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
+        let queued = next_record(&mut state).await;
         assert_eq!(queued.state, RequestState::Queued);
         // What an earlier delivery's dispatch leads to, when only its ack was lost: the
         // substation took the request and records it charging.
