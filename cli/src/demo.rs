@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use chrono::Utc;
-use evgrid_common::{messages::ChargeRequest, subjects};
+use evgrid_model::{messages::ChargeRequest, subjects};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -27,12 +27,12 @@ pub fn default_trace() -> PathBuf {
 }
 
 fn samples() -> Vec<Sample> {
-    match crate::trace::read(default_trace()) {
+    match evgrid_sim::trace::read(default_trace()) {
         Ok(sessions) => sessions
             .into_iter()
             .filter(|s| s.energy_kwh > 0.0 && s.departure > s.arrival)
             .map(|s| Sample {
-                energy_kwh: s.energy_kwh.min(evgrid_common::validate::ENERGY_KWH_MAX),
+                energy_kwh: s.energy_kwh.min(evgrid_model::validate::ENERGY_KWH_MAX),
                 stay: s.departure - s.arrival,
             })
             .collect(),

@@ -4,7 +4,5 @@
 mod demo;
 pub mod load;
 mod prometheus;
-pub mod sim;
 mod status;
-pub mod trace;
 pub mod up;

@@ -25,7 +25,7 @@ enum Command {
     /// Drive charge requests at a deployment (HTTP or NATS) and report throughput and latency.
     Load(Box<evgrid::load::LoadArgs>),
     /// Simulate routing and power allocation policies on real or synthetic workloads.
-    Sim(Box<evgrid::sim::SimArgs>),
+    Sim(Box<evgrid_sim::SimArgs>),
 }
 
 #[tokio::main]
@@ -37,7 +37,7 @@ async fn main() -> std::process::ExitCode {
             .await
             .map(|()| std::process::ExitCode::SUCCESS),
         Command::Load(args) => evgrid::load::main(*args).await,
-        Command::Sim(args) => evgrid::sim::main(*args),
+        Command::Sim(args) => evgrid_sim::main(*args),
     };
     match result {
         Ok(code) => code,

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use evgrid_common::heartbeats::{self, Observed};
+use evgrid_common::heartbeats;
 use evgrid_common::streams;
+use evgrid_model::liveness::Observed;
 use tokio_util::sync::CancellationToken;
 
 /// Prints the live line every 2 s (in place on a terminal) until `shutdown`.

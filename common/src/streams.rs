@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 
-use crate::subjects;
+use evgrid_model::subjects;
 
 pub const REQUESTS: &str = "EV_REQUESTS";
 pub const DISPATCH: &str = "EV_DISPATCH";
@@ -21,7 +21,7 @@ pub const LIMITS: &str = "EV_LIMITS";
 /// Limit messages kept per substation. A starting substation replays them in order, ignoring
 /// invalid ones as a running one does, so one bad message cannot erase the limit in force.
 pub const LIMIT_HISTORY: i64 = 64;
-/// Key-value bucket: request id → [`crate::messages::RequestRecord`].
+/// Key-value bucket: request id → [`evgrid_model::messages::RequestRecord`].
 pub const REQUEST_STATE_BUCKET: &str = "EV_REQUEST_STATE";
 /// The dispatcher's durable pull consumer on `EV_REQUESTS`, shared by all dispatcher instances.
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";

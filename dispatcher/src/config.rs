@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use evgrid_common::config::{DEFAULT_NATS_URL, NatsArgs, parse_duration};
 
-use crate::decision::Policy;
+use evgrid_model::decision::Policy;
 
 /// Publishes awaiting their PubAck at once. Measured on 2 cores, JetStream publishes reach
 /// ~93k/s with 64 acks in flight, ~106k/s with 256 and ~120k/s with 1024: past 256 little is

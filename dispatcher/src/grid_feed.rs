@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::Utc;
-use evgrid_common::heartbeats::{self, Observed};
-use evgrid_common::{streams, subjects};
+use evgrid_common::heartbeats;
+use evgrid_common::streams;
+use evgrid_model::liveness::Observed;
+use evgrid_model::subjects;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::decision::Grid;
 use crate::metrics::Metrics;
 use crate::request::lock;
+use evgrid_model::decision::Grid;
 
 /// Heartbeat ages move every second; so do these gauges.
 const GRID_GAUGES_EVERY: Duration = Duration::from_secs(1);

@@ -5,12 +5,11 @@
 //! grid from the substations' heartbeats (`ev.telemetry.<id>`, with their projections), and for
 //! each request either publishes an assignment to the substation its `--policy` picks (then
 //! acks), lets it wait in the stream (nak with a delay), or publishes it to `ev.rejected` (then
-//! terminates it). The decision itself is the pure [`decision::decide`]; docs/dispatch.md
+//! terminates it). The decision itself is the pure [`evgrid_model::decision::decide`]; docs/dispatch.md
 //! describes the policies and how `evgrid sim` compares them.
 
 pub mod config;
 mod consumer;
-pub mod decision;
 mod grid_feed;
 pub mod metrics;
 mod pull;
@@ -29,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-pub use decision::Policy;
+pub use evgrid_model::decision::Policy;
 
-use crate::decision::Grid;
 use crate::metrics::Metrics;
 use crate::request::Handler;
+use evgrid_model::decision::Grid;
 
 /// The client name the dispatcher shows the NATS server.
 pub const CLIENT_NAME: &str = "evgrid-dispatcher";

@@ -3,8 +3,8 @@
 //! `ev.requests` and `ev.dispatch.<id>`: these count its decisions, what it rejected, how fast it
 //! decides and publishes, the substations it sees, and the backlog of its JetStream consumer.
 
-use evgrid_common::messages::RejectReason;
 use evgrid_common::metrics::register;
+use evgrid_model::messages::RejectReason;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry,
 };

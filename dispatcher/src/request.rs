@@ -18,18 +18,18 @@ use async_nats::jetstream::message::{Message, PublishMessage};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
-use evgrid_common::headers;
-use evgrid_common::messages::{
+use evgrid_model::headers;
+use evgrid_model::messages::{
     ChargeRequest, Dispatch, RejectReason, RequestRecord, RequestState, request_id_from_sequence,
 };
-use evgrid_common::subjects;
-use evgrid_common::validate::{RequestError, parse_charge_request};
+use evgrid_model::subjects;
+use evgrid_model::validate::{RequestError, parse_charge_request};
 use rand::rngs::SmallRng;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::decision::{Decision, DeferReason, Demand, Grid, Policy, Ticket, decide};
 use crate::metrics::{Metrics, NO_SUBSTATION, outcome};
+use evgrid_model::decision::{Decision, DeferReason, Demand, Grid, Policy, Ticket, decide};
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;

@@ -5,7 +5,7 @@
 //! Problem `type`s are a small fixed set of URIs under `https://evgrid.dev/problems/`,
 //! documented in `docs/api.md` and `docs/openapi.yaml`.
 
-use evgrid_common::validate::{FieldError, RequestError};
+use evgrid_model::validate::{FieldError, RequestError};
 use serde::Serialize;
 use uuid::Uuid;
 use warp::http::{HeaderValue, StatusCode, header};

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
-use evgrid_common::messages::{ChargeRequest, RequestRecord, RequestState};
+use evgrid_model::messages::{ChargeRequest, RequestRecord, RequestState};
 use uuid::Uuid;
 
 const SHARDS: usize = 16;

@@ -1,9 +1,9 @@
 //! Reading a `POST /v1/charge-requests` off the wire, before the shared validation
-//! (`evgrid_common::validate`) sees its body: the content type, the 64 KiB body limit, and which
+//! (`evgrid_model::validate`) sees its body: the content type, the 64 KiB body limit, and which
 //! request id the request names (`Idempotency-Key` header, body `request_id`, or a new one).
 
 use bytes::{Buf, Bytes, BytesMut};
-use evgrid_common::messages::request_id_from_idempotency_key;
+use evgrid_model::messages::request_id_from_idempotency_key;
 use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn contradicting_or_empty_keys_are_field_errors() {
-        use evgrid_common::validate::RequestError;
+        use evgrid_model::validate::RequestError;
         let field = |r: Result<Uuid, ApiError>| match r {
             Err(ApiError::Request(RequestError::Invalid(errors))) => errors[0].field.clone(),
             other => panic!("expected a field error, got {other:?}"),

@@ -5,8 +5,8 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use async_nats::jetstream::{kv, stream};
 use chrono::{DateTime, Utc};
-use evgrid_common::heartbeats::Observed;
 use evgrid_common::nats::Nats;
+use evgrid_model::liveness::Observed;
 
 use crate::metrics::Metrics;
 use crate::problem::ApiError;

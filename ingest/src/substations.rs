@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 
 use chrono::{DateTime, Utc};
-use evgrid_common::heartbeats::Observed;
+use evgrid_model::liveness::Observed;
 use serde::Serialize;
 
 /// The newest heartbeat per substation, ordered by substation id.
@@ -76,7 +76,7 @@ impl Grid {
 #[cfg(test)]
 mod tests {
     use chrono::Duration;
-    use evgrid_common::messages::Heartbeat;
+    use evgrid_model::messages::Heartbeat;
 
     use super::*;
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use evgrid_common::config::{NatsArgs, parse_duration, parse_positive};
-use evgrid_common::subjects::valid_substation_id;
+use evgrid_model::subjects::valid_substation_id;
 
-use crate::charging::Allocation;
+use evgrid_model::charging::Allocation;
 
 /// Default capacity: a typical fast-charging site.
 pub const DEFAULT_CAPACITY_KW: f64 = 150.0;

@@ -6,10 +6,10 @@
 //! route by it. Cars leave at their departure; grid operators change the capacity at run time
 //! on `ev.limits.<id>`.
 //!
-//! [`charging`] is the pure model (also used by the simulator); [`run`] is the live service
+//! The pure charging model is `evgrid_model::charging` (also run by the simulator); [`run`] is
+//! the live service
 //! around it. docs/substation.md describes both.
 
-pub mod charging;
 pub mod config;
 mod limits;
 mod live;

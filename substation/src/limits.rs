@@ -6,44 +6,15 @@
 //!
 //! Stream `EV_LIMITS` keeps the last messages per substation: a starting substation replays
 //! them in order (invalid ones ignored, as a running substation ignores them) before it charges,
-//! then follows new ones. [`resolve`] is the pure rule; [`LimitFeed`] the NATS side.
+//! then follows new ones. [`evgrid_model::limits::resolve`] is the pure rule; [`LimitFeed`] the NATS side.
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use evgrid_common::messages::Limit;
-use evgrid_common::{streams, subjects};
+use evgrid_common::streams;
+use evgrid_model::subjects;
 
 use crate::reopen::Reopening;
-
-/// The capacity a limit puts in force at `now`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct InForce {
-    pub capacity_kw: f64,
-    /// When to go back to the configured capacity; `None` = until the next message.
-    pub until: Option<DateTime<Utc>>,
-}
-
-impl InForce {
-    /// No limit: the configured capacity.
-    pub fn configured(configured_kw: f64) -> Self {
-        Self {
-            capacity_kw: configured_kw,
-            until: None,
-        }
-    }
-}
-
-/// What `limit`, received at `now`, puts in force: its capacity until its `until`, or the
-/// configured capacity when it has none (`null`) or its `until` has already passed.
-pub(crate) fn resolve(limit: &Limit, configured_kw: f64, now: DateTime<Utc>) -> InForce {
-    match (limit.capacity_kw, limit.until) {
-        (Some(_), Some(until)) if until <= now => InForce::configured(configured_kw),
-        (Some(capacity_kw), until) => InForce { capacity_kw, until },
-        (None, _) => InForce::configured(configured_kw),
-    }
-}
 
 /// One limit message: its body and its `EV_LIMITS` sequence (a message seen twice, at start and
 /// again from the consumer, is applied once).
@@ -114,42 +85,4 @@ async fn open(
         })
         .await?;
     Ok(consumer.messages().await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(hour: u32) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + i64::from(hour) * 3600, 0).unwrap()
-    }
-
-    #[test]
-    fn a_limit_holds_until_its_end_or_the_next_message() {
-        let limit =
-            |capacity_kw: Option<f64>, until: Option<DateTime<Utc>>| Limit { capacity_kw, until };
-        assert_eq!(
-            resolve(&limit(Some(80.0), Some(at(2))), 150.0, at(1)),
-            InForce {
-                capacity_kw: 80.0,
-                until: Some(at(2))
-            }
-        );
-        assert_eq!(
-            resolve(&limit(Some(80.0), None), 150.0, at(1)),
-            InForce {
-                capacity_kw: 80.0,
-                until: None
-            }
-        );
-        // Raising above the configured capacity is the operator's call.
-        assert_eq!(
-            resolve(&limit(Some(200.0), None), 150.0, at(1)).capacity_kw,
-            200.0
-        );
-        // Already over, or lifted: the configured capacity.
-        for lifted in [limit(Some(80.0), Some(at(1))), limit(None, Some(at(5)))] {
-            assert_eq!(resolve(&lifted, 150.0, at(1)), InForce::configured(150.0));
-        }
-    }
 }

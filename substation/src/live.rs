@@ -32,19 +32,21 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use evgrid_common::http::Readiness;
-use evgrid_common::messages::{
+use evgrid_common::nats::{self, NatsError};
+use evgrid_common::streams;
+use evgrid_model::messages::{
     Dispatch, Heartbeat, Limit, RequestRecord, RequestState, SessionEvent, SessionEventKind,
     SessionOutcome, SessionReport, Telemetry,
 };
-use evgrid_common::nats::{self, NatsError};
-use evgrid_common::{headers, streams, subjects};
+use evgrid_model::{headers, subjects};
 
 use crate::Config;
-use crate::charging::{Arrival, Event, EventKind, Station};
-use crate::limits::{self, InForce, LimitFeed};
+use crate::limits::{self, LimitFeed};
 use crate::metrics::Metrics;
 use crate::publisher::{Publisher, Write};
 use crate::reopen::Reopening;
+use evgrid_model::charging::{Arrival, Event, EventKind, Station};
+use evgrid_model::limits::{InForce, resolve};
 
 /// Progress acks go out this often, well within the consumer's ack wait.
 const PROGRESS_EVERY: Duration = Duration::from_secs(streams::SUBSTATION_ACK_WAIT.as_secs() / 3);
@@ -533,7 +535,7 @@ impl Substation {
         self.limit_seq = self.limit_seq.max(received.seq);
         match Limit::parse(&received.payload) {
             Ok(limit) => {
-                let in_force = limits::resolve(&limit, self.configured_capacity_kw, Utc::now());
+                let in_force = resolve(&limit, self.configured_capacity_kw, Utc::now());
                 tracing::info!(
                     capacity_kw = in_force.capacity_kw,
                     until = ?in_force.until,

@@ -10,7 +10,7 @@ use prometheus::{
 
 use evgrid_common::metrics::register;
 
-use crate::charging::Snapshot;
+use evgrid_model::charging::Snapshot;
 
 const WATTS_PER_KW: f64 = 1000.0;
 const JOULES_PER_KWH: f64 = 3.6e6;

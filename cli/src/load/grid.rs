@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use evgrid_common::heartbeats::STALE_AFTER_INTERVALS;
+use evgrid_model::liveness::STALE_AFTER_INTERVALS;
 
 /// Windows with fewer dispatches than this say nothing about herding.
 pub const HERD_MIN_DISPATCHES: usize = 10;

@@ -25,8 +25,9 @@ use async_nats::jetstream;
 use chrono::Utc;
 use clap::ArgGroup;
 use evgrid_common::config::{DEFAULT_NATS_URL, parse_nats_url, parse_positive};
-use evgrid_common::validate::{ENERGY_KWH_MAX, MAX_POWER_KW_MAX};
-use evgrid_common::{nats, subjects};
+use evgrid_common::nats;
+use evgrid_model::subjects;
+use evgrid_model::validate::{ENERGY_KWH_MAX, MAX_POWER_KW_MAX};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -298,7 +299,7 @@ fn plan(args: &LoadArgs) -> anyhow::Result<(Mix, Schedule, Option<u64>)> {
     if !args.trace.is_empty() {
         let mut sessions = Vec::new();
         for path in &args.trace {
-            sessions.extend(crate::trace::read(path)?);
+            sessions.extend(evgrid_sim::trace::read(path)?);
         }
         let plan = TracePlan::new(
             sessions,

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use uuid::Uuid;
 
 use super::dist::Distribution;
-use crate::trace::Session;
+use evgrid_sim::trace::Session;
 
 /// The parameters of one request, before it is stamped with an id and a send time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -218,7 +218,7 @@ pub fn encode(buf: &mut Vec<u8>, id: Uuid, i: u64, spec: &RequestSpec, now: Date
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evgrid_common::validate::{ENERGY_KWH_MAX, parse_charge_request};
+    use evgrid_model::validate::{ENERGY_KWH_MAX, parse_charge_request};
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().to_utc()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
-use evgrid_common::subjects;
+use evgrid_model::subjects;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use uuid::Uuid;
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::pipeline::{Options, Pipeline};
-use evgrid_common::messages::{Heartbeat, SessionEvent};
+use evgrid_model::messages::{Heartbeat, SessionEvent};
 use futures::StreamExt;
 use uuid::Uuid;
 
@@ -198,7 +198,7 @@ async fn raw_nats_requests_complete_and_garbage_is_rejected() {
     assert_eq!(event.vehicle_id, "ev-raw");
     assert_eq!(
         event.request_id,
-        evgrid_common::messages::request_id_from_sequence(3)
+        evgrid_model::messages::request_id_from_sequence(3)
     );
     pipeline.stop().await;
 }

@@ -49,7 +49,7 @@ async fn a_third_party_client_submits_follows_reads_and_replays_a_request() {
     let sequence = seen["replayed_sequence"].as_u64().unwrap();
     assert_eq!(
         completed["request_id"],
-        evgrid_common::messages::request_id_from_sequence(sequence).to_string()
+        evgrid_model::messages::request_id_from_sequence(sequence).to_string()
     );
     let state = &seen["state"];
     assert_eq!(state["state"], "completed");

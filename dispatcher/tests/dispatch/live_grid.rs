@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use evgrid_common::config::NatsArgs;
 use evgrid_dispatcher::Policy;
-use evgrid_substation::charging::Allocation;
+use evgrid_model::charging::Allocation;
 use evgrid_test_support::NatsServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

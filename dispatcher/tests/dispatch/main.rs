@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use chrono::Utc;
-use evgrid_common::headers;
-use evgrid_common::messages::{RequestRecord, RequestState, request_id_from_sequence};
 use evgrid_common::streams;
 use evgrid_dispatcher::Policy;
+use evgrid_model::headers;
+use evgrid_model::messages::{RequestRecord, RequestState, request_id_from_sequence};
 use futures::{FutureExt, StreamExt};
 use helpers::{WAIT, header, next_dispatch, spawn_app, spawn_app_with, start_dispatcher};
 use uuid::Uuid;

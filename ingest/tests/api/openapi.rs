@@ -221,7 +221,7 @@ fn the_request_schema_says_what_the_validation_says() {
         json!({"vehicle_id": "ev", "energy_kwh": 30, "max_power_kw": 11, "request_id": "x"}),
         json!({"vehicle_id": "ev", "energy_kwh": 30, "max_power_kw": 11, "departure": "soon"}),
     ] {
-        let rules = evgrid_common::validate::parse_charge_request(body.to_string().as_bytes(), now);
+        let rules = evgrid_model::validate::parse_charge_request(body.to_string().as_bytes(), now);
         assert_eq!(
             schema.is_valid(&body),
             rules.is_ok(),

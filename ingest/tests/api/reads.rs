@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use evgrid_common::messages::{Heartbeat, RequestRecord, RequestState};
+use evgrid_model::messages::{Heartbeat, RequestRecord, RequestState};
 use evgrid_test_support::{NatsServer, eventually};
 use serde_json::Value;
 use uuid::Uuid;

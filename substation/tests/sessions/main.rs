@@ -5,10 +5,10 @@ mod helpers;
 
 use std::time::{Duration, Instant};
 
-use evgrid_common::messages::{
+use evgrid_common::streams;
+use evgrid_model::messages::{
     ChargeRequest, RequestRecord, RequestState, SessionEventKind, SessionOutcome, SessionReport,
 };
-use evgrid_common::streams;
 use helpers::{Grid, Running, WAIT, dispatch, sample};
 
 #[tokio::test]
@@ -369,7 +369,7 @@ async fn a_nats_restart_mid_session_does_not_stop_the_substation() {
     for d in [&before, &after] {
         let record = evgrid_test_support::eventually(WAIT, Duration::from_millis(50), || async {
             let value = grid.kv.get(d.request_id.to_string()).await.ok()??;
-            let record: evgrid_common::messages::RequestRecord =
+            let record: evgrid_model::messages::RequestRecord =
                 serde_json::from_slice(&value).ok()?;
             (record.state == RequestState::Completed).then_some(record)
         })

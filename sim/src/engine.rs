@@ -24,10 +24,10 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use evgrid_common::heartbeats::Observed;
-use evgrid_common::messages::Heartbeat;
-use evgrid_dispatcher::decision::{Decision, Demand, Grid, Policy, decide, hours_to_deliver};
-use evgrid_substation::charging::{Allocation, Arrival, Event, EventKind, LoadPoint, Station};
+use evgrid_model::charging::{Allocation, Arrival, Event, EventKind, LoadPoint, Station};
+use evgrid_model::decision::{Decision, Demand, Grid, Policy, decide, hours_to_deliver};
+use evgrid_model::liveness::Observed;
+use evgrid_model::messages::Heartbeat;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use uuid::Uuid;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use evgrid_substation::charging::LoadPoint;
+use evgrid_model::charging::LoadPoint;
 
 /// Panels drawn at most: a plot of hundreds of substations is unreadable anyway.
 pub const MAX_PANELS: usize = 12;

@@ -11,7 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, Timelike, Utc};
-use evgrid_common::SECONDS_PER_HOUR;
+use evgrid_model::SECONDS_PER_HOUR;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,15 +1,16 @@
-//! `evgrid sim`: a deterministic discrete-event simulator of the whole pipeline (ingest →
+//! `evgrid-sim`, the library behind `evgrid sim`: a deterministic discrete-event simulator of the whole pipeline (ingest →
 //! dispatcher → substation) that runs the very decision and allocation code of the live
 //! services on real or synthetic workloads, and compares routing policies × power allocation
 //! policies against the pooled reference (one substation holding the combined capacity: what
 //! routing could reach if the grid were one bus). docs/dispatch.md has the results and the
 //! commands that reproduce them.
 //!
-//! [`workload`] builds the requests, [`engine`] simulates, [`report`] prints, [`plot`] draws.
+//! [`trace`] reads ACN charging sessions, [`workload`] builds the requests, [`engine`] simulates, [`report`] prints, [`plot`] draws.
 
 pub mod engine;
 pub mod plot;
 pub mod report;
+pub mod trace;
 pub mod workload;
 
 use std::fmt;
@@ -22,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use evgrid_common::config::{parse_duration, parse_positive};
-use evgrid_dispatcher::decision::Policy;
-use evgrid_substation::charging::Allocation;
+use evgrid_model::charging::Allocation;
+use evgrid_model::decision::Policy;
 
 use engine::{Run, Setup, simulate};
 use report::{Report, Row};

@@ -3,16 +3,16 @@
 //! heartbeat, a projection and a few assignments in flight, as the live dispatcher holds them.
 //! Criterion prints the throughput as `elem/s`: decisions per second on one core.
 //!
-//! `cargo bench -p evgrid-dispatcher --bench decision`
+//! `cargo bench -p evgrid-model --bench decision`
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use evgrid_common::heartbeats::Observed;
-use evgrid_common::messages::{Heartbeat, PROJECTION_HORIZONS_S, Projection};
-use evgrid_dispatcher::decision::{Demand, Grid, Policy, decide};
+use evgrid_model::decision::{Demand, Grid, Policy, decide};
+use evgrid_model::liveness::Observed;
+use evgrid_model::messages::{Heartbeat, PROJECTION_HORIZONS_S, Projection};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 

@@ -15,10 +15,10 @@
 
 use std::sync::Arc;
 
+use crate::SECONDS_PER_HOUR;
+use crate::liveness::{Observed, STALE_AFTER_INTERVALS};
+use crate::messages::{ChargeRequest, PROJECTION_HORIZONS_S, Projection, RejectReason};
 use chrono::{DateTime, Utc};
-use evgrid_common::SECONDS_PER_HOUR;
-use evgrid_common::heartbeats::{Observed, STALE_AFTER_INTERVALS};
-use evgrid_common::messages::{ChargeRequest, PROJECTION_HORIZONS_S, Projection, RejectReason};
 use rand::Rng;
 
 /// Number of departure horizons of the predictive outlook ([`PROJECTION_HORIZONS_S`]).
@@ -28,7 +28,8 @@ const HORIZONS: usize = PROJECTION_HORIZONS_S.len();
 ///
 /// Every policy shares the rules of [`decide`] that do not depend on the choice (nothing up →
 /// defer, undeliverable → reject). docs/dispatch.md compares them on real data.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Policy {
     /// Each up substation in turn, whatever its load (a baseline): never defers for lack of
     /// room, the substation queues.
@@ -791,8 +792,8 @@ fn hours_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 mod tests {
     use std::collections::BTreeMap;
 
+    use crate::messages::Heartbeat;
     use chrono::Duration;
-    use evgrid_common::messages::Heartbeat;
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
 

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use evgrid_dispatcher::decision::Policy;
-use evgrid_substation::charging::Allocation;
+use evgrid_model::charging::Allocation;
+use evgrid_model::decision::Policy;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

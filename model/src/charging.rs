@@ -13,8 +13,8 @@
 //! arrival, completion, departure and capacity change, and at least every
 //! [`REALLOCATE_EVERY_S`] simulated seconds.
 
-use evgrid_common::SECONDS_PER_HOUR;
-use evgrid_common::messages::{PROJECTION_HORIZONS_S, Projection};
+use crate::SECONDS_PER_HOUR;
+use crate::messages::{PROJECTION_HORIZONS_S, Projection};
 use uuid::Uuid;
 
 /// Energy left below this (kWh) counts as delivered: float noise of integrating power over time.
@@ -38,7 +38,8 @@ const OVERLOAD_TOLERANCE: f64 = 1e-9;
 /// Every policy obeys the same two limits: the sum never exceeds the capacity, and no car gets
 /// more than its max power. Every policy is work-conserving: a car is held below its max power
 /// only while the whole capacity is in use.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Allocation {
     /// Water-filling: every car gets the same power, capped at its max; what a capped car
     /// leaves is shared among the others.
