@@ -21,9 +21,9 @@ pub async fn live_line(nats_url: String, shutdown: CancellationToken) {
     let grid: Arc<Mutex<BTreeMap<String, Observed>>> = Arc::default();
     let follower = {
         let grid = grid.clone();
-        let js = nats.js.clone();
+        let nats = nats.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(heartbeats::follow(js, shutdown, move |o| {
+        tokio::spawn(heartbeats::follow(nats, shutdown, move |o| {
             grid.lock()
                 .expect("status map")
                 .insert(o.heartbeat.substation_id.clone(), o);

@@ -5,12 +5,13 @@
 //! An ordered consumer delivering the last heartbeat per substation first, then every new one,
 //! gives a starting component the whole grid at once, without waiting a heartbeat interval.
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::consumer;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use serde::de::DeserializeOwned;
 
+use crate::nats::Nats;
 use crate::streams;
 use evgrid_model::liveness::Observed;
 use evgrid_model::messages::Telemetry;
@@ -19,12 +20,8 @@ use evgrid_model::{messages::Heartbeat, subjects};
 /// Calls `on` for every heartbeat (the last of each substation first, then live ones) until
 /// `shutdown`. Survives server restarts: the consumer is rebuilt with backoff, replaying the
 /// last heartbeat per substation again (callers keep the newest by `seq`/`stored_at`).
-pub async fn follow(
-    js: jetstream::Context,
-    shutdown: CancellationToken,
-    mut on: impl FnMut(Observed),
-) {
-    follow_parsed(js, shutdown, |heartbeat: Heartbeat, stored_at| {
+pub async fn follow(nats: Nats, shutdown: CancellationToken, mut on: impl FnMut(Observed)) {
+    follow_parsed(nats, shutdown, |heartbeat: Heartbeat, stored_at| {
         on(Observed {
             heartbeat,
             stored_at,
@@ -36,11 +33,11 @@ pub async fn follow(
 /// [`follow`], with the additions substations send beside the heartbeat ([`Telemetry`]: the
 /// projection and the limit in force).
 pub async fn follow_telemetry(
-    js: jetstream::Context,
+    nats: Nats,
     shutdown: CancellationToken,
     mut on: impl FnMut(Observed, Telemetry),
 ) {
-    follow_parsed(js, shutdown, |telemetry: Telemetry, stored_at| {
+    follow_parsed(nats, shutdown, |telemetry: Telemetry, stored_at| {
         let observed = Observed {
             heartbeat: telemetry.heartbeat.clone(),
             stored_at,
@@ -51,7 +48,7 @@ pub async fn follow_telemetry(
 }
 
 async fn follow_parsed<T: DeserializeOwned>(
-    js: jetstream::Context,
+    nats: Nats,
     shutdown: CancellationToken,
     mut on: impl FnMut(T, DateTime<Utc>),
 ) {
@@ -62,7 +59,7 @@ async fn follow_parsed<T: DeserializeOwned>(
         deliver_policy: consumer::DeliverPolicy::LastPerSubject,
         ..Default::default()
     };
-    crate::nats::follow_ordered(&js, streams::TELEMETRY, config, &shutdown, |msg| {
+    crate::nats::follow_ordered(&nats, streams::TELEMETRY, "heartbeat feed", config, &shutdown, |msg| {
         let stored_at = msg
             .info()
             .ok()

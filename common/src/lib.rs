@@ -8,6 +8,7 @@
 //! re-declare: stream and consumer definitions, the NATS connection and its consumers, and what
 //! every binary shares (config flags, logs, metrics, ops HTTP endpoints, shutdown).
 
+pub mod backoff;
 pub mod config;
 pub mod heartbeats;
 pub mod http;

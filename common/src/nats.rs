@@ -1,15 +1,23 @@
-//! The NATS connection every service uses: named, reconnecting forever, with a watchable
-//! connection state (readiness) and a refusal of servers older than [`MIN_SERVER_VERSION`]; and
-//! [`follow_ordered`], the self-healing ordered consumer that heartbeat and event followers
-//! share.
+//! The NATS plumbing of every service: the connection ([`connect`]: named, reconnecting forever
+//! with jittered backoff, a watchable connection state for readiness and reconnect handling, and
+//! a refusal of servers older than [`MIN_SERVER_VERSION`]), and the two ways evgrid reads
+//! streams: the [`Intake`] of a durable pull consumer (work to do and ack: the dispatcher's
+//! requests, a substation's dispatches) and the self-healing [`OrderedFeed`] (what is only
+//! followed: heartbeats, limits, events). Durable consumers are kept as the code defines them by
+//! [`consumer::ensure`].
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
 use async_nats::{Client, ConnectOptions, Event, jetstream};
-use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+pub mod consumer;
+pub mod intake;
+pub mod ordered;
+
+pub use intake::{Intake, hand_back};
+pub use ordered::{OrderedFeed, follow_ordered};
 
 /// Oldest nats-server evgrid runs on: 2.10 added the consumer and stream fields (and the
 /// account info fields async-nats parses) the pipeline relies on; older servers ignore or
@@ -75,11 +83,9 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
-        // Reconnect quickly at first, then at most every 2 s: a restarted server is back in use
-        // within a couple of seconds.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * 2u64.saturating_pow(attempts.min(5) as u32)).min(2000))
-        })
+        // Reconnect quickly at first, then at most every 2 s (jittered, so a grid's services do
+        // not all return at once): a restarted server is back in use within a couple of seconds.
+        .reconnect_delay_callback(crate::backoff::for_attempt)
         .event_callback(move |event| {
             let tx = tx.clone();
             let url = log_url.clone();
@@ -145,60 +151,6 @@ pub fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
         (Some(a), Some(b), Some(c)) => (a, b, c) >= min,
         _ => false,
     }
-}
-
-/// Calls `on` for every message an ordered consumer on `stream` delivers, until `stop`. An
-/// ordered consumer keeps no server-side state to clean up; when it fails or ends (a server
-/// restart) it is rebuilt with backoff (100 ms doubling to 2 s) from `config(next)`, `next` being
-/// the stream sequence after the last message seen (0 before any).
-pub async fn follow_ordered(
-    js: &jetstream::Context,
-    stream: &str,
-    mut config: impl FnMut(u64) -> consumer::pull::OrderedConfig,
-    stop: &CancellationToken,
-    mut on: impl FnMut(&jetstream::Message),
-) {
-    let mut next = 0;
-    let mut backoff = Duration::from_millis(100);
-    while !stop.is_cancelled() {
-        match open_ordered(js, stream, config(next)).await {
-            Ok(mut messages) => loop {
-                let message = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    message = messages.next() => message,
-                };
-                match message {
-                    Some(Ok(msg)) => {
-                        backoff = Duration::from_millis(100);
-                        if let Ok(info) = msg.info() {
-                            next = info.stream_sequence + 1;
-                        }
-                        on(&msg);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(stream, error = %e, "consumer failed; rebuilding");
-                        break;
-                    }
-                    None => break,
-                }
-            },
-            Err(e) => tracing::warn!(stream, error = %e, "cannot follow yet; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn open_ordered(
-    js: &jetstream::Context,
-    stream: &str,
-    config: consumer::pull::OrderedConfig,
-) -> Result<consumer::pull::Ordered, async_nats::Error> {
-    let consumer = js.get_stream(stream).await?.create_consumer(config).await?;
-    Ok(consumer.messages().await?)
 }
 
 #[cfg(test)]

@@ -216,24 +216,7 @@ pub async fn ensure_until_done(
     r: &Retention,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Option<kv::Store> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return None,
-            attempt = ensure(js, r) => attempt,
-        };
-        match attempt {
-            Ok(bucket) => return Some(bucket),
-            Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "cannot set up the streams yet; retrying")
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
+    crate::backoff::retry("set up the streams", stop, || ensure(js, r)).await
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::Utc;
 use evgrid_common::heartbeats;
+use evgrid_common::nats::Nats;
 use evgrid_common::streams;
 use evgrid_model::liveness::Observed;
 use evgrid_model::subjects;
@@ -27,12 +28,12 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(3);
 /// Feeds every heartbeat into `grid` until `shutdown` (the last of each substation first, then
 /// live ones; rebuilt after server restarts).
 pub(crate) async fn follow_heartbeats(
-    js: jetstream::Context,
+    nats: Nats,
     grid: Arc<Mutex<Grid>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    heartbeats::follow_telemetry(js, shutdown, move |observed: Observed, telemetry| {
+    heartbeats::follow_telemetry(nats, shutdown, move |observed: Observed, telemetry| {
         let id = observed.heartbeat.substation_id.clone();
         // The id becomes a subject token and a metric label: refuse anything else.
         if !subjects::valid_substation_id(&id) {

@@ -12,7 +12,6 @@ pub mod config;
 mod consumer;
 mod grid_feed;
 pub mod metrics;
-mod pull;
 mod request;
 
 use std::sync::{Arc, Mutex};
@@ -95,7 +94,7 @@ async fn route(
 
     let grid = Arc::new(Mutex::new(Grid::new()));
     tasks.spawn(grid_feed::follow_heartbeats(
-        nats.js.clone(),
+        nats.clone(),
         grid.clone(),
         metrics.clone(),
         stop.clone(),
@@ -115,13 +114,7 @@ async fn route(
         rng: Mutex::new(SmallRng::from_os_rng()),
         defer_delay: config.defer_delay,
     });
-    consumer::run(
-        handler,
-        config.max_in_flight,
-        nats.connection(),
-        stop.clone(),
-    )
-    .await;
+    consumer::run(handler, &nats, config.max_in_flight, stop.clone()).await;
 
     // Acks are fire-and-forget publishes: make sure the last ones left the process.
     match tokio::time::timeout(FLUSH_TIMEOUT, nats.client.flush()).await {

@@ -17,7 +17,6 @@ mod state;
 mod substations;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use evgrid_common::config::NatsArgs;
@@ -109,7 +108,9 @@ async fn connect_and_follow(
         Err(e) => return Err(e.into()),
     };
     readiness.set_nats(nats.clone());
-    let Some(request_states) = ensure_streams(&nats, stop).await else {
+    let Some(request_states) =
+        streams::ensure_until_done(&nats.js, &streams::Retention::default(), stop).await
+    else {
         return Ok(());
     };
     let requests = nats
@@ -122,34 +123,9 @@ async fn connect_and_follow(
     tracing::info!("ready: accepting charge requests");
 
     let grid = state.clone();
-    heartbeats::follow(nats.js.clone(), stop.clone(), move |observed| {
+    heartbeats::follow(nats.clone(), stop.clone(), move |observed| {
         grid.observe_heartbeat(observed)
     })
     .await;
     Ok(())
-}
-
-/// Creates or updates the streams and the request-state bucket, retrying with backoff (the
-/// server may have just started, or be restarting). `None` when stopped first.
-async fn ensure_streams(
-    nats: &nats::Nats,
-    stop: &CancellationToken,
-) -> Option<async_nats::jetstream::kv::Store> {
-    let retention = streams::Retention::default();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return None,
-            attempt = streams::ensure(&nats.js, &retention) => attempt,
-        };
-        match attempt {
-            Ok(bucket) => return Some(bucket),
-            Err(e) => tracing::warn!(error = %e, ?backoff, "cannot set up streams yet; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
 }

@@ -10,17 +10,14 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
+use evgrid_common::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Writes sent but not yet acknowledged, at most; beyond it queueing waits (backpressure).
 const MAX_IN_FLIGHT: usize = 256;
-/// Backoff between retries of a failed write, doubling up to the maximum.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// One JetStream publish, and who wants to know when it is durable.
 #[derive(Debug)]
@@ -83,7 +80,7 @@ struct InFlight {
 async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut open = true;
-    let mut backoff = RETRY_FIRST;
+    let mut backoff = Backoff::default();
     while open || !in_flight.is_empty() {
         tokio::select! {
             // Acks first: they free room and fire receipts.
@@ -93,7 +90,7 @@ async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
             {
                 match ack {
                     Ok(_) => {
-                        backoff = RETRY_FIRST;
+                        backoff.reset();
                         let done = in_flight.pop_front().expect("non-empty");
                         if let Some(tx) = done.write.durable {
                             let _ = tx.send(());
@@ -101,15 +98,15 @@ async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
                     }
                     Err(e) => {
                         let writes: Vec<Write> = in_flight.drain(..).map(|f| f.write).collect();
+                        let wait = backoff.next_delay();
                         tracing::warn!(
                             error = %e,
                             subject = %writes[0].subject,
                             pending = writes.len(),
-                            retry_in = ?backoff,
+                            retry_in = ?wait,
                             "JetStream write not acknowledged; publishing again in order"
                         );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RETRY_MAX);
+                        tokio::time::sleep(wait).await;
                         for write in writes {
                             in_flight.push_back(publish(&js, write).await);
                         }

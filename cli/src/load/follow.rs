@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
+use evgrid_common::nats::Nats;
 use evgrid_common::{heartbeats, streams};
 use evgrid_model::messages::{SessionEvent, SessionEventKind};
 use evgrid_model::{headers, subjects};
@@ -194,7 +195,8 @@ pub struct Follower {
 impl Follower {
     /// Starts following at the current end of `EV_SESSIONS` and `EV_REJECTED`, and every
     /// heartbeat. Fails when the streams are missing (no pipeline on this server).
-    pub async fn start(js: &jetstream::Context, tracker: Arc<Tracker>) -> anyhow::Result<Self> {
+    pub async fn start(nats: &Nats, tracker: Arc<Tracker>) -> anyhow::Result<Self> {
+        let js = &nats.js;
         let observations = Arc::new(Mutex::new(Observations::new()));
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -204,7 +206,7 @@ impl Follower {
 
         let (t, o) = (tracker.clone(), observations.clone());
         tasks.spawn(follow_stream(
-            js.clone(),
+            nats.clone(),
             streams::SESSIONS,
             subjects::SESSIONS_ALL,
             sessions_from,
@@ -213,7 +215,7 @@ impl Follower {
         ));
         let (t, o) = (tracker.clone(), observations.clone());
         tasks.spawn(follow_stream(
-            js.clone(),
+            nats.clone(),
             streams::REJECTED,
             subjects::REJECTED,
             rejected_from,
@@ -221,18 +223,22 @@ impl Follower {
             move |msg| on_rejected(&t, &o, msg),
         ));
         let o = observations.clone();
-        tasks.spawn(heartbeats::follow(js.clone(), stop.clone(), move |seen| {
-            o.lock()
-                .expect("poisoned")
-                .heartbeats
-                .push(HeartbeatSample {
-                    substation: seen.heartbeat.substation_id,
-                    stored_at: seen.stored_at,
-                    capacity_kw: seen.heartbeat.capacity_kw,
-                    load_kw: seen.heartbeat.load_kw,
-                    interval: Duration::from_millis(seen.heartbeat.interval_ms),
-                });
-        }));
+        tasks.spawn(heartbeats::follow(
+            nats.clone(),
+            stop.clone(),
+            move |seen| {
+                o.lock()
+                    .expect("poisoned")
+                    .heartbeats
+                    .push(HeartbeatSample {
+                        substation: seen.heartbeat.substation_id,
+                        stored_at: seen.stored_at,
+                        capacity_kw: seen.heartbeat.capacity_kw,
+                        load_kw: seen.heartbeat.load_kw,
+                        interval: Duration::from_millis(seen.heartbeat.interval_ms),
+                    });
+            },
+        ));
         tasks.close();
         Ok(Self {
             tracker,
@@ -345,7 +351,7 @@ fn on_rejected(tracker: &Tracker, observations: &Mutex<Observations>, msg: &jets
 /// Calls `on` for every message of `stream` matching `filter` from sequence `from` on, until
 /// `stop`; after a failure the rebuilt consumer goes on after the last message seen.
 async fn follow_stream(
-    js: jetstream::Context,
+    nats: Nats,
     stream: &'static str,
     filter: &'static str,
     from: u64,
@@ -359,7 +365,7 @@ async fn follow_stream(
         },
         ..Default::default()
     };
-    evgrid_common::nats::follow_ordered(&js, stream, config, &stop, on).await
+    evgrid_common::nats::follow_ordered(&nats, stream, "event feed", config, &stop, on).await
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<
         .wait_complete
         .then(|| Arc::new(Tracker::new(ids, schedule.requests())));
     let follower = match (&tracker, &events) {
-        (Some(tracker), Some(js)) => Some(Follower::start(js, tracker.clone()).await?),
+        (Some(tracker), Some(nats)) => Some(Follower::start(nats, tracker.clone()).await?),
         _ => None,
     };
 
@@ -340,7 +340,7 @@ async fn connect(
     args: &LoadArgs,
     connections: usize,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Target, String, Option<jetstream::Context>)> {
+) -> anyhow::Result<(Target, String, Option<nats::Nats>)> {
     if let Some(url) = &args.url {
         let target = Target::http(url, connections)?;
         let events = if args.wait_complete {
@@ -349,7 +349,7 @@ async fn connect(
                 .context(
                     "--wait-complete follows session events on --events-nats-url (env NATS_URL)",
                 )?;
-            Some(nats.js)
+            Some(nats)
         } else {
             None
         };
@@ -378,7 +378,7 @@ async fn connect(
         )
     };
     let name = format!("{url} ({})", subjects::REQUESTS);
-    Ok((target, name, args.wait_complete.then_some(nats.js)))
+    Ok((target, name, args.wait_complete.then_some(nats)))
 }
 
 async fn connect_nats(url: &str, shutdown: &CancellationToken) -> anyhow::Result<nats::Nats> {
