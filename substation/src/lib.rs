@@ -10,17 +10,28 @@
 //! the live service
 //! around it. docs/substation.md describes both.
 
+mod clock;
 pub mod config;
+mod feed;
 mod limits;
-mod live;
 pub mod metrics;
+mod plan;
 mod publisher;
-mod reopen;
+mod session;
+mod shell;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use evgrid_common::http::{self, Readiness};
+use evgrid_common::nats::{self, NatsError};
+use evgrid_common::streams;
+
+use crate::feed::Feed;
+use crate::limits::LimitFeed;
+use crate::metrics::Metrics;
+use crate::publisher::Publisher;
+use crate::shell::{DRAIN_TIMEOUT, Shell};
 
 pub use config::Config;
 
@@ -34,7 +45,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = evgrid_common::metrics::registry();
-    let metrics = metrics::Metrics::new(&registry, &config.id);
+    let metrics = Metrics::new(&registry, &config.id);
     let readiness = Readiness::new();
     // The ops endpoints stop with the service, also when it fails.
     let stop_http = shutdown.child_token();
@@ -45,11 +56,69 @@ pub async fn run(
     ));
     let span = tracing::info_span!("substation", substation = %config.id);
     let result =
-        tracing::Instrument::instrument(live::run(config, metrics, readiness, shutdown), span)
-            .await;
+        tracing::Instrument::instrument(charge(config, metrics, readiness, shutdown), span).await;
     stop_http.cancel();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "ops HTTP server failed");
     }
     result
+}
+
+/// Connects, makes sure the streams and the consumer exist, then charges until `shutdown`.
+async fn charge(
+    config: Config,
+    metrics: Metrics,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = format!("evgrid-substation-{}", config.id);
+    let nats = match nats::connect(&config.nats.nats_url, &name, &shutdown).await {
+        Ok(nats) => nats,
+        Err(NatsError::Shutdown) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    readiness.set_nats(nats.clone());
+    let Some(kv) =
+        streams::ensure_until_done(&nats.js, &streams::Retention::default(), &shutdown).await
+    else {
+        return Ok(());
+    };
+    readiness.set_streams_ready(true);
+
+    let (publisher, writer) = Publisher::start(nats.js.clone());
+    let mut feed = Feed::new(&nats, &config.id, kv.clone());
+    let mut limit_feed = LimitFeed::new(&nats, &config.id);
+    let mut shell = Shell::new(&config, kv, publisher, metrics);
+    if !shell.replay_limits(&mut limit_feed, &shutdown).await {
+        return Ok(());
+    }
+    tracing::info!(
+        capacity_kw = shell.capacity_kw(),
+        time_scale = config.time_scale,
+        allocation = config.allocation.as_str(),
+        "substation charging"
+    );
+    shell
+        .serve(
+            &mut feed,
+            &mut limit_feed,
+            config.heartbeat_interval,
+            &shutdown,
+        )
+        .await;
+    shell.stop(feed).await;
+    drop(shell);
+
+    // Every handle is gone: the writer finishes what it holds (heartbeats) and returns.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(DRAIN_TIMEOUT, writer).await.is_err() {
+        abort.abort();
+        tracing::warn!("gave up on writes NATS did not acknowledge within {DRAIN_TIMEOUT:?}");
+    }
+    // Acks and naks are plain publishes: make sure they left before the connection closes.
+    if let Err(e) = tokio::time::timeout(DRAIN_TIMEOUT, nats.client.flush()).await {
+        tracing::warn!(error = %e, "cannot flush the NATS connection");
+    }
+    tracing::info!("substation stopped");
+    Ok(())
 }

@@ -11,10 +11,9 @@
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
+use evgrid_common::nats::{Nats, OrderedFeed};
 use evgrid_common::streams;
 use evgrid_model::subjects;
-
-use crate::reopen::Reopening;
 
 /// One limit message: its body and its `EV_LIMITS` sequence (a message seen twice, at start and
 /// again from the consumer, is applied once).
@@ -24,21 +23,33 @@ pub(crate) struct Received {
     pub seq: u64,
 }
 
+/// How the limit feed's ordered consumer is configured, from the next sequence.
+type Config = Box<dyn FnMut(u64) -> consumer::pull::OrderedConfig + Send>;
+
 /// The limit messages of one substation: an ordered consumer on `ev.limits.<id>` delivering
-/// the stored ones first, then new ones; rebuilt with backoff whenever it fails, for ever (a
+/// the stored ones first, then new ones; rebuilt whenever it fails or the client reconnects (a
 /// rebuilt consumer delivers the stored ones again: callers skip sequences they have seen).
 pub(crate) struct LimitFeed {
     js: jetstream::Context,
     subject: String,
-    messages: Reopening<consumer::pull::Ordered>,
+    messages: OrderedFeed<Config>,
 }
 
 impl LimitFeed {
-    pub fn new(js: jetstream::Context, substation_id: &str) -> Self {
+    pub fn new(nats: &Nats, substation_id: &str) -> Self {
+        let subject = subjects::limits(substation_id);
+        let filter = subject.clone();
+        let config: Config = Box::new(move |_next| consumer::pull::OrderedConfig {
+            filter_subject: filter.clone(),
+            // Everything stored, again after a rebuild (each handled once, by sequence), so a
+            // limit published while the consumer was being rebuilt is never missed.
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        });
         Self {
-            js,
-            subject: subjects::limits(substation_id),
-            messages: Reopening::new("limit consumer"),
+            js: nats.js.clone(),
+            subject,
+            messages: OrderedFeed::new(nats, streams::LIMITS, "limit consumer", config),
         }
     }
 
@@ -56,33 +67,10 @@ impl LimitFeed {
 
     /// The next limit message. Cancel-safe.
     pub async fn next(&mut self) -> Received {
-        let Self {
-            js,
-            subject,
-            messages,
-        } = self;
-        let msg = messages.next(|| open(js, subject)).await;
+        let msg = self.messages.next().await;
         Received {
             seq: msg.info().map_or(0, |info| info.stream_sequence),
             payload: msg.payload.clone(),
         }
     }
-}
-
-/// An ordered consumer on `subject`, from the oldest stored limit message on.
-async fn open(
-    js: &jetstream::Context,
-    subject: &str,
-) -> Result<consumer::pull::Ordered, async_nats::Error> {
-    let stream = js.get_stream_no_info(streams::LIMITS).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
-            // Everything stored, again after a rebuild (each handled once, by sequence), so a
-            // limit published while the consumer was being rebuilt is never missed.
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
-    Ok(consumer.messages().await?)
 }

@@ -1,8 +1,9 @@
-//! The live substation: the last stage of ingest → dispatcher → **substation**. It takes the
-//! assignments on `ev.dispatch.<id>` (durable consumer `substation-<id>`), charges them in the
-//! pure [`Station`] model on a simulated clock, and reports through one ordered
-//! [`Publisher`]: session events on `ev.sessions.<id>.<event>`, request states in
-//! `EV_REQUEST_STATE`, heartbeats on `ev.telemetry.<id>`.
+//! The live substation's imperative shell around the pure [`Station`]: the last stage of
+//! ingest → dispatcher → **substation**. It takes the assignments on `ev.dispatch.<id>`
+//! ([`Feed`]), does with each what [`plan`] says, charges them in the model on the
+//! [`SimClock`], and reports through one ordered [`Publisher`]: session events on
+//! `ev.sessions.<id>.<event>`, request states in `EV_REQUEST_STATE`, heartbeats on
+//! `ev.telemetry.<id>`.
 //!
 //! A dispatch message stays un-acked while its session lives (progress acks keep it from being
 //! redelivered): it is the session's durable record. It is acked only after the completion's
@@ -15,424 +16,50 @@
 //! time; heartbeats carry the capacity in force and the sessions' projection
 //! ([`Station::projection`]) for the dispatcher's predictive routing.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::message::{Acker, PublishMessage};
 use async_nats::jetstream::{self, AckKind, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use evgrid_common::http::Readiness;
-use evgrid_common::nats::{self, NatsError};
 use evgrid_common::streams;
+use evgrid_model::charging::{Arrival, Event, EventKind, Station};
+use evgrid_model::limits::{InForce, resolve};
 use evgrid_model::messages::{
-    Dispatch, Heartbeat, Limit, RequestRecord, RequestState, SessionEvent, SessionEventKind,
-    SessionOutcome, SessionReport, Telemetry,
+    Heartbeat, Limit, RequestRecord, RequestState, SessionEvent, SessionEventKind, SessionOutcome,
+    SessionReport, Telemetry,
 };
 use evgrid_model::{headers, subjects};
 
 use crate::Config;
+use crate::clock::SimClock;
+use crate::feed::{Feed, StateRead};
 use crate::limits::{self, LimitFeed};
 use crate::metrics::Metrics;
+use crate::plan::{Facts, Plan, Skip, Stored, Taken, parse_dispatch, plan};
 use crate::publisher::{Publisher, Write};
-use crate::reopen::Reopening;
-use evgrid_model::charging::{Arrival, Event, EventKind, Station};
-use evgrid_model::limits::{InForce, resolve};
+use crate::session::{Ending, Live, Receipt};
 
 /// Progress acks go out this often, well within the consumer's ack wait.
 const PROGRESS_EVERY: Duration = Duration::from_secs(streams::SUBSTATION_ACK_WAIT.as_secs() / 3);
 /// On shutdown, how long to wait for the last writes before giving up on them (their messages
 /// are then redelivered after the ack wait, and resumed from the previous record).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A dispatch that cannot be handled now (state unreadable) comes back after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Dispatches taken ahead of the one being handled, each with its request's stored state being
-/// read meanwhile: one state read awaited per dispatch, in turn, capped a substation at about
-/// 800 dispatches a second however idle its CPU (docs/benchmarks.md).
-const READ_AHEAD: usize = 64;
 /// At start, how long to wait for the stored grid-operator limits before charging.
 const LIMITS_REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The dispatches this process has handled, as the heartbeat echoes them (`dispatch_seq`): the
-/// dispatcher stops counting an assignment as in flight once the echo reaches its sequence.
-#[derive(Debug, Default)]
-struct Taken {
-    /// The highest sequence handled.
-    highest: u64,
-    /// Sequences handed back for later (their state could not be read), not handled since.
-    held_back: BTreeSet<u64>,
-}
-
-impl Taken {
-    fn took(&mut self, seq: u64) {
-        self.held_back.remove(&seq);
-        self.highest = self.highest.max(seq);
-    }
-
-    fn held_back(&mut self, seq: u64) {
-        self.held_back.insert(seq);
-    }
-
-    /// The highest sequence below which every dispatch is handled: an assignment handed back
-    /// is not in the load yet, so the echo stays below it until it is.
-    fn echo(&self) -> u64 {
-        match self.held_back.first() {
-            Some(&first) if first <= self.highest => first - 1,
-            _ => self.highest,
-        }
-    }
-}
-
-/// Maps the simulated clock of the charging model to wall time: simulated seconds since start
-/// = wall seconds since start × time scale.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SimClock {
-    start: Instant,
-    start_wall: DateTime<Utc>,
-    scale: f64,
-}
-
-impl SimClock {
-    pub fn new(start: Instant, start_wall: DateTime<Utc>, scale: f64) -> Self {
-        Self {
-            start,
-            start_wall,
-            scale,
-        }
-    }
-
-    /// Simulated seconds at `instant`.
-    pub fn sim_at(&self, instant: Instant) -> f64 {
-        instant.saturating_duration_since(self.start).as_secs_f64() * self.scale
-    }
-
-    /// The instant the simulated clock reads `sim` (far future when out of range).
-    pub fn instant_at(&self, sim: f64) -> Instant {
-        let real = Duration::try_from_secs_f64((sim / self.scale).max(0.0))
-            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        self.start + real.min(Duration::from_secs(365 * 24 * 3600))
-    }
-
-    /// The wall-clock time at simulated time `sim`.
-    pub fn wall_at(&self, sim: f64) -> DateTime<Utc> {
-        self.start_wall + chrono::Duration::microseconds((sim / self.scale * 1e6) as i64)
-    }
-
-    fn now(&self) -> f64 {
-        self.sim_at(Instant::now())
-    }
-}
-
-/// Connects, makes sure the streams and the consumer exist, then charges until `shutdown`.
-pub(crate) async fn run(
-    config: Config,
-    metrics: Metrics,
-    readiness: Readiness,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let name = format!("evgrid-substation-{}", config.id);
-    let nats = match nats::connect(&config.nats.nats_url, &name, &shutdown).await {
-        Ok(nats) => nats,
-        Err(NatsError::Shutdown) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    readiness.set_nats(nats.clone());
-    let retention = streams::Retention::default();
-    let Some(kv) = until_ok(&shutdown, "create or update the streams", || {
-        streams::ensure(&nats.js, &retention)
-    })
-    .await
-    else {
-        return Ok(());
-    };
-    readiness.set_streams_ready(true);
-
-    let (publisher, writer) = Publisher::start(nats.js.clone());
-    let mut feed = ReadAhead::new(Feed::new(nats.js.clone(), config.id.clone()), kv.clone());
-    let mut limit_feed = LimitFeed::new(nats.js.clone(), &config.id);
-    let mut substation = Substation::new(&config, kv, publisher, metrics);
-    // A limit in force applies before the first car charges: replay the stored messages.
-    let last = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        last = limit_feed.last_seq() => last,
-    };
-    match last {
-        Ok(Some(last)) => {
-            let mut in_force = None;
-            // Bounded: a stored limit an operator purges before it is delivered would otherwise
-            // hold the substation back until the next limit.
-            let deadline = tokio::time::sleep(LIMITS_REPLAY_TIMEOUT);
-            tokio::pin!(deadline);
-            while substation.limit_seq < last {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = &mut deadline => {
-                        tracing::warn!(last, replayed = substation.limit_seq, "stored grid-operator limits not all delivered within {LIMITS_REPLAY_TIMEOUT:?}; charging now, later ones apply as they arrive");
-                        break;
-                    }
-                    received = limit_feed.next() => {
-                        in_force = substation.take_limit(received).or(in_force);
-                    }
-                }
-            }
-            if let Some(in_force) = in_force {
-                substation.set_limit(in_force);
-            }
-        }
-        Ok(None) => {}
-        // The limit consumer delivers them shortly.
-        Err(e) => tracing::warn!(error = %e, "cannot read the stored grid-operator limits yet"),
-    }
-    tracing::info!(
-        capacity_kw = substation.station.capacity_kw(),
-        time_scale = config.time_scale,
-        allocation = config.allocation.as_str(),
-        "substation charging"
-    );
-    substation
-        .serve(
-            &mut feed,
-            &mut limit_feed,
-            config.heartbeat_interval,
-            &shutdown,
-        )
-        .await;
-    substation.stop(&mut feed).await;
-    drop(substation);
-
-    // Every handle is gone: the writer finishes what it holds (heartbeats) and returns.
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(DRAIN_TIMEOUT, writer).await.is_err() {
-        abort.abort();
-        tracing::warn!("gave up on writes NATS did not acknowledge within {DRAIN_TIMEOUT:?}");
-    }
-    // Acks and naks are plain publishes: make sure they left before the connection closes.
-    if let Err(e) = tokio::time::timeout(DRAIN_TIMEOUT, nats.client.flush()).await {
-        tracing::warn!(error = %e, "cannot flush the NATS connection");
-    }
-    tracing::info!("substation stopped");
-    Ok(())
-}
-
-/// Retries `f` with backoff until it succeeds or `shutdown` fires (then `None`).
-async fn until_ok<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
-    shutdown: &CancellationToken,
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> Option<T> {
-    let mut backoff = BACKOFF_FIRST;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            result = f() => match result {
-                Ok(value) => return Some(value),
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot {what} yet"),
-            },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-/// The dispatch messages of this substation: the durable consumer's message stream, rebuilt
-/// with backoff whenever it ends or fails (server restart), for ever.
-struct Feed {
-    js: jetstream::Context,
-    id: String,
-    messages: Reopening<consumer::pull::Stream>,
-}
-
-impl Feed {
-    fn new(js: jetstream::Context, id: String) -> Self {
-        Self {
-            js,
-            id,
-            messages: Reopening::new("dispatch consumer"),
-        }
-    }
-
-    /// The next dispatch message. Cancel-safe.
-    async fn next(&mut self) -> jetstream::Message {
-        let Self { js, id, messages } = self;
-        messages.next(|| open(js, id)).await
-    }
-
-    /// Stops pulling; returns the messages that already reached this process but were not
-    /// taken yet.
-    fn close(&mut self) -> Vec<jetstream::Message> {
-        let mut buffered = Vec::new();
-        if let Some(mut messages) = self.messages.take() {
-            while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-                buffered.push(msg);
-            }
-        }
-        buffered
-    }
-}
-
-/// The stored state of a dispatch's request (`EV_REQUEST_STATE`), read ahead of handling it.
-type StateRead = Result<Option<Bytes>, async_nats::Error>;
-
-/// Dispatch messages with their request's stored state read ahead: up to [`READ_AHEAD`]
-/// messages are taken from the feed while earlier ones are handled, each with its state read
-/// running meanwhile, and handed out in delivery order. One awaited state read per dispatch, in
-/// turn, capped a substation near 800 dispatches a second (docs/benchmarks.md).
-struct ReadAhead {
-    feed: Feed,
-    kv: kv::Store,
-    /// Taken from the feed, not handed out yet: each message with its state read.
-    reading: VecDeque<(jetstream::Message, JoinHandle<StateRead>)>,
-}
-
-impl ReadAhead {
-    fn new(feed: Feed, kv: kv::Store) -> Self {
-        Self {
-            feed,
-            kv,
-            reading: VecDeque::new(),
-        }
-    }
-
-    /// The next dispatch message, in delivery order, with its request's state. Cancel-safe:
-    /// messages taken while waiting stay queued with their reads.
-    async fn next(&mut self) -> (jetstream::Message, StateRead) {
-        let Self { feed, kv, reading } = self;
-        loop {
-            tokio::select! {
-                biased;
-                // Awaiting the handle by reference: dropping this future leaves it queued.
-                state = async { (&mut reading.front_mut().expect("non-empty").1).await },
-                    if !reading.is_empty() =>
-                {
-                    let (msg, _) = reading.pop_front().expect("non-empty");
-                    let state = state.map_err(async_nats::Error::from).and_then(|read| read);
-                    return (msg, state);
-                }
-                msg = feed.next(), if reading.len() < READ_AHEAD => {
-                    let read = tokio::spawn(read_state(kv.clone(), request_key(&msg)));
-                    reading.push_back((msg, read));
-                }
-            }
-        }
-    }
-
-    /// Stops pulling; returns the messages taken but not handed out yet (their reads are
-    /// dropped), then those that reached the feed, in delivery order.
-    fn close(&mut self) -> Vec<jetstream::Message> {
-        let mut messages: Vec<jetstream::Message> = self
-            .reading
-            .drain(..)
-            .map(|(msg, read)| {
-                read.abort();
-                msg
-            })
-            .collect();
-        messages.extend(self.feed.close());
-        messages
-    }
-}
-
-/// The state key of a dispatch's request: its id, from the body (`None` when the body is not a
-/// dispatch: handling it terminates the message without a state).
-fn request_key(msg: &jetstream::Message) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Id {
-        request_id: Uuid,
-    }
-    serde_json::from_slice::<Id>(&msg.payload)
-        .ok()
-        .map(|id| id.request_id.to_string())
-}
-
-async fn read_state(kv: kv::Store, key: Option<String>) -> StateRead {
-    match key {
-        Some(key) => Ok(kv.get(key).await?),
-        None => Ok(None),
-    }
-}
-
-/// The substation's durable consumer, created or brought up to date, and its message stream.
-async fn open(
-    js: &jetstream::Context,
-    substation_id: &str,
-) -> Result<consumer::pull::Stream, async_nats::Error> {
-    let stream = js.get_stream(streams::DISPATCH).await?;
-    let wanted = streams::substation_consumer(substation_id);
-    let name = streams::substation_consumer_name(substation_id);
-    let mut consumer: PullConsumer = stream.get_or_create_consumer(&name, wanted.clone()).await?;
-    if differs(&consumer.cached_info().config, &wanted) {
-        tracing::info!(consumer = %name, "updating the consumer to the current definition");
-        consumer = stream.create_consumer(wanted).await?;
-    }
-    Ok(consumer.messages().await?)
-}
-
-/// True when the server's consumer differs from ours in a setting this service relies on.
-fn differs(have: &consumer::Config, want: &consumer::pull::Config) -> bool {
-    have.filter_subject != want.filter_subject
-        || have.ack_policy != want.ack_policy
-        || have.ack_wait != want.ack_wait
-        || have.max_deliver != want.max_deliver
-        || have.max_ack_pending != want.max_ack_pending
-        || have.description != want.description
-}
-
-/// A session this process is charging (or finishing): its assignment and its message.
-struct Live {
-    dispatch: Dispatch,
-    acker: Acker,
-    /// `EV_DISPATCH` sequence and delivery count of the message held.
-    stream_seq: u64,
-    delivery: i64,
-    /// Energy delivered before this process took the session (a resumed session), kWh.
-    prior_kwh: f64,
-    /// Wall time of the session's first power ever (kept across resumptions).
-    charging_started_at: Option<DateTime<Utc>>,
-    /// When ingest accepted the request (header, else the dispatch body).
-    accepted_at: DateTime<Utc>,
-    /// Set once the session's final writes are queued: what to do with its message when they
-    /// are durable.
-    ending: Option<Ending>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// Completion written: ack.
-    Completed,
-    /// Interruption written (shutdown): hand the message back.
-    Interrupted,
-}
-
-impl Live {
-    /// The state of a session waiting for power: `dispatched`, or still `charging` once it has
-    /// drawn power (paused, or resumed by a new process), since states never go backwards.
-    fn waiting_state(&self) -> RequestState {
-        if self.charging_started_at.is_some() || self.prior_kwh > 0.0 {
-            RequestState::Charging
-        } else {
-            RequestState::Dispatched
-        }
-    }
-}
-
-type Receipt = BoxFuture<'static, (Uuid, bool)>;
-
-/// The live state of one substation.
-struct Substation {
+/// The live state of one substation: the pure [`Station`] and everything around it that does
+/// I/O (the messages it holds, the writes in flight, the heartbeat echo, the limit in force).
+pub(crate) struct Shell {
     id: String,
     clock: SimClock,
     station: Station,
@@ -456,8 +83,8 @@ struct Substation {
     limit_seq: u64,
 }
 
-impl Substation {
-    fn new(config: &Config, kv: kv::Store, publisher: Publisher, mut metrics: Metrics) -> Self {
+impl Shell {
+    pub fn new(config: &Config, kv: kv::Store, publisher: Publisher, mut metrics: Metrics) -> Self {
         let station = Station::new(config.capacity_kw, config.allocation, 0.0);
         metrics.observe(&station.snapshot());
         Self {
@@ -479,11 +106,60 @@ impl Substation {
         }
     }
 
+    /// The capacity in force, kW.
+    pub fn capacity_kw(&self) -> f64 {
+        self.station.capacity_kw()
+    }
+
+    /// Puts the stored grid-operator limit in force before the first car charges: replays the
+    /// stored messages of `limit_feed`, for at most [`LIMITS_REPLAY_TIMEOUT`]. False when
+    /// `shutdown` came first.
+    pub async fn replay_limits(
+        &mut self,
+        limit_feed: &mut LimitFeed,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let last = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            last = limit_feed.last_seq() => last,
+        };
+        let last = match last {
+            Ok(Some(last)) => last,
+            Ok(None) => return true,
+            // The limit consumer delivers them shortly.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored grid-operator limits yet");
+                return true;
+            }
+        };
+        let mut in_force = None;
+        // Bounded: a stored limit an operator purges before it is delivered would otherwise
+        // hold the substation back until the next limit.
+        let deadline = tokio::time::sleep(LIMITS_REPLAY_TIMEOUT);
+        tokio::pin!(deadline);
+        while self.limit_seq < last {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = &mut deadline => {
+                    tracing::warn!(last, replayed = self.limit_seq, "stored grid-operator limits not all delivered within {LIMITS_REPLAY_TIMEOUT:?}; charging now, later ones apply as they arrive");
+                    break;
+                }
+                received = limit_feed.next() => {
+                    in_force = self.take_limit(received).or(in_force);
+                }
+            }
+        }
+        if let Some(in_force) = in_force {
+            self.set_limit(in_force);
+        }
+        true
+    }
+
     /// Charges until `shutdown`: takes dispatches, completes sessions on time (and lets cars
     /// leave at their departure), applies grid-operator limits, heartbeats.
-    async fn serve(
+    pub async fn serve(
         &mut self,
-        feed: &mut ReadAhead,
+        feed: &mut Feed,
         limit_feed: &mut LimitFeed,
         heartbeat: Duration,
         shutdown: &CancellationToken,
@@ -520,7 +196,7 @@ impl Substation {
                         self.set_limit(in_force);
                     }
                 }
-                (msg, state) = feed.next() => self.on_message(msg, state).await,
+                (msg, state) = feed.next() => self.on_message(msg, state, feed).await,
             }
         }
     }
@@ -579,8 +255,9 @@ impl Substation {
         self.taken.took(seq);
     }
 
-    /// `state`: the request's record in `EV_REQUEST_STATE`, read when the message was taken.
-    async fn on_message(&mut self, msg: jetstream::Message, state: StateRead) {
+    /// One dispatch message, handled as [`plan`] says. `state`: the request's record in
+    /// `EV_REQUEST_STATE`, read when the message was taken.
+    async fn on_message(&mut self, msg: jetstream::Message, state: StateRead, feed: &Feed) {
         let (stream_seq, delivery) = match msg.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(e) => {
@@ -608,90 +285,76 @@ impl Substation {
             }
         };
         let request_id = dispatch.request_id;
-
-        if let Some(live) = self.sessions.get_mut(&request_id) {
-            if live.stream_seq == stream_seq {
-                // The same message again (an ack wait passed): keep holding it, through the
-                // newest delivery.
-                tracing::info!(%request_id, delivery, "dispatch redelivered; session continues");
-                live.acker = acker;
-                live.delivery = delivery;
-            } else {
-                tracing::info!(%request_id, stream_seq, "duplicate dispatch of a session here; skipping");
-                ack(&acker, AckKind::Ack, "ack").await;
-                self.took_dispatch(stream_seq);
-            }
-            return;
-        }
-
+        let held_seq = self.sessions.get(&request_id).map(|live| live.stream_seq);
         // A redelivery's state read ahead may predate the end of its own earlier delivery
         // (acked meanwhile): read it again rather than resume a finished session. Rare path.
-        let state = if delivery > 1 {
-            read_state(self.kv.clone(), Some(request_id.to_string())).await
+        let state = if held_seq.is_none() && delivery > 1 {
+            feed.read_now(request_id).await
         } else {
             state
         };
-        let record = match state {
-            Ok(value) => value.and_then(|v| serde_json::from_slice::<RequestRecord>(&v).ok()),
-            Err(e) => {
-                tracing::warn!(%request_id, error = %e, "cannot read the request state; retrying the dispatch later");
+        let (stored, read_error) = match state {
+            Ok(value) => (
+                Stored::Read(value.and_then(|v| serde_json::from_slice(&v).ok())),
+                None,
+            ),
+            Err(e) => (Stored::Unreadable, Some(e)),
+        };
+        let facts = Facts {
+            own_id: &self.id,
+            stream_seq,
+            held_seq,
+            now: Utc::now(),
+            time_scale: self.clock.scale(),
+        };
+        match plan(&dispatch, facts, &stored) {
+            Plan::KeepHolding => {
+                tracing::info!(%request_id, delivery, "dispatch redelivered; session continues");
+                let live = self.sessions.get_mut(&request_id).expect("held here");
+                live.acker = acker;
+                live.delivery = delivery;
+            }
+            Plan::Skip(why) => {
+                match why {
+                    Skip::DuplicateHere => {
+                        tracing::info!(%request_id, stream_seq, "duplicate dispatch of a session here; skipping")
+                    }
+                    Skip::Finished => {
+                        tracing::info!(%request_id, "request already finished; skipping the dispatch")
+                    }
+                    Skip::TakenElsewhere => {
+                        tracing::warn!(%request_id, "request already taken by another substation; skipping the dispatch")
+                    }
+                }
+                ack(&acker, AckKind::Ack, "ack").await;
+                self.took_dispatch(stream_seq);
+            }
+            Plan::Retry => {
+                let error = read_error.map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(%request_id, %error, "cannot read the request state; retrying the dispatch later");
                 self.taken.held_back(stream_seq);
                 ack(&acker, AckKind::Nak(Some(RETRY_DELAY)), "nak").await;
-                return;
             }
-        };
-        if let Some(record) = record.as_ref().filter(|r| r.state.is_final()) {
-            tracing::info!(%request_id, state = ?record.state, "request already finished; skipping the dispatch");
-            ack(&acker, AckKind::Ack, "ack").await;
-            self.took_dispatch(stream_seq);
-            return;
+            Plan::Accept(accept) => {
+                let accepted_at = header_accepted_at.unwrap_or(dispatch.accepted_at);
+                let live = Live::new(dispatch, acker, stream_seq, delivery, &accept, accepted_at);
+                self.accept(live, accept.stay_left_s);
+            }
         }
-        if let Some(other) = record
-            .as_ref()
-            .and_then(|r| r.substation_id.as_deref())
-            .filter(|other| *other != self.id)
-        {
-            // Dispatched twice (an earlier delivery's ack was lost past the dedupe window): the
-            // substation that took it first keeps it; one car charges in one place.
-            tracing::warn!(%request_id, substation = other, "request already taken by another substation; skipping the dispatch");
-            ack(&acker, AckKind::Ack, "ack").await;
-            self.took_dispatch(stream_seq);
-            return;
-        }
-        let prior_kwh = record.as_ref().map_or(0.0, |r| {
-            r.energy_delivered_kwh.clamp(0.0, dispatch.energy_kwh)
-        });
+    }
 
+    /// Puts a session in the model, announces it, and records its waiting state when it does
+    /// not draw power at once.
+    fn accept(&mut self, live: Live, stay_left_s: Option<f64>) {
+        let request_id = live.dispatch.request_id;
+        let prior_kwh = live.prior_kwh;
         self.advance(self.clock.now());
         let now = self.station.now();
-        // A session taken here before (resumed after a restart) has been at the substation since
-        // its dispatch: that time counts against its stay, so a restart never extends it.
-        let resumed = record.as_ref().is_some_and(|r| r.substation_id.is_some());
-        let stayed_s = if resumed {
-            let wall = (Utc::now() - dispatch.dispatched_at).num_milliseconds();
-            wall.max(0) as f64 / 1000.0 * self.clock.scale
-        } else {
-            0.0
-        };
-        let departure = dispatch.departure.map(|d| {
-            // The departure keeps its distance from acceptance, on the simulated clock.
-            now + (d - dispatch.accepted_at).num_milliseconds() as f64 / 1000.0 - stayed_s
-        });
         let car = Arrival {
             id: request_id,
-            max_power_kw: dispatch.max_power_kw,
-            energy_kwh: dispatch.energy_kwh - prior_kwh,
-            departure,
-        };
-        let live = Live {
-            accepted_at: header_accepted_at.unwrap_or(dispatch.accepted_at),
-            charging_started_at: record.as_ref().and_then(|r| r.charging_started_at),
-            dispatch,
-            acker,
-            stream_seq,
-            delivery,
-            prior_kwh,
-            ending: None,
+            max_power_kw: live.dispatch.max_power_kw,
+            energy_kwh: live.dispatch.energy_kwh - prior_kwh,
+            departure: stay_left_s.map(|s| now + s),
         };
         if prior_kwh > 0.0 {
             tracing::info!(%request_id, prior_kwh, "resuming session");
@@ -705,6 +368,7 @@ impl Substation {
             prior_kwh,
             None,
         );
+        let stream_seq = live.stream_seq;
         self.sessions.insert(request_id, live);
         self.took_dispatch(stream_seq);
 
@@ -862,8 +526,8 @@ impl Substation {
 
     /// Shutdown: stop pulling, record and announce every live session as interrupted, hand
     /// their messages back once that is durable, and finish the completions in flight.
-    async fn stop(&mut self, feed: &mut ReadAhead) {
-        for msg in feed.close() {
+    pub async fn stop(&mut self, feed: Feed) {
+        for msg in feed.close().await {
             let held = msg.info().ok().is_some_and(|info| {
                 self.sessions
                     .values()
@@ -1006,29 +670,6 @@ fn header<'a>(msg: &'a jetstream::Message, name: &str) -> Option<&'a str> {
     msg.headers.as_ref()?.get(name).map(|v| v.as_str())
 }
 
-/// Why a dispatch message can never be charged: it is terminated, never redelivered.
-#[derive(Debug, thiserror::Error)]
-enum InvalidDispatch {
-    #[error("not a dispatch: {0}")]
-    NotADispatch(#[from] serde_json::Error),
-    #[error("{field} must be a number greater than 0, got {value}")]
-    NotPositive { field: &'static str, value: f64 },
-}
-
-/// A dispatch body the model can charge.
-fn parse_dispatch(payload: &[u8]) -> Result<Dispatch, InvalidDispatch> {
-    let d: Dispatch = serde_json::from_slice(payload)?;
-    for (field, value) in [
-        ("energy_kwh", d.energy_kwh),
-        ("max_power_kw", d.max_power_kw),
-    ] {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(InvalidDispatch::NotPositive { field, value });
-        }
-    }
-    Ok(d)
-}
-
 async fn ack(acker: &Acker, kind: AckKind, what: &'static str) {
     if let Err(e) = acker.ack_with(kind).await {
         // The server redelivers what it did not hear about; the handling is idempotent.
@@ -1038,59 +679,4 @@ async fn ack(acker: &Acker, kind: AckKind, what: &'static str) {
 
 fn json<T: serde::Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("message types serialize"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_simulated_clock_runs_time_scale_times_faster() {
-        let start = Instant::now();
-        let wall = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        let clock = SimClock::new(start, wall, 3600.0);
-        assert_eq!(clock.sim_at(start + Duration::from_millis(500)), 1800.0);
-        assert_eq!(clock.instant_at(7200.0), start + Duration::from_secs(2));
-        assert_eq!(clock.wall_at(3600.0), wall + chrono::Duration::seconds(1));
-        assert_eq!(clock.sim_at(start - Duration::from_secs(1)), 0.0);
-        assert!(clock.instant_at(f64::INFINITY) > start + Duration::from_secs(3600));
-    }
-
-    #[test]
-    fn the_echo_stays_below_a_dispatch_handed_back_until_it_is_taken() {
-        let mut taken = Taken::default();
-        assert_eq!(taken.echo(), 0);
-        taken.took(3);
-        taken.held_back(5);
-        assert_eq!(taken.echo(), 3);
-        // Later dispatches are taken, but the one handed back is not in the load yet.
-        taken.took(6);
-        taken.took(7);
-        assert_eq!(taken.echo(), 4);
-        taken.took(5);
-        assert_eq!(taken.echo(), 7);
-        // Handed back again and again, then taken: no trace left.
-        taken.held_back(9);
-        taken.held_back(9);
-        assert_eq!(taken.echo(), 7);
-        taken.took(9);
-        assert_eq!(taken.echo(), 9);
-    }
-
-    #[test]
-    fn dispatches_must_have_energy_and_power() {
-        let body = |energy: f64, power: f64| {
-            serde_json::json!({
-                "request_id": Uuid::nil(), "substation_id": "s1", "vehicle_id": "ev",
-                "energy_kwh": energy, "max_power_kw": power,
-                "accepted_at": "2025-01-01T00:00:00Z", "dispatched_at": "2025-01-01T00:00:01Z",
-                "request_seq": 1
-            })
-            .to_string()
-        };
-        assert!(parse_dispatch(body(10.0, 11.0).as_bytes()).is_ok());
-        assert!(parse_dispatch(body(0.0, 11.0).as_bytes()).is_err());
-        assert!(parse_dispatch(body(10.0, -1.0).as_bytes()).is_err());
-        assert!(parse_dispatch(b"not json").is_err());
-    }
 }

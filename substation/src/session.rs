@@ -1,0 +1,73 @@
+//! A charging session as the live substation holds it: its assignment, the dispatch message
+//! that is its durable record, and what to do with that message once its final writes are
+//! durable.
+
+use async_nats::jetstream::message::Acker;
+use chrono::{DateTime, Utc};
+use evgrid_model::messages::{Dispatch, RequestState};
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::plan::Accept;
+
+/// A session this process is charging (or finishing): its assignment and its message.
+pub(crate) struct Live {
+    pub dispatch: Dispatch,
+    pub acker: Acker,
+    /// `EV_DISPATCH` sequence and delivery count of the message held.
+    pub stream_seq: u64,
+    pub delivery: i64,
+    /// Energy delivered before this process took the session (a resumed session), kWh.
+    pub prior_kwh: f64,
+    /// Wall time of the session's first power ever (kept across resumptions).
+    pub charging_started_at: Option<DateTime<Utc>>,
+    /// When ingest accepted the request (header, else the dispatch body).
+    pub accepted_at: DateTime<Utc>,
+    /// Set once the session's final writes are queued: what to do with its message when they
+    /// are durable.
+    pub ending: Option<Ending>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Completion written: ack.
+    Completed,
+    /// Interruption written (shutdown): hand the message back.
+    Interrupted,
+}
+
+impl Live {
+    /// The session of `dispatch`, held through its message (`acker`, at `stream_seq`, delivered
+    /// `delivery` times), as [`crate::plan::plan`] accepted it.
+    pub fn new(
+        dispatch: Dispatch,
+        acker: Acker,
+        stream_seq: u64,
+        delivery: i64,
+        accept: &Accept,
+        accepted_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            dispatch,
+            acker,
+            stream_seq,
+            delivery,
+            prior_kwh: accept.prior_kwh,
+            charging_started_at: accept.charging_started_at,
+            accepted_at,
+            ending: None,
+        }
+    }
+
+    /// The state of a session waiting for power: `dispatched`, or still `charging` once it has
+    /// drawn power (paused, or resumed by a new process), since states never go backwards.
+    pub fn waiting_state(&self) -> RequestState {
+        if self.charging_started_at.is_some() || self.prior_kwh > 0.0 {
+            RequestState::Charging
+        } else {
+            RequestState::Dispatched
+        }
+    }
+}
+
+pub(crate) type Receipt = BoxFuture<'static, (Uuid, bool)>;
