@@ -8,6 +8,7 @@
 //! and substations keep current, and `GET /v1/substations` from the substations' heartbeats.
 //! The HTTP contract is `docs/api.md` and `docs/openapi.yaml`.
 
+mod contract;
 mod metrics;
 mod problem;
 mod recent;
@@ -26,7 +27,7 @@ use evgrid_common::{heartbeats, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use request::BODY_LIMIT_BYTES;
+pub use contract::BODY_LIMIT_BYTES;
 
 use crate::metrics::Metrics;
 use crate::state::AppState;

@@ -1,4 +1,4 @@
-//! Every metric ingest exports (names per issue 4), served on `/metrics`.
+//! Every metric ingest exports, served on `/metrics` (docs/metrics.md).
 //!
 //! Label values come from fixed sets (route templates, status codes, rejection reasons), and
 //! every combination known in advance is resolved once at start: the request path only touches
@@ -13,7 +13,7 @@ use prometheus::{
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
-use crate::routes::Route;
+use crate::contract::{Rejection, Route};
 use evgrid_common::metrics::register;
 
 /// HTTP request durations: from 100 µs (a rejected body) to 5 s (a PubAck timing out), with
@@ -27,37 +27,6 @@ const PUBLISH_ACK_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
-
-/// Why a `POST /v1/charge-requests` was not accepted: the `reason` label of
-/// `evgrid_ingest_rejected_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Rejection {
-    MalformedJson,
-    InvalidFields,
-    TooLarge,
-    UnsupportedMediaType,
-    NatsUnavailable,
-}
-
-impl Rejection {
-    const ALL: [Rejection; 5] = [
-        Self::MalformedJson,
-        Self::InvalidFields,
-        Self::TooLarge,
-        Self::UnsupportedMediaType,
-        Self::NatsUnavailable,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::MalformedJson => "malformed_json",
-            Self::InvalidFields => "invalid_fields",
-            Self::TooLarge => "too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::NatsUnavailable => "nats_unavailable",
-        }
-    }
-}
 
 /// The statuses each route can answer, pre-created so they show as 0.
 fn statuses(route: Route) -> &'static [u16] {

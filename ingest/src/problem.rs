@@ -11,8 +11,7 @@ use uuid::Uuid;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
-use crate::metrics::Rejection;
-use crate::request::BODY_LIMIT_BYTES;
+use crate::contract::{BODY_LIMIT_BYTES, Rejection};
 
 /// Seconds a client should wait before retrying when NATS is unreachable: about one
 /// reconnect attempt of the client (which backs off to 2 s).

@@ -7,10 +7,8 @@ use evgrid_model::messages::request_id_from_idempotency_key;
 use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
+use crate::contract::BODY_LIMIT_BYTES;
 use crate::problem::ApiError;
-
-/// Largest accepted body: 64 KiB (a charge request is about 200 bytes).
-pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 /// Longest accepted `Idempotency-Key` header value.
 pub(crate) const IDEMPOTENCY_KEY_MAX_CHARS: usize = 255;

@@ -24,6 +24,7 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::path::FullPath;
 use warp::reply::Response;
 
+use crate::contract::Route;
 use crate::problem::{self, ApiError};
 use crate::state::{AppState, Connected};
 use crate::{recent, request};
@@ -31,72 +32,6 @@ use crate::{recent, request};
 // Built once: a header name made from a `&str` is validated and allocated on every publish.
 static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
 static ACCEPTED_AT_HEADER: HeaderName = HeaderName::from_static(headers::ACCEPTED_AT);
-
-/// The route templates: the `route` label of the HTTP metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
-    ChargeRequests,
-    ChargeRequest,
-    Substations,
-    Metrics,
-    Healthz,
-    Readyz,
-    /// Any path the API does not serve.
-    Other,
-}
-
-impl Route {
-    pub(crate) const ALL: [Route; 7] = [
-        Self::ChargeRequests,
-        Self::ChargeRequest,
-        Self::Substations,
-        Self::Metrics,
-        Self::Healthz,
-        Self::Readyz,
-        Self::Other,
-    ];
-
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::ChargeRequests => "/v1/charge-requests",
-            Self::ChargeRequest => "/v1/charge-requests/{request_id}",
-            Self::Substations => "/v1/substations",
-            Self::Metrics => "/metrics",
-            Self::Healthz => "/healthz",
-            Self::Readyz => "/readyz",
-            Self::Other => "other",
-        }
-    }
-
-    /// Position in [`Route::ALL`].
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The template a request path falls under.
-    pub(crate) fn of(path: &str) -> Route {
-        match path {
-            "/v1/charge-requests" => Self::ChargeRequests,
-            "/v1/substations" => Self::Substations,
-            "/metrics" => Self::Metrics,
-            "/healthz" => Self::Healthz,
-            "/readyz" => Self::Readyz,
-            _ => match path.strip_prefix("/v1/charge-requests/") {
-                Some(id) if !id.is_empty() && !id.contains('/') => Self::ChargeRequest,
-                _ => Self::Other,
-            },
-        }
-    }
-
-    /// The `Allow` header of a 405 on this route.
-    pub(crate) fn allow(self) -> Option<&'static str> {
-        match self {
-            Self::ChargeRequests => Some("POST"),
-            Self::Other => None,
-            _ => Some("GET"),
-        }
-    }
-}
 
 /// The whole HTTP surface of ingest. Rejects nothing: every failure is already a problem.
 pub(crate) fn routes(

@@ -11,12 +11,12 @@ use evgrid_model::liveness::Observed;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::recent::RecentlyAccepted;
-use crate::substations::{Grid, SubstationView};
+use crate::substations::{LatestHeartbeats, SubstationStatus};
 
 pub(crate) struct AppState {
     connected: OnceLock<Connected>,
     pub(crate) recent: RecentlyAccepted,
-    grid: Mutex<Grid>,
+    grid: Mutex<LatestHeartbeats>,
     pub(crate) metrics: Metrics,
 }
 
@@ -68,7 +68,7 @@ impl AppState {
             .observe(observed);
     }
 
-    pub(crate) fn substations(&self, now: DateTime<Utc>) -> Vec<SubstationView> {
+    pub(crate) fn substations(&self, now: DateTime<Utc>) -> Vec<SubstationStatus> {
         self.grid
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

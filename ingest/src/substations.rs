@@ -11,13 +11,13 @@ use serde::Serialize;
 
 /// The newest heartbeat per substation, ordered by substation id.
 #[derive(Debug, Default)]
-pub(crate) struct Grid {
+pub(crate) struct LatestHeartbeats {
     latest: BTreeMap<String, Observed>,
 }
 
 /// One substation as `GET /v1/substations` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub(crate) struct SubstationView {
+pub(crate) struct SubstationStatus {
     pub(crate) substation_id: String,
     pub(crate) capacity_kw: f64,
     pub(crate) load_kw: f64,
@@ -36,7 +36,7 @@ pub(crate) enum Status {
     Stale,
 }
 
-impl Grid {
+impl LatestHeartbeats {
     /// Keeps `observed` unless a heartbeat stored later is already known (the follower replays
     /// the last heartbeat per substation after every reconnect).
     pub(crate) fn observe(&mut self, observed: Observed) {
@@ -53,10 +53,10 @@ impl Grid {
     }
 
     /// Every substation at `now`, sorted by id.
-    pub(crate) fn view(&self, now: DateTime<Utc>) -> Vec<SubstationView> {
+    pub(crate) fn view(&self, now: DateTime<Utc>) -> Vec<SubstationStatus> {
         self.latest
             .values()
-            .map(|o| SubstationView {
+            .map(|o| SubstationStatus {
                 substation_id: o.heartbeat.substation_id.clone(),
                 capacity_kw: o.heartbeat.capacity_kw,
                 load_kw: o.heartbeat.load_kw,
@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn sorted_by_id_with_age_and_status() {
-        let mut grid = Grid::default();
+        let mut grid = LatestHeartbeats::default();
         grid.observe(observed("s2", 10.0, t0()));
         grid.observe(observed("s1", 20.0, t0() - Duration::seconds(10)));
         let view = grid.view(t0() + Duration::milliseconds(500));
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn an_older_or_replayed_heartbeat_never_replaces_a_newer_one() {
-        let mut grid = Grid::default();
+        let mut grid = LatestHeartbeats::default();
         grid.observe(observed("s1", 30.0, t0()));
         grid.observe(observed("s1", 99.0, t0() - Duration::seconds(1)));
         grid.observe(observed("s1", 98.0, t0()));
