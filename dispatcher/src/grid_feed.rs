@@ -1,4 +1,4 @@
-//! Keeps the dispatcher's [`Grid`] current from substation heartbeats (`ev.telemetry.<id>`: the
+//! Keeps the dispatcher's [`GridView`] current from substation heartbeats (`ev.telemetry.<id>`: the
 //! substation → dispatcher feedback of the flow), and keeps the gauges that are read rather than
 //! counted: substations up, heartbeat age per substation, and the backlog of the dispatcher's
 //! JetStream consumer.
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::request::lock;
-use evgrid_model::decision::Grid;
+use evgrid_model::decision::GridView;
 
 /// Heartbeat ages move every second; so do these gauges.
 const GRID_GAUGES_EVERY: Duration = Duration::from_secs(1);
@@ -29,7 +29,7 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(3);
 /// live ones; rebuilt after server restarts).
 pub(crate) async fn follow_heartbeats(
     nats: Nats,
-    grid: Arc<Mutex<Grid>>,
+    grid: Arc<Mutex<GridView>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -55,7 +55,7 @@ pub(crate) async fn follow_heartbeats(
 /// Updates the gauges until `shutdown`.
 pub(crate) async fn keep_gauges(
     js: jetstream::Context,
-    grid: Arc<Mutex<Grid>>,
+    grid: Arc<Mutex<GridView>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -98,7 +98,7 @@ async fn backlog_gauges(js: &jetstream::Context, metrics: &Metrics) {
     }
 }
 
-fn grid_gauges(grid: &Mutex<Grid>, metrics: &Metrics) {
+fn grid_gauges(grid: &Mutex<GridView>, metrics: &Metrics) {
     let now = Utc::now();
     let grid = lock(grid);
     let mut up = 0;

@@ -31,7 +31,7 @@ pub use evgrid_model::decision::Policy;
 
 use crate::metrics::Metrics;
 use crate::request::Handler;
-use evgrid_model::decision::Grid;
+use evgrid_model::decision::GridView;
 
 /// The client name the dispatcher shows the NATS server.
 pub const CLIENT_NAME: &str = "evgrid-dispatcher";
@@ -92,7 +92,7 @@ async fn route(
     };
     readiness.set_streams_ready(true);
 
-    let grid = Arc::new(Mutex::new(Grid::new()));
+    let grid = Arc::new(Mutex::new(GridView::new()));
     tasks.spawn(grid_feed::follow_heartbeats(
         nats.clone(),
         grid.clone(),

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::metrics::{Metrics, NO_SUBSTATION, outcome};
-use evgrid_model::decision::{Decision, DeferReason, Demand, Grid, Policy, Ticket, decide};
+use evgrid_model::decision::{Decision, DeferReason, Demand, GridView, Policy, Ticket, decide};
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -39,7 +39,7 @@ const MAX_DETAIL_BYTES: usize = 1024;
 pub(crate) struct Handler {
     pub js: jetstream::Context,
     pub kv: kv::Store,
-    pub grid: Arc<Mutex<Grid>>,
+    pub grid: Arc<Mutex<GridView>>,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
     /// The only randomness of a decision (the `p2c` policy), seeded at start.
@@ -91,7 +91,7 @@ impl Action {
 
 /// Locks the grid; a panic elsewhere while holding it cannot leave it half-updated (every
 /// mutation is a single call), so a poisoned lock is still usable.
-pub(crate) fn lock(grid: &Mutex<Grid>) -> MutexGuard<'_, Grid> {
+pub(crate) fn lock(grid: &Mutex<GridView>) -> MutexGuard<'_, GridView> {
     grid.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use evgrid_model::decision::{Demand, Grid, Policy, decide};
+use evgrid_model::decision::{Demand, GridView, Policy, decide};
 use evgrid_model::liveness::Observed;
 use evgrid_model::messages::{Heartbeat, PROJECTION_HORIZONS_S, Projection};
 use rand::SeedableRng;
@@ -24,9 +24,9 @@ fn now() -> DateTime<Utc> {
 
 /// `n` substations of 100 to 1,000 kW, half loaded, each with energy due over the horizons and
 /// two assignments in flight.
-fn grid(n: usize) -> Grid {
+fn grid(n: usize) -> GridView {
     let width = n.to_string().len();
-    let mut grid = Grid::new();
+    let mut grid = GridView::new();
     let demand = Demand {
         energy_kwh: 20.0,
         max_power_kw: 11.0,

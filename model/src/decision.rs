@@ -2,7 +2,7 @@
 //! is rejected.
 //!
 //! This is the functional core of the dispatcher (ingest → **dispatcher** → substation): plain
-//! data in — the dispatcher's view of the grid ([`Grid`]), what the car needs ([`Demand`]), the
+//! data in — the dispatcher's view of the grid ([`GridView`]), what the car needs ([`Demand`]), the
 //! time, the [`Policy`] and a seeded random number generator — and a [`Decision`] out. No clock
 //! reads, no NATS, no other randomness, so the live service and the simulator (`evgrid sim`)
 //! make the same decisions from the same inputs. A decision scans the substations once and
@@ -357,14 +357,14 @@ impl Entry {
 }
 
 /// One substation as the dispatcher sees it: its newest heartbeat and what was sent to it
-/// since. A view into a [`Grid`].
+/// since. A view into a [`GridView`].
 #[derive(Debug, Clone, Copy)]
-pub struct Substation<'a> {
+pub struct SubstationView<'a> {
     entry: &'a Entry,
     load: &'a Load,
 }
 
-impl<'a> Substation<'a> {
+impl<'a> SubstationView<'a> {
     pub fn id(&self) -> &'a str {
         &self.entry.id
     }
@@ -408,7 +408,7 @@ impl<'a> Substation<'a> {
 }
 
 /// A pending assignment recorded before its `EV_DISPATCH` sequence is known (the publish is
-/// still awaiting its PubAck). [`Grid::confirm`] or [`Grid::cancel`] settles it.
+/// still awaiting its PubAck). [`GridView::confirm`] or [`GridView::cancel`] settles it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ticket {
     substation_id: Arc<str>,
@@ -424,7 +424,7 @@ impl Ticket {
 /// The dispatcher's view of the grid: every substation ever heard from, sorted by id (so a scan
 /// meets ties in id order), with its newest heartbeat and pending assignments.
 #[derive(Debug, Clone, Default)]
-pub struct Grid {
+pub struct GridView {
     /// Parallel to `loads` and `outlooks`: same substations, same order.
     entries: Vec<Entry>,
     loads: Vec<Load>,
@@ -434,22 +434,22 @@ pub struct Grid {
     round_robin_next: usize,
 }
 
-impl Grid {
+impl GridView {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Every known substation (up or not), sorted by id.
-    pub fn substations(&self) -> impl ExactSizeIterator<Item = Substation<'_>> + '_ {
+    pub fn substations(&self) -> impl ExactSizeIterator<Item = SubstationView<'_>> + '_ {
         self.entries
             .iter()
             .zip(&self.loads)
-            .map(|(entry, load)| Substation { entry, load })
+            .map(|(entry, load)| SubstationView { entry, load })
     }
 
-    pub fn get(&self, substation_id: &str) -> Option<Substation<'_>> {
+    pub fn get(&self, substation_id: &str) -> Option<SubstationView<'_>> {
         let i = self.position(substation_id).ok()?;
-        Some(Substation {
+        Some(SubstationView {
             entry: &self.entries[i],
             load: &self.loads[i],
         })
@@ -467,7 +467,7 @@ impl Grid {
     }
 
     /// Takes in a heartbeat without a projection (a substation that sends none is seen as
-    /// carrying only what was sent to it since). See [`Grid::observe_with`].
+    /// carrying only what was sent to it since). See [`GridView::observe_with`].
     pub fn observe(&mut self, observed: Observed) -> bool {
         self.observe_with(observed, None)
     }
@@ -634,7 +634,7 @@ fn keep_best(best: &mut Option<Best>, index: usize, score: f64) {
 ///    p2c, headroom) defers with [`DeferReason::NoHeadroom`] when none has any. A car asking more
 ///    power than the headroom is still dispatched: it charges slower.
 pub fn decide<R: Rng + ?Sized>(
-    grid: &Grid,
+    grid: &GridView,
     demand: &Demand,
     now: DateTime<Utc>,
     policy: Policy,
@@ -735,7 +735,12 @@ pub fn decide<R: Rng + ?Sized>(
 
 /// Two distinct up substations drawn at random (of `up` up ones): the one with the lower
 /// estimated utilization (ties: the lower id).
-fn two_choices<R: Rng + ?Sized>(grid: &Grid, now_us: i64, up: usize, rng: &mut R) -> Option<usize> {
+fn two_choices<R: Rng + ?Sized>(
+    grid: &GridView,
+    now_us: i64,
+    up: usize,
+    rng: &mut R,
+) -> Option<usize> {
     let a = rng.random_range(0..up);
     let b = if up > 1 {
         // Uniform over the others.
@@ -830,8 +835,8 @@ mod tests {
         o
     }
 
-    fn grid(substations: &[(&str, f64, f64)]) -> Grid {
-        let mut g = Grid::new();
+    fn grid(substations: &[(&str, f64, f64)]) -> GridView {
+        let mut g = GridView::new();
         for &(id, capacity, load) in substations {
             g.observe(heartbeat(id, capacity, load, t0()));
         }
@@ -846,14 +851,14 @@ mod tests {
         }
     }
 
-    fn run(grid: &Grid, d: &Demand) -> Decision {
+    fn run(grid: &GridView, d: &Demand) -> Decision {
         decide(grid, d, t0(), Policy::Headroom, &mut rng())
     }
 
     /// Decides by `policy` and records like the live service: the assignment counts at once.
     fn dispatch_by(
         policy: Policy,
-        grid: &mut Grid,
+        grid: &mut GridView,
         d: &Demand,
         seq: u64,
         rng: &mut SmallRng,
@@ -870,13 +875,13 @@ mod tests {
         }
     }
 
-    fn dispatch_one(grid: &mut Grid, d: &Demand, seq: u64) -> Option<Arc<str>> {
+    fn dispatch_one(grid: &mut GridView, d: &Demand, seq: u64) -> Option<Arc<str>> {
         dispatch_by(Policy::Headroom, grid, d, seq, &mut rng())
     }
 
     /// Requests sent to each substation by `policy` out of `n` identical ones, no heartbeat in
     /// between.
-    fn burst(policy: Policy, grid: &mut Grid, d: &Demand, n: u64) -> BTreeMap<Arc<str>, usize> {
+    fn burst(policy: Policy, grid: &mut GridView, d: &Demand, n: u64) -> BTreeMap<Arc<str>, usize> {
         let mut rng = rng();
         let mut got = BTreeMap::new();
         for seq in 1..=n {
@@ -901,7 +906,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_lowest_id_whatever_the_arrival_order() {
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         for id in ["s3", "s1", "s2"] {
             g.observe(heartbeat(id, 100.0, 0.0, t0()));
         }
@@ -966,7 +971,7 @@ mod tests {
     fn reported_demand_above_load_counts_as_load() {
         let mut o = heartbeat("a", 100.0, 60.0, t0());
         o.heartbeat.demand_kw = 120.0;
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         g.observe(o);
         assert_eq!(g.get("a").unwrap().headroom_kw(), -20.0);
         assert!(matches!(run(&g, &demand(11.0)), Decision::Defer { .. }));
@@ -975,7 +980,7 @@ mod tests {
     #[test]
     fn nothing_up_defers() {
         assert_eq!(
-            run(&Grid::new(), &demand(11.0)),
+            run(&GridView::new(), &demand(11.0)),
             Decision::Defer {
                 reason: DeferReason::NoSubstationUp
             }
@@ -992,7 +997,7 @@ mod tests {
 
     #[test]
     fn stale_substations_are_ignored() {
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         // "a" has lots of room but went silent 5 s ago; "b" is fresh and nearly full.
         g.observe(heartbeat("a", 500.0, 0.0, t0() - Duration::seconds(5)));
         g.observe(heartbeat("b", 100.0, 95.0, t0()));
@@ -1004,7 +1009,7 @@ mod tests {
 
     #[test]
     fn an_older_heartbeat_does_not_replace_a_newer_one() {
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         assert!(g.observe(heartbeat("a", 100.0, 10.0, t0())));
         assert!(!g.observe(heartbeat("a", 100.0, 90.0, t0() - Duration::seconds(1))));
         assert_eq!(g.get("a").unwrap().observed().heartbeat.load_kw, 10.0);
@@ -1098,7 +1103,7 @@ mod tests {
             departure: Some(t0() + Duration::hours(1)),
         };
         assert_eq!(
-            run(&Grid::new(), &d),
+            run(&GridView::new(), &d),
             Decision::Defer {
                 reason: DeferReason::NoSubstationUp
             }
@@ -1111,14 +1116,14 @@ mod tests {
     #[test]
     fn decisions_are_deterministic_for_every_policy() {
         let build = || {
-            let mut g = Grid::new();
+            let mut g = GridView::new();
             for (i, id) in ["n", "m", "k", "z", "a"].iter().enumerate() {
                 g.observe(heartbeat(id, 50.0 + 25.0 * i as f64, 5.0 * i as f64, t0()));
             }
             g
         };
         for policy in Policy::ALL {
-            let sequence = |mut g: Grid, seed: u64| -> Vec<Option<Arc<str>>> {
+            let sequence = |mut g: GridView, seed: u64| -> Vec<Option<Arc<str>>> {
                 let mut rng = SmallRng::seed_from_u64(seed);
                 (1..=60)
                     .map(|seq| {
@@ -1166,7 +1171,7 @@ mod tests {
 
     #[test]
     fn p2c_takes_the_less_loaded_of_two_and_falls_back_to_any_room() {
-        let pick = |g: &Grid, seed: u64| match decide(
+        let pick = |g: &GridView, seed: u64| match decide(
             g,
             &demand(11.0),
             t0(),
@@ -1215,7 +1220,7 @@ mod tests {
 
     #[test]
     fn predictive_sends_a_car_where_its_departure_is_met_soonest() {
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         // Both are saturated right now (demand above capacity). "a" must deliver 90 kWh within
         // the next hour; "b" has 400 kWh to deliver, but by tomorrow evening.
         g.observe_with(
@@ -1246,7 +1251,7 @@ mod tests {
 
     #[test]
     fn predictive_avoids_a_substation_smaller_than_the_car() {
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         g.observe_with(heartbeat("a", 20.0, 0.0, t0()), Some(projection(&[], 0.0)));
         g.observe_with(
             heartbeat("b", 100.0, 0.0, t0()),
@@ -1268,7 +1273,7 @@ mod tests {
     #[test]
     fn predictive_spreads_a_burst_by_capacity_and_counts_what_it_sent() {
         let capacities = [("s1", 100.0), ("s2", 200.0), ("s3", 300.0)];
-        let mut g = Grid::new();
+        let mut g = GridView::new();
         for (id, capacity) in capacities {
             g.observe_with(
                 heartbeat(id, capacity, 0.0, t0()),

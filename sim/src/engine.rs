@@ -1,6 +1,6 @@
 //! The discrete-event simulation behind `evgrid sim`: the whole of ingest → dispatcher →
 //! substation on one simulated clock, running the very code of the live services — the
-//! dispatcher's [`decide`] over its [`Grid`] view, and each substation's charging model
+//! dispatcher's [`decide`] over its [`GridView`] view, and each substation's charging model
 //! ([`Station`]) with its allocation policy.
 //!
 //! Stale information is modelled as the live pipeline has it: the dispatcher's view of a
@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use evgrid_model::charging::{Allocation, Arrival, Event, EventKind, LoadPoint, Station};
-use evgrid_model::decision::{Decision, Demand, Grid, Policy, decide, hours_to_deliver};
+use evgrid_model::decision::{Decision, Demand, GridView, Policy, decide, hours_to_deliver};
 use evgrid_model::liveness::Observed;
 use evgrid_model::messages::Heartbeat;
 use rand::SeedableRng;
@@ -146,7 +146,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
         .map(|(i, s)| (s.id.clone(), i))
         .collect();
 
-    let mut grid = Grid::new();
+    let mut grid = GridView::new();
     let mut rng = SmallRng::seed_from_u64(setup.seed);
     let mut fates = vec![Fate::default(); requests.len()];
     // Offers in time order; ties in request order, first offers before retries of the same time.
@@ -303,7 +303,7 @@ fn heartbeat_due(
     t: f64,
     heartbeat_s: f64,
     interval_ms: u64,
-    grid: &mut Grid,
+    grid: &mut GridView,
     fates: &mut [Fate],
 ) {
     let h = sub.phase_s + ((t - sub.phase_s) / heartbeat_s).floor() * heartbeat_s;
