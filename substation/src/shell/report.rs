@@ -1,0 +1,135 @@
+//! What the live substation reports, all through its one ordered [`Publisher`]: request states
+//! in `EV_REQUEST_STATE`, session events on `ev.sessions.<id>.<event>`, and heartbeats on
+//! `ev.telemetry.<id>` (the load, the projection and the limit in force, for the dispatcher).
+
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use evgrid_model::messages::{
+    Heartbeat, RequestRecord, RequestState, SessionEvent, SessionEventKind, SessionOutcome,
+    SessionReport, Telemetry,
+};
+use evgrid_model::{headers, subjects};
+
+use super::Shell;
+use crate::publisher::Write;
+use crate::session::Live;
+
+impl Shell {
+    /// Publishes the state now, with the projection for predictive routing and the limit in
+    /// force.
+    pub(super) fn heartbeat(&mut self) {
+        self.advance(self.clock.now());
+        let s = self.station.snapshot();
+        self.heartbeat_seq += 1;
+        let heartbeat = Heartbeat {
+            substation_id: self.id.clone(),
+            seq: self.heartbeat_seq,
+            sent_at: Utc::now(),
+            capacity_kw: s.capacity_kw,
+            load_kw: s.load_kw,
+            active_sessions: s.active,
+            queued_sessions: s.queued,
+            demand_kw: s.demand_kw,
+            dispatch_seq: self.taken.echo(),
+            interval_ms: self.heartbeat_interval_ms,
+        };
+        let limited = self.limit.capacity_kw != self.configured_capacity_kw;
+        let telemetry = Telemetry {
+            heartbeat,
+            projection: Some(self.station.projection()),
+            configured_capacity_kw: limited.then_some(self.configured_capacity_kw),
+            limit_until: self.limit.until,
+        };
+        self.publisher.send(Write::new(
+            subjects::telemetry(&self.id),
+            PublishMessage::build().payload(json(&telemetry)),
+        ));
+    }
+
+    pub(super) fn record(
+        &self,
+        live: &Live,
+        state: RequestState,
+        delivered_kwh: f64,
+        completed_at: Option<DateTime<Utc>>,
+    ) -> RequestRecord {
+        let d = &live.dispatch;
+        RequestRecord {
+            request_id: d.request_id,
+            state,
+            vehicle_id: d.vehicle_id.clone(),
+            energy_kwh: d.energy_kwh,
+            max_power_kw: d.max_power_kw,
+            departure: d.departure,
+            substation_id: Some(self.id.clone()),
+            energy_delivered_kwh: delivered_kwh,
+            reason: None,
+            accepted_at: d.accepted_at,
+            dispatched_at: Some(d.dispatched_at),
+            charging_started_at: live.charging_started_at,
+            completed_at,
+            rejected_at: None,
+            updated_at: Utc::now(),
+        }
+    }
+
+    pub(super) fn state_write(&self, record: RequestRecord) -> Write {
+        let key = record.request_id.to_string();
+        // What `kv::Store::put` publishes to (the connection uses the default `$JS.API` prefix),
+        // but through the ordered writer instead of an awaited put.
+        let prefix = self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix);
+        Write::new(
+            format!("{prefix}{key}"),
+            PublishMessage::build().payload(json(&record)),
+        )
+    }
+
+    pub(super) fn send_state(&self, record: RequestRecord) {
+        self.publisher.send(self.state_write(record));
+    }
+
+    pub(super) fn send_event(
+        &self,
+        live: &Live,
+        kind: SessionEventKind,
+        at: DateTime<Utc>,
+        delivered_kwh: f64,
+        outcome: Option<SessionOutcome>,
+    ) {
+        let d = &live.dispatch;
+        let event = SessionEvent {
+            event: kind,
+            request_id: d.request_id,
+            substation_id: self.id.clone(),
+            vehicle_id: d.vehicle_id.clone(),
+            at,
+            energy_kwh: d.energy_kwh,
+            energy_delivered_kwh: delivered_kwh,
+            accepted_at: d.accepted_at,
+            dispatched_at: d.dispatched_at,
+        };
+        // One id per event of one delivery: a retried publish is stored once, while a resumed
+        // session (a new delivery) announces itself again.
+        let msg_id = format!(
+            "{}.{}.{}.{}",
+            d.request_id,
+            kind.as_str(),
+            live.stream_seq,
+            live.delivery
+        );
+        let message = PublishMessage::build()
+            .payload(json(&SessionReport { event, outcome }))
+            .message_id(msg_id)
+            .header(headers::REQUEST_ID, d.request_id.to_string())
+            .header(headers::ACCEPTED_AT, live.accepted_at.to_rfc3339());
+        self.publisher.send(Write::new(
+            subjects::sessions(&self.id, kind.as_str()),
+            message,
+        ));
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("message types serialize"))
+}
