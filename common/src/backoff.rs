@@ -3,11 +3,12 @@
 //! that the services of a grid that lost their server together do not all come back in the same
 //! millisecond.
 
-use std::fmt::Display;
 use std::time::Duration;
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
+
+use crate::error::chain;
 
 /// The first delay: a server that is merely restarting is usually back within a few of these.
 pub const FIRST: Duration = Duration::from_millis(100);
@@ -81,7 +82,7 @@ pub async fn retry<T, E, Fut>(
     mut f: impl FnMut() -> Fut,
 ) -> Option<T>
 where
-    E: Display,
+    E: std::error::Error + 'static,
     Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::default();
@@ -92,7 +93,7 @@ where
         };
         match attempt {
             Ok(value) => return Some(value),
-            Err(e) => tracing::warn!(error = %e, "cannot {what} yet; retrying"),
+            Err(e) => tracing::warn!(error = %chain(&e), "cannot {what} yet; retrying"),
         }
         if !backoff.wait(stop).await {
             return None;

@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod error;
 pub mod heartbeats;
 pub mod http;
 pub mod metrics;

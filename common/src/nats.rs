@@ -30,11 +30,10 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    // Causes are in the messages here, not also `source()`s: an error chain printed at the
-    // edges (`{:#}`) would show them twice.
-    #[error("invalid NATS URL {url:?}: {error}")]
+    #[error("invalid NATS URL {url:?}")]
     Url {
         url: String,
+        #[source]
         error: async_nats::ConnectError,
     },
     #[error(

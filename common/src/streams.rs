@@ -185,14 +185,14 @@ pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Errors of [`ensure`]: which definition failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnsureError {
-    // Causes are in the messages, not also `source()`s (they would print twice in a chain).
-    #[error("cannot create or update stream {name}: {error}")]
+    #[error("cannot create or update stream {name}")]
     Stream {
         name: String,
+        #[source]
         error: jetstream::context::CreateStreamError,
     },
-    #[error("cannot create or update key-value bucket {REQUEST_STATE_BUCKET}: {0}")]
-    Bucket(jetstream::context::CreateKeyValueError),
+    #[error("cannot create or update key-value bucket {REQUEST_STATE_BUCKET}")]
+    Bucket(#[source] jetstream::context::CreateKeyValueError),
 }
 
 /// Creates or updates every stream and the request-state bucket. Idempotent; safe to run from

@@ -32,15 +32,20 @@ pub struct Session {
 /// Why a trace file could not be read. Every variant names the file; row errors name the line.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    // The cause is in the message, and not also a `source()`: printed as an error chain
-    // (`{:#}` at the edges) it would appear twice.
-    #[error("cannot read {}: {error}", path.display())]
+    // Each message says what failed here; the cause is the `source()`, printed once in the
+    // chain at the edge (`{:#}`).
+    #[error("cannot read {}", path.display())]
     Io {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
-    #[error("{}: not CSV: {error}", path.display())]
-    Csv { path: PathBuf, error: csv::Error },
+    #[error("{}: not CSV", path.display())]
+    Csv {
+        path: PathBuf,
+        #[source]
+        error: csv::Error,
+    },
     #[error("{}: no column {column:?} in the header (ACN CSV needs {ARRIVAL:?}, {DEPARTURE:?} and {REQUESTED_ENERGY:?})", path.display())]
     MissingColumn { path: PathBuf, column: &'static str },
     #[error("{}:{line}: {detail}", path.display())]

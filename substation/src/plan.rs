@@ -45,8 +45,8 @@ impl Taken {
 /// Why a dispatch message can never be charged: it is terminated, never redelivered.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum InvalidDispatch {
-    #[error("not a dispatch: {0}")]
-    NotADispatch(serde_json::Error),
+    #[error("not a dispatch")]
+    NotADispatch(#[source] serde_json::Error),
     #[error("{field} must be a number greater than 0, got {value}")]
     NotPositive { field: &'static str, value: f64 },
 }

@@ -28,6 +28,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use evgrid_common::error::chain;
 use evgrid_common::streams;
 use evgrid_model::charging::{Arrival, Event, EventKind, Station};
 use evgrid_model::headers;
@@ -276,7 +277,7 @@ impl Shell {
                 tracing::error!(
                     request_id = header_request_id.as_deref().unwrap_or(""),
                     stream_seq,
-                    %problem,
+                    problem = %chain(&problem),
                     "invalid dispatch message; terminating it"
                 );
                 ack(&acker, AckKind::Term, "term").await;
