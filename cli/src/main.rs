@@ -1,6 +1,7 @@
 //! `evgrid`: the command line around the pipeline. `evgrid up` runs the whole grid locally;
 //! `evgrid load` drives charge requests at an ingest API or straight at NATS and measures what
-//! comes back.
+//! comes back; `evgrid sim` runs the routing and charging model in simulated time
+//! (`evgrid-sim`).
 
 use clap::{Parser, Subcommand};
 use evgrid_common::config::LogArgs;

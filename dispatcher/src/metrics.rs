@@ -1,4 +1,4 @@
-//! Every metric the dispatcher exports on `GET /metrics` (names per issue 4: `evgrid_` prefix,
+//! Every metric the dispatcher exports on `GET /metrics` (names as docs/metrics.md sets them: `evgrid_` prefix,
 //! base units, `_total` counters, labels from small fixed sets). The dispatcher sits between
 //! `ev.requests` and `ev.dispatch.<id>`: these count its decisions, what it rejected, how fast it
 //! decides and publishes, the substations it sees, and the backlog of its JetStream consumer.

@@ -100,7 +100,7 @@ pub struct Projection {
 }
 
 /// A heartbeat as substations publish it on `ev.telemetry.<substation_id>`: every [`Heartbeat`]
-/// field plus the additions of issue 3, in one flat JSON object. The additions are optional, so
+/// field plus the projection and the limit in force, in one flat JSON object. The additions are optional, so
 /// readers of [`Heartbeat`] alone (unknown fields are ignored) and heartbeats of older
 /// substations both keep working.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 //! What `evgrid sim` reports for each policy × allocation and for the pooled reference: the
-//! fields of issue 3, as a table for people or one JSON object for scripts.
+//! fields docs/dispatch.md compares, as a table for people or one JSON object for scripts.
 
 use std::fmt::Write;
 

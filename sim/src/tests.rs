@@ -1,5 +1,5 @@
-//! The simulator's claims, on workloads small enough for every CI run: the acceptance of issue 3
-//! (on one shipped trace rather than all four; the full runs are in docs/dispatch.md), the
+//! The simulator's claims, on workloads small enough for every CI run: the smart-dispatch results
+//! of docs/dispatch.md (on one shipped trace rather than all four; the full runs are in docs/dispatch.md), the
 //! capacity invariant over random workloads for every policy × allocation, determinism, and the
 //! exactness of skipping futile offers.
 

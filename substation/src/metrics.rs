@@ -1,5 +1,5 @@
 //! Every metric of the substation stage, registered in the service's registry and served on
-//! `GET /metrics`. Names follow docs/metrics.md (issue 4): `evgrid_` prefix, base units (watts,
+//! `GET /metrics`. Names follow docs/metrics.md: `evgrid_` prefix, base units (watts,
 //! joules, seconds), counters ending in `_total`. Each metric carries the constant label
 //! `substation="<id>"`, so one Prometheus tells many substations apart (several may run in one
 //! process, each with its own registry).

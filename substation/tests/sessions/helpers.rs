@@ -121,7 +121,7 @@ impl Grid {
         self.subscribe(subjects::telemetry(id)).await
     }
 
-    /// Heartbeats with what issue 3 added: the projection and the limit in force.
+    /// Heartbeats with their additions: the projection and the limit in force.
     pub async fn telemetry(&self, id: &str) -> Messages<Telemetry> {
         self.subscribe(subjects::telemetry(id)).await
     }
