@@ -16,6 +16,7 @@ mod request;
 mod routes;
 mod state;
 mod substations;
+mod view;
 
 use std::sync::Arc;
 

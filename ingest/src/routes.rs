@@ -202,7 +202,7 @@ async fn publish(
 
 async fn get_charge_request(raw_id: String, state: Arc<AppState>) -> Response {
     match lookup(&state, &raw_id).await {
-        Ok(record) => json_response(StatusCode::OK, &record),
+        Ok(record) => json_response(StatusCode::OK, &crate::view::RequestView::from(record)),
         Err(e) => e.into_response(),
     }
 }

@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use evgrid_model::liveness::Observed;
 use serde::Serialize;
 
+use crate::view::round3;
+
 /// The newest heartbeat per substation, ordered by substation id.
 #[derive(Debug, Default)]
 pub(crate) struct LatestHeartbeats {
@@ -58,11 +60,11 @@ impl LatestHeartbeats {
             .values()
             .map(|o| SubstationStatus {
                 substation_id: o.heartbeat.substation_id.clone(),
-                capacity_kw: o.heartbeat.capacity_kw,
-                load_kw: o.heartbeat.load_kw,
+                capacity_kw: round3(o.heartbeat.capacity_kw),
+                load_kw: round3(o.heartbeat.load_kw),
                 active_sessions: o.heartbeat.active_sessions,
                 queued_sessions: o.heartbeat.queued_sessions,
-                seconds_since_heartbeat: o.age_seconds(now),
+                seconds_since_heartbeat: round3(o.age_seconds(now)),
                 status: if o.is_up(now) {
                     Status::Up
                 } else {
@@ -122,6 +124,15 @@ mod tests {
                 "seconds_since_heartbeat": 0.5, "status": "up"
             })
         );
+    }
+
+    #[test]
+    fn loads_are_shown_to_the_watt() {
+        let mut grid = LatestHeartbeats::default();
+        grid.observe(observed("s1", 49.999_999_999_999_99, t0()));
+        let view = grid.view(t0() + Duration::nanoseconds(123_456_789));
+        assert_eq!(view[0].load_kw, 50.0);
+        assert_eq!(view[0].seconds_since_heartbeat, 0.123);
     }
 
     #[test]

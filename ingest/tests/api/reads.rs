@@ -64,7 +64,7 @@ async fn a_request_is_queued_right_after_its_202_then_follows_the_bucket() {
         rejected_at: Some(now),
         substation_id: None,
         charging_started_at: None,
-        ..charging
+        ..charging.clone()
     };
     bucket
         .put(
@@ -77,6 +77,31 @@ async fn a_request_is_queued_right_after_its_202_then_follows_the_bucket() {
         .get(&format!("/v1/charge-requests/{}", other.request_id))
         .await;
     assert_eq!(reply.json(), serde_json::to_value(&other).unwrap());
+
+    // A car that left at its departure with a third of its energy: completed, and visibly short.
+    let departed = RequestRecord {
+        request_id: Uuid::new_v4(),
+        state: RequestState::Completed,
+        energy_delivered_kwh: 10.000_000_000_000_2,
+        reason: Some("departed".into()),
+        completed_at: Some(now),
+        ..charging
+    };
+    bucket
+        .put(
+            departed.request_id.to_string(),
+            serde_json::to_vec(&departed).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply = app
+        .get(&format!("/v1/charge-requests/{}", departed.request_id))
+        .await;
+    let shown = reply.json();
+    assert_eq!(shown["state"], "completed");
+    assert_eq!(shown["fully_charged"], false);
+    assert_eq!(shown["energy_delivered_kwh"], 10.0);
+    assert_eq!(shown["energy_shortfall_kwh"], 20.0);
 }
 
 fn heartbeat(id: &str, seq: u64, load_kw: f64, interval_ms: u64) -> Heartbeat {
