@@ -17,7 +17,7 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use evgrid_common::nats::Nats;
 use evgrid_common::{heartbeats, streams};
-use evgrid_model::messages::{SessionEvent, SessionEventKind};
+use evgrid_model::messages::{SessionEvent, SessionEventKind, SessionOutcome, SessionReport};
 use evgrid_model::{headers, subjects};
 use hdrhistogram::Histogram;
 use tokio::sync::Notify;
@@ -144,6 +144,8 @@ struct Observations {
     substations: Vec<String>,
     heartbeats: Vec<HeartbeatSample>,
     interrupted: u64,
+    /// Completions whose car left at its departure before it was fully charged.
+    left_short: u64,
     first_rejection: Option<String>,
 }
 
@@ -157,6 +159,7 @@ impl Observations {
             substations: Vec::new(),
             heartbeats: Vec::new(),
             interrupted: 0,
+            left_short: 0,
             first_rejection: None,
         }
     }
@@ -264,6 +267,7 @@ impl Follower {
             rejected,
             incomplete,
             interrupted_events: o.interrupted,
+            left_short: o.left_short,
             dispatch_latency_ms: Latency::of(&o.dispatch),
             charging_start_latency_ms: Latency::of(&o.charging_start),
             per_substation: o.per_substation.clone(),
@@ -287,7 +291,7 @@ async fn next_sequence(js: &jetstream::Context, stream: &str) -> anyhow::Result<
 }
 
 fn on_session(tracker: &Tracker, observations: &Mutex<Observations>, msg: &jetstream::Message) {
-    let Ok(event) = serde_json::from_slice::<SessionEvent>(&msg.payload) else {
+    let Ok(SessionReport { event, outcome }) = serde_json::from_slice(&msg.payload) else {
         tracing::warn!(subject = %msg.subject, "ignoring a malformed session event");
         return;
     };
@@ -312,6 +316,9 @@ fn on_session(tracker: &Tracker, observations: &Mutex<Observations>, msg: &jetst
         SessionEventKind::Completed => {
             if tracker.settle(event.request_id, COMPLETED) {
                 tracker.completed.fetch_add(1, Ordering::Relaxed);
+                if outcome == Some(SessionOutcome::Departed) {
+                    o.left_short += 1;
+                }
             }
         }
         SessionEventKind::Interrupted => o.interrupted += 1,

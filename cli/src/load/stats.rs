@@ -241,6 +241,9 @@ pub struct Completion {
     pub incomplete: u64,
     /// Session `interrupted` events seen (a substation stopped; the session resumes).
     pub interrupted_events: u64,
+    /// Of `completed`, the cars that left at their departure before they were fully charged
+    /// (the event's `outcome` is `departed`).
+    pub left_short: u64,
     /// accepted_at → dispatched_at.
     pub dispatch_latency_ms: Option<Latency>,
     /// accepted_at → the `started` event.
@@ -341,8 +344,13 @@ impl Report {
         if let Some(c) = &self.completion {
             let _ = writeln!(
                 w,
-                "  completed     {} (rejected {}, incomplete {}, interrupted events {})",
-                c.completed, c.rejected, c.incomplete, c.interrupted_events
+                "  completed     {} (fully charged {}, left short {}; rejected {}, incomplete {}, interrupted events {})",
+                c.completed,
+                c.completed.saturating_sub(c.left_short),
+                c.left_short,
+                c.rejected,
+                c.incomplete,
+                c.interrupted_events
             );
             latency_line(w, "dispatch", c.dispatch_latency_ms);
             latency_line(w, "charge start", c.charging_start_latency_ms);

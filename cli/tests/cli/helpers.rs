@@ -14,7 +14,9 @@ use chrono::Utc;
 use clap::Parser;
 use evgrid::load::LoadArgs;
 use evgrid_common::streams;
-use evgrid_model::messages::{Heartbeat, SessionEvent, SessionEventKind};
+use evgrid_model::messages::{
+    Heartbeat, SessionEvent, SessionEventKind, SessionOutcome, SessionReport,
+};
 use evgrid_model::validate::parse_charge_request;
 use evgrid_model::{headers, subjects};
 use evgrid_test_support::NatsServer;
@@ -126,7 +128,9 @@ pub async fn http_stub(behaviour: Behaviour) -> (SocketAddr, Arc<Seen>, Cancella
 /// A stand-in grid of two 100 kW substations `a` and `b`: takes each request from
 /// `ev.requests` in turn, rejects every `reject_every`-th (0: none) on `ev.rejected`, and
 /// otherwise publishes accepted → started → completed events, alternating substations, with a
-/// heartbeat of both (load 50 kW) every 10 requests. Subscribed before this returns.
+/// heartbeat of both (load 50 kW) every 10 requests. Every third completion is a car that left
+/// at its departure (outcome `departed`), the others are `delivered`. Subscribed before this
+/// returns.
 pub async fn fake_grid(js: jetstream::Context, reject_every: u64) -> CancellationToken {
     let client = js.client();
     let mut requests = client.subscribe(subjects::REQUESTS).await.expect("sub");
@@ -167,6 +171,7 @@ pub async fn fake_grid(js: jetstream::Context, reject_every: u64) -> Cancellatio
                 (SessionEventKind::Started, 3),
                 (SessionEventKind::Completed, 5),
             ] {
+                let departed = n.is_multiple_of(3);
                 let event = SessionEvent {
                     event: kind,
                     request_id: id,
@@ -178,9 +183,17 @@ pub async fn fake_grid(js: jetstream::Context, reject_every: u64) -> Cancellatio
                     accepted_at,
                     dispatched_at: accepted_at + chrono::Duration::milliseconds(1),
                 };
+                let report = SessionReport {
+                    event,
+                    outcome: (kind == SessionEventKind::Completed).then_some(if departed {
+                        SessionOutcome::Departed
+                    } else {
+                        SessionOutcome::Delivered
+                    }),
+                };
                 js.publish(
                     subjects::sessions(substation, kind.as_str()),
-                    serde_json::to_vec(&event).unwrap().into(),
+                    serde_json::to_vec(&report).unwrap().into(),
                 )
                 .await
                 .expect("publish")

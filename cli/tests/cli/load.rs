@@ -306,6 +306,8 @@ async fn wait_complete_follows_session_events_to_the_end() {
     let r: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(r["accepted"], 60);
     assert_eq!(r["completed"], 54);
+    // Every third request's car left short: multiples of 3 up to 60, less the rejected 30 and 60.
+    assert_eq!(r["left_short"], 18);
     assert_eq!(r["rejected"], 6);
     assert_eq!(r["errors"]["rejected"], 6);
     assert_eq!(r["errors"]["incomplete"], 0);
