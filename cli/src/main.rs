@@ -32,9 +32,12 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli: Cli = evgrid_common::config::parse_or_exit();
-    evgrid_common::telemetry::init(cli.log.log_format);
+    // `up` sets up its logs itself: to a file in its data directory, once that exists.
+    if !matches!(cli.command, Command::Up(_)) {
+        evgrid_common::telemetry::init(cli.log.log_format);
+    }
     let result = match cli.command {
-        Command::Up(args) => evgrid::up::run(*args, evgrid_common::shutdown::on_signals())
+        Command::Up(args) => evgrid::up::main(*args, cli.log.log_format)
             .await
             .map(|()| std::process::ExitCode::SUCCESS),
         Command::Load(args) => evgrid::load::main(*args).await,

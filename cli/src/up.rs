@@ -14,8 +14,9 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use evgrid_common::config::{parse_duration, parse_listen, parse_positive};
+use evgrid_common::config::{LogFormat, parse_duration, parse_listen, parse_positive};
 use evgrid_common::nats::{MIN_SERVER_VERSION, version_at_least};
+use evgrid_dispatcher::Policy;
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -46,12 +47,14 @@ pub struct UpArgs {
     /// First port of the dispatcher's and substations' metrics endpoints (0 = any free ports).
     #[arg(long, default_value_t = 9101)]
     pub metrics_base_port: u16,
-    /// Simulated seconds per real second (60: a charging hour passes in a minute).
-    #[arg(long, default_value_t = 60.0, value_parser = parse_positive)]
+    /// Simulated seconds per real second. The default, 3600, makes an hour of charging pass in
+    /// a second, so a 30 kWh car at 11 kW finishes in about 3 s and the README's 100-car load
+    /// (about 12 grid-hours of energy) completes well within a minute.
+    #[arg(long, default_value_t = DEFAULT_TIME_SCALE, value_parser = parse_positive)]
     pub time_scale: f64,
-    /// Dispatch policy, as `evgrid-dispatcher --policy`.
-    #[arg(long)]
-    pub policy: Option<String>,
+    /// Dispatch policy, as `evgrid-dispatcher --policy` (its default when not given).
+    #[arg(long, value_enum)]
+    pub policy: Option<Policy>,
     /// Prometheus binary; started with a generated config when found.
     #[arg(long, default_value = "prometheus")]
     pub prometheus_bin: PathBuf,
@@ -65,15 +68,59 @@ pub struct UpArgs {
     /// Also drive a steady demo load of real charging sessions (ACN-Data, Caltech).
     #[arg(long)]
     pub demo: bool,
-    /// Demo requests per second.
-    #[arg(long, default_value_t = 2.0, value_parser = parse_positive)]
-    pub demo_rate: f64,
+    /// Demo requests per second (real time). By default derived from the capacities, the time
+    /// scale and the demo sessions' mean energy so that the demo uses about 40 % of the grid:
+    /// busy, with room left for requests of your own.
+    #[arg(long, value_parser = parse_positive)]
+    pub demo_rate: Option<f64>,
     /// No banner and no live status line.
     #[arg(long)]
     pub quiet: bool,
+    /// Show the services' logs on stderr (above the live line) instead of writing them to
+    /// `evgrid.log` in the data directory. Warnings and errors are shown either way.
+    #[arg(long = "logs", short = 'v')]
+    pub logs: bool,
 }
 
+/// Default `--time-scale`: an hour of charging per real second (see `UpArgs::time_scale`).
+pub const DEFAULT_TIME_SCALE: f64 = 3600.0;
+
+/// Where the services' logs go, in the data directory, unless `--logs`.
+pub const LOG_FILE: &str = "evgrid.log";
+
+/// Bound on every HTTP probe `evgrid up` makes (Prometheus readiness and identity): a listener
+/// that accepts and never answers must not hold start-up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl UpArgs {
+    /// Checks every option, and every service's configuration as it would be built, before
+    /// anything is started or deleted: bad config is one line and no side effect.
+    pub fn validate(&self) -> Result<()> {
+        let capacities = self.capacities();
+        if capacities.len() > 100 {
+            bail!(
+                "--capacities names {} substations; at most 100",
+                capacities.len()
+            );
+        }
+        if self.metrics_base_port != 0
+            && usize::from(self.metrics_base_port) + capacities.len() > usize::from(u16::MAX)
+        {
+            bail!(
+                "--metrics-base-port {} leaves no room for {} substation ports",
+                self.metrics_base_port,
+                capacities.len()
+            );
+        }
+        if let Some(url) = &self.nats_url {
+            evgrid_common::config::parse_nats_url(url)
+                .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
+        }
+        // The services' own parsers, with a stand-in URL (the real one is known once NATS runs).
+        ServiceConfigs::new(self, &capacities, evgrid_common::config::DEFAULT_NATS_URL)?;
+        Ok(())
+    }
+
     fn capacities(&self) -> Vec<f64> {
         if self.capacities.is_empty() {
             (1..=self.substations)
@@ -152,6 +199,8 @@ pub struct Endpoints {
     pub substations: Vec<(String, f64, SocketAddr)>,
     /// Prometheus's URL, or why it is not running.
     pub prometheus: Result<String, String>,
+    /// Why Prometheus is not on the port asked for, when it is not.
+    pub prometheus_moved: Option<String>,
 }
 
 /// Checks `nats-server --version` before starting it, so an old server is refused with the
@@ -263,15 +312,80 @@ async fn bind_metrics(base: u16, offset: u16) -> Result<tokio::net::TcpListener>
     evgrid_common::http::bind(SocketAddr::from(([127, 0, 0, 1], port))).await
 }
 
-/// Runs the grid until `shutdown`; returns once everything has stopped.
-pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
-    let capacities = args.capacities();
+/// `evgrid up` from the command line: checks the options, prepares the data directory, sends
+/// the logs where `--logs` says, and runs the grid until SIGINT/SIGTERM.
+pub async fn main(mut args: UpArgs, log_format: LogFormat) -> Result<()> {
+    args.validate()?;
+    prepare_data_dir(&args)?;
+    // Emptied once, here: the log file is about to be created in it.
+    args.fresh = false;
+    let log_file = if args.logs {
+        None
+    } else {
+        let path = args.data_dir.join(LOG_FILE);
+        Some(
+            std::fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )
+    };
+    evgrid_common::telemetry::init_with_file(log_format, log_file);
+    run(args, evgrid_common::shutdown::on_signals()).await
+}
+
+fn prepare_data_dir(args: &UpArgs) -> Result<()> {
     if args.fresh && args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir)
             .with_context(|| format!("cannot remove {}", args.data_dir.display()))?;
     }
     std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))
+}
+
+/// Why start-up stopped: a signal came first.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal during start-up")]
+struct Interrupted;
+
+/// Awaits `step` unless `shutdown` comes first: then the step is dropped (a child it started is
+/// killed on drop) and start-up ends with [`Interrupted`].
+async fn or_shutdown<T>(
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        result = step => result,
+        _ = shutdown.cancelled() => Err(Interrupted.into()),
+    }
+}
+
+/// Refuses a port another process holds, with one line saying what to do instead.
+fn ensure_free(port: u16, what: &str, instead: &str) -> Result<()> {
+    if port == 0 || port_is_free(port) {
+        return Ok(());
+    }
+    bail!("port {port} for {what} is already in use by another process; {instead}")
+}
+
+/// True when nothing listens on `port`: neither on loopback nor on all interfaces (a system
+/// service such as Debian's Prometheus listens on `:9090`).
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// Runs the grid until `shutdown`; returns once everything has stopped. A signal during
+/// start-up stops what has started and returns Ok.
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
+    match start_and_run(args, &shutdown).await {
+        Err(e) if e.is::<Interrupted>() => Ok(()),
+        other => other,
+    }
+}
+
+async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()> {
+    args.validate()?;
+    let capacities = args.capacities();
+    prepare_data_dir(&args)?;
 
     // Bind every port first: a port in use fails before anything has started.
     let ingest_listener = evgrid_common::http::bind(args.ingest_listen).await?;
@@ -284,7 +398,16 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let (nats_child, nats_url, nats_monitor) = match &args.nats_url {
         Some(url) => (None, url.clone(), None),
         None => {
-            let (child, url, monitor) = start_nats(&args, &args.data_dir).await?;
+            ensure_free(
+                args.nats_port,
+                "NATS",
+                &format!(
+                    "to use that server pass --nats-url nats://127.0.0.1:{}, or pick another port with --nats-port (0: any free port)",
+                    args.nats_port
+                ),
+            )?;
+            let (child, url, monitor) =
+                or_shutdown(shutdown, start_nats(&args, &args.data_dir)).await?;
             (Some(child), url, Some(monitor))
         }
     };
@@ -309,6 +432,46 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     result
 }
 
+/// Every in-process service's configuration, parsed by its own parser as its binary would.
+struct ServiceConfigs {
+    ingest: evgrid_ingest::Config,
+    dispatcher: evgrid_dispatcher::Config,
+    substations: Vec<evgrid_substation::Config>,
+}
+
+impl ServiceConfigs {
+    fn new(args: &UpArgs, capacities: &[f64], nats_url: &str) -> Result<Self> {
+        let nats = ["--nats-url".to_owned(), nats_url.to_owned()];
+        let ingest = service_config(&nats).context("ingest")?;
+        let mut dispatcher_words = nats.to_vec();
+        if let Some(policy) = args.policy {
+            dispatcher_words.extend(["--policy".to_owned(), policy.as_str().to_owned()]);
+        }
+        let dispatcher = service_config(&dispatcher_words).context("dispatcher")?;
+        let mut substations = Vec::new();
+        for (i, capacity) in capacities.iter().enumerate() {
+            let mut words = nats.to_vec();
+            words.extend([
+                "--id".to_owned(),
+                format!("substation-{}", i + 1),
+                "--capacity-kw".to_owned(),
+                capacity.to_string(),
+                "--time-scale".to_owned(),
+                args.time_scale.to_string(),
+            ]);
+            substations.push(
+                service_config::<evgrid_substation::Config>(&words)
+                    .with_context(|| format!("substation-{}", i + 1))?,
+            );
+        }
+        Ok(Self {
+            ingest,
+            dispatcher,
+            substations,
+        })
+    }
+}
+
 struct Listeners {
     ingest: tokio::net::TcpListener,
     dispatcher: tokio::net::TcpListener,
@@ -323,26 +486,11 @@ async fn run_services(
     nats_monitor: Option<String>,
     token: CancellationToken,
 ) -> Result<()> {
-    let nats = ["--nats-url".to_owned(), nats_url.to_owned()];
-    let ingest_config: evgrid_ingest::Config = service_config(&nats)?;
-    let mut dispatcher_words = nats.to_vec();
-    if let Some(policy) = &args.policy {
-        dispatcher_words.extend(["--policy".to_owned(), policy.clone()]);
-    }
-    let dispatcher_config: evgrid_dispatcher::Config = service_config(&dispatcher_words)?;
-    let mut substation_configs = Vec::new();
-    for (i, capacity) in capacities.iter().enumerate() {
-        let mut words = nats.to_vec();
-        words.extend([
-            "--id".to_owned(),
-            format!("substation-{}", i + 1),
-            "--capacity-kw".to_owned(),
-            capacity.to_string(),
-            "--time-scale".to_owned(),
-            args.time_scale.to_string(),
-        ]);
-        substation_configs.push(service_config::<evgrid_substation::Config>(&words)?);
-    }
+    let ServiceConfigs {
+        ingest: ingest_config,
+        dispatcher: dispatcher_config,
+        substations: substation_configs,
+    } = ServiceConfigs::new(args, capacities, nats_url)?;
 
     let endpoints = Endpoints {
         ingest: listeners.ingest.local_addr()?,
@@ -356,6 +504,7 @@ async fn run_services(
             .map(|((c, l), cap)| Ok((c.id.clone(), *cap, l.local_addr()?)))
             .collect::<Result<_>>()?,
         prometheus: Err("not started yet".to_owned()),
+        prometheus_moved: None,
     };
 
     let mut set = tokio::task::JoinSet::new();
@@ -375,23 +524,36 @@ async fn run_services(
     }
 
     let tracker = TaskTracker::new();
-    let prometheus = start_prometheus(args, &endpoints).await;
+    // Start-up races the signal: a Ctrl-C while Prometheus starts drops (and kills) it.
+    let prometheus = tokio::select! {
+        started = start_prometheus(args, &endpoints) => started,
+        _ = token.cancelled() => Err("stopped during start-up".to_owned()),
+    };
     let endpoints = Endpoints {
         prometheus: prometheus
             .as_ref()
-            .map(|(_, url)| url.clone())
+            .map(|p| p.url.clone())
             .map_err(Clone::clone),
+        prometheus_moved: prometheus.as_ref().ok().and_then(|p| p.moved.clone()),
         ..endpoints
     };
-    if !args.quiet {
-        print_banner(&endpoints);
+    let demo = args.demo.then(crate::demo::Demo::load);
+    let demo_rate = demo.as_ref().map(|demo| {
+        args.demo_rate
+            .unwrap_or_else(|| demo.rate_for(capacities.iter().sum(), args.time_scale))
+    });
+    if !args.quiet && !token.is_cancelled() {
+        print_banner(
+            &endpoints,
+            &BannerNotes {
+                time_scale: args.time_scale,
+                log_file: (!args.logs).then(|| args.data_dir.join(LOG_FILE)),
+                demo: demo.as_ref().zip(demo_rate),
+            },
+        );
     }
-    if args.demo {
-        tracker.spawn(crate::demo::drive(
-            nats_url.to_owned(),
-            args.demo_rate,
-            token.clone(),
-        ));
+    if let (Some(demo), Some(rate)) = (demo, demo_rate) {
+        tracker.spawn(demo.drive(nats_url.to_owned(), rate, token.clone()));
     }
     if !args.quiet {
         tracker.spawn(crate::status::live_line(nats_url.to_owned(), token.clone()));
@@ -426,8 +588,8 @@ async fn run_services(
         tracing::warn!("services did not stop within 10 s; exiting anyway");
         set.abort_all();
     }
-    if let Ok((child, _)) = prometheus {
-        child.stop().await;
+    if let Ok(prometheus) = prometheus {
+        prometheus.child.stop().await;
     }
     match failure {
         Some(e) => Err(e),
@@ -449,26 +611,42 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// The Prometheus `evgrid up` started.
+struct Prometheus {
+    child: ChildProcess,
+    url: String,
+    /// Why it is not on the port asked for, when it is not.
+    moved: Option<String>,
+}
+
 /// Starts Prometheus with a generated config scraping every component, if it is installed.
-/// Err says why it is not running (shown in the banner); the grid runs either way.
-async fn start_prometheus(
-    args: &UpArgs,
-    endpoints: &Endpoints,
-) -> Result<(ChildProcess, String), String> {
+/// Err says why it is not running (shown in the banner); the grid runs either way. A port
+/// already taken (Debian's `prometheus` package runs one on 9090) is replaced by a free one,
+/// and the Prometheus that answers is checked to be this one before it is shown.
+async fn start_prometheus(args: &UpArgs, endpoints: &Endpoints) -> Result<Prometheus, String> {
     let dir = args.data_dir.join("prometheus");
-    let port = match args.prometheus_port {
-        0 => free_port().map_err(|e| format!("no free port: {e}"))?,
-        port => port,
+    let free = || free_port().map_err(|e| format!("no free port: {e}"));
+    let (port, moved) = match args.prometheus_port {
+        0 => (free()?, None),
+        port if port_is_free(port) => (port, None),
+        port => (
+            free()?,
+            Some(format!("port {port} is taken by another process")),
+        ),
     };
-    let config = crate::prometheus::local_config(endpoints, port, args.prometheus_scrape_interval);
     std::fs::create_dir_all(dir.join("data"))
-        .and_then(|_| std::fs::write(dir.join("prometheus.yml"), config))
+        .and_then(|_| {
+            crate::prometheus::write_local_config(
+                &dir,
+                endpoints,
+                port,
+                args.prometheus_scrape_interval,
+            )
+        })
         .map_err(|e| format!("cannot write its config in {}: {e}", dir.display()))?;
+    let config_file = dir.join("prometheus.yml").display().to_string();
     let child = Command::new(&args.prometheus_bin)
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
+        .arg(format!("--config.file={config_file}"))
         .arg(format!(
             "--storage.tsdb.path={}",
             dir.join("data").display()
@@ -490,37 +668,56 @@ async fn start_prometheus(
         child,
     };
     let url = format!("http://127.0.0.1:{port}");
-    // Wait until it answers, so a port in use (e.g. a system Prometheus on 9090) is reported
-    // rather than shown as running.
-    let ready = format!("{url}/-/ready");
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let http = reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .connect_timeout(PROBE_TIMEOUT)
+        .build()
+        .map_err(|e| format!("no HTTP client: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(Some(status)) = child.child.try_wait() {
             let last = child.last_stderr_line(|l| l.contains("err")).await;
-            return Err(format!(
-                "exited ({status}) {last}; is port {port} in use? try --prometheus-port 0"
-            ));
+            return Err(format!("exited during start ({status}): {last}"));
         }
-        if http
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        // Ready, and running with our config file: whatever else answers on the port is not ours.
+        if serves_config(&http, &url, &config_file).await {
             // Its log is not ours to show; drop the pipe so it never blocks on a full buffer.
             drop(child.child.stderr.take());
-            return Ok((child, url));
+            return Ok(Prometheus { child, url, moved });
         }
         if tokio::time::Instant::now() > deadline {
             child.stop().await;
-            return Err("did not become ready within 10 s".to_owned());
+            return Err(format!("did not answer as ours on {url} within 15 s"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn print_banner(e: &Endpoints) {
+/// True when the Prometheus at `url` is ready and runs with `config_file`.
+async fn serves_config(http: &reqwest::Client, url: &str, config_file: &str) -> bool {
+    let ready = http
+        .get(format!("{url}/-/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    if !ready {
+        return false;
+    }
+    let flags = match http.get(format!("{url}/api/v1/status/flags")).send().await {
+        Ok(r) => r.json::<serde_json::Value>().await.ok(),
+        Err(_) => None,
+    };
+    flags.is_some_and(|f| f["data"]["config.file"].as_str() == Some(config_file))
+}
+
+/// What the banner says besides the endpoints.
+struct BannerNotes<'a> {
+    time_scale: f64,
+    log_file: Option<PathBuf>,
+    demo: Option<(&'a crate::demo::Demo, f64)>,
+}
+
+fn print_banner(e: &Endpoints, notes: &BannerNotes) {
     let mut out = String::new();
     out.push_str("evgrid is up\n\n");
     out.push_str(&format!("  API (ingest)      http://{}\n", e.ingest));
@@ -536,8 +733,26 @@ fn print_banner(e: &Endpoints) {
         out.push_str(&format!("  {id:<17} http://{addr}/metrics  ({cap} kW)\n"));
     }
     match &e.prometheus {
-        Ok(url) => out.push_str(&format!("  Prometheus        {url}\n")),
+        Ok(url) => match &e.prometheus_moved {
+            Some(why) => out.push_str(&format!("  Prometheus        {url}  ({why})\n")),
+            None => out.push_str(&format!("  Prometheus        {url}\n")),
+        },
         Err(why) => out.push_str(&format!("  Prometheus        not started: {why}\n")),
+    }
+    out.push_str(&format!(
+        "  Time scale        {}x: {}\n",
+        notes.time_scale,
+        time_scale_meaning(notes.time_scale)
+    ));
+    if let Some((demo, rate)) = notes.demo {
+        out.push_str(&format!(
+            "  Demo              {rate:.1} requests/s from {}\n",
+            demo.source()
+        ));
+    }
+    match &notes.log_file {
+        Some(path) => out.push_str(&format!("  Logs              {}\n", path.display())),
+        None => out.push_str("  Logs              on stderr (--logs)\n"),
     }
     out.push_str("\nTry:\n");
     out.push_str(&format!(
@@ -552,4 +767,21 @@ fn print_banner(e: &Endpoints) {
     out.push_str(&format!("  nats -s {} sub 'ev.sessions.>'\n", e.nats_url));
     out.push_str("\nCtrl-C stops everything.\n");
     println!("{out}");
+}
+
+/// How long a simulated hour of charging takes at `time_scale`, in words.
+fn time_scale_meaning(time_scale: f64) -> String {
+    let real = 3600.0 / time_scale;
+    let took = if real < 1.0 {
+        format!("{:.0} ms", real * 1000.0)
+    } else if real < 120.0 {
+        format!("{real:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
+            + " s"
+    } else {
+        format!("{:.1} min", real / 60.0)
+    };
+    format!("an hour of charging takes {took} of real time")
 }
