@@ -9,4 +9,5 @@ mod load_live;
 mod nats_client;
 mod observability;
 mod pipeline;
+mod quickstart;
 mod up;

@@ -3,6 +3,7 @@
 //! [`UpProcess`] runs it for other tests too (the live Prometheus of `observability`).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -63,13 +64,37 @@ impl UpProcess {
 
     /// [`UpProcess::start`] with environment variables set for it.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> UpProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_evgrid"));
+        command.envs(env.iter().copied());
+        Self::launch(command, args).await
+    }
+
+    /// [`UpProcess::start`] of the `evgrid` binary at `bin`, run from the directory `cwd`.
+    pub async fn start_from(bin: &Path, cwd: &Path, args: &[&str]) -> UpProcess {
+        let mut command = Command::new(bin);
+        command.current_dir(cwd);
+        Self::launch(command, args).await
+    }
+
+    async fn launch(mut command: Command, args: &[&str]) -> UpProcess {
+        // Free ports everywhere, unless the test names one.
+        let free_ports = [
+            ("--nats-port", "0"),
+            ("--metrics-base-port", "0"),
+            ("--prometheus-port", "0"),
+            ("--ingest-listen", "127.0.0.1:0"),
+        ];
         let data = tempfile::tempdir().unwrap();
         let data_dir = data.path().to_str().unwrap().to_owned();
         let stderr = std::fs::File::create(data.path().join(STDERR_LOG)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_evgrid"))
-            .envs(env.iter().copied())
-            .args(["up", "--nats-port", "0", "--metrics-base-port", "0"])
-            .args(["--prometheus-port", "0", "--ingest-listen", "127.0.0.1:0"])
+        let mut child = command
+            .arg("up")
+            .args(
+                free_ports
+                    .iter()
+                    .filter(|(flag, _)| !args.contains(flag))
+                    .flat_map(|(f, v)| [f, v]),
+            )
             .args(["--data-dir", &data_dir])
             .arg("--nats-server-bin")
             .arg(nats_server_bin())
@@ -115,11 +140,16 @@ impl UpProcess {
 
     /// SIGINT, as Ctrl-C: requires a clean exit with nothing left running; returns the data
     /// directory, kept until the caller drops it.
-    pub async fn stop(mut self) -> tempfile::TempDir {
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.stop_within(Duration::from_secs(15)).await
+    }
+
+    /// [`UpProcess::stop`], requiring the exit within `limit` of the SIGINT.
+    pub async fn stop_within(mut self, limit: Duration) -> tempfile::TempDir {
         assert!(signal("-INT", self.child.id().expect("still running")));
-        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
-            .expect("evgrid up stops within 15 s of SIGINT")
+            .unwrap_or_else(|_| panic!("evgrid up stops within {limit:?} of SIGINT"))
             .unwrap();
         assert!(status.success(), "clean exit, got {status}");
         assert_eq!(
@@ -153,7 +183,7 @@ impl Drop for UpProcess {
 async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     // Debug logs of the services, as JSON: every line about the request names it.
     let up = UpProcess::start_with_env(
-        &["--time-scale", "3600"],
+        &["--time-scale", "3600", "--logs"],
         &[
             ("EVGRID_LOG_FORMAT", "json"),
             (
