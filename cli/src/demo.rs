@@ -59,7 +59,7 @@ impl Demo {
                 .filter(|s| s.energy_kwh <= ACN_MAX_KW * hours(s.stay))
                 .collect(),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "no ACN trace; the demo uses a synthetic mix");
+                tracing::warn!(error = %evgrid_common::error::chain(&e), "no ACN trace; the demo uses a synthetic mix");
                 Vec::new()
             }
         };

@@ -265,7 +265,7 @@ impl Handler {
                 // PubAck timeout, a crash before the ack): deciding again could reject a car
                 // that is charging, or, past the dedupe window, send it to a second substation.
                 Ok(Some(state)) => {
-                    tracing::info!(%request_id, state = ?state, "handled by an earlier delivery; acking this one");
+                    tracing::debug!(%request_id, state = ?state, "handled by an earlier delivery; acking this one");
                     Some(AckKind::Ack)
                 }
                 Err(e) => {
@@ -404,7 +404,7 @@ impl Handler {
             settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             return;
         }
-        tracing::info!(%request_id, reason = reason.as_str(), detail, "rejected");
+        tracing::debug!(%request_id, reason = reason.as_str(), detail, "rejected");
         self.metrics
             .rejected
             .with_label_values(&[reason.as_str()])

@@ -310,7 +310,7 @@ impl Shell {
         };
         match plan(&dispatch, facts, &stored) {
             Plan::KeepHolding => {
-                tracing::info!(%request_id, delivery, "dispatch redelivered; session continues");
+                tracing::debug!(%request_id, delivery, "dispatch redelivered; session continues");
                 let live = self.sessions.get_mut(&request_id).expect("held here");
                 live.acker = acker;
                 live.delivery = delivery;
@@ -318,10 +318,10 @@ impl Shell {
             Plan::Skip(why) => {
                 match why {
                     Skip::DuplicateHere => {
-                        tracing::info!(%request_id, stream_seq, "duplicate dispatch of a session here; skipping")
+                        tracing::debug!(%request_id, stream_seq, "duplicate dispatch of a session here; skipping")
                     }
                     Skip::Finished => {
-                        tracing::info!(%request_id, "request already finished; skipping the dispatch")
+                        tracing::debug!(%request_id, "request already finished; skipping the dispatch")
                     }
                     Skip::TakenElsewhere => {
                         tracing::warn!(%request_id, "request already taken by another substation; skipping the dispatch")
@@ -358,9 +358,9 @@ impl Shell {
             departure: stay_left_s.map(|s| now + s),
         };
         if prior_kwh > 0.0 {
-            tracing::info!(%request_id, prior_kwh, "resuming session");
+            tracing::debug!(%request_id, prior_kwh, "resuming session");
         } else {
-            tracing::info!(%request_id, "session accepted");
+            tracing::debug!(%request_id, "session accepted");
         }
         self.send_event(
             &live,
@@ -413,7 +413,7 @@ impl Shell {
                 .observe(waited.max(0.0));
         }
         self.metrics.sessions_started.inc();
-        tracing::info!(request_id = %id, "charging");
+        tracing::debug!(request_id = %id, "charging");
         let live = &self.sessions[&id];
         self.send_event(live, SessionEventKind::Started, at, live.prior_kwh, None);
         let record = self.record(live, RequestState::Charging, live.prior_kwh, None);
@@ -439,7 +439,7 @@ impl Shell {
             }
         };
         let live = &self.sessions[&id];
-        tracing::info!(
+        tracing::debug!(
             request_id = %id,
             energy_kwh = live.dispatch.energy_kwh,
             energy_delivered_kwh = energy,
@@ -527,7 +527,7 @@ impl Shell {
             let live = self.sessions.get_mut(&id).expect("live session");
             live.ending = Some(Ending::Interrupted);
             let live = &self.sessions[&id];
-            tracing::info!(request_id = %id, energy_delivered_kwh = delivered, "session interrupted by shutdown");
+            tracing::debug!(request_id = %id, energy_delivered_kwh = delivered, "session interrupted by shutdown");
             self.metrics.sessions_interrupted.inc();
             self.send_event(live, SessionEventKind::Interrupted, at, delivered, None);
             let (write, receipt) = self
