@@ -3,6 +3,5 @@
 
 mod demo;
 pub mod load;
-mod prometheus;
 mod status;
 pub mod up;

