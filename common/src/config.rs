@@ -3,7 +3,9 @@
 //! any port is bound.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Default NATS URL when neither `--nats-url` nor `NATS_URL` is given.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -57,27 +59,45 @@ pub fn parse_positive(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A duration option: `250ms`, `2s`, `1.5s`, `1m` (or `1min`), or plain milliseconds (`750`),
-/// from 1 ms to 1 hour (heartbeat intervals, retry delays).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let millis_per_unit = match unit.trim() {
-        "" | "ms" => 1.0,
-        "s" => 1e3,
-        "m" | "min" => 60e3,
-        _ => f64::NAN,
-    };
-    match number.parse::<f64>().map(|n| n * millis_per_unit) {
-        Ok(ms) if (1.0..=3_600_000.0).contains(&ms) => {
-            Ok(std::time::Duration::from_micros((ms * 1e3).round() as u64))
-        }
-        _ => Err(format!(
-            "expected a duration from 1ms to 1h such as 500ms, 2s or 1m (plain numbers are milliseconds), got {s:?}"
-        )),
+/// The range of service durations (heartbeat intervals, retry delays, scrape intervals).
+pub const SERVICE_DURATIONS: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
+
+/// A duration option from 1 ms to 1 hour (heartbeat intervals, retry delays): see
+/// [`parse_duration_in`] for the syntax.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, SERVICE_DURATIONS)
+}
+
+/// A duration above zero, with no upper bound (timeouts and run lengths of `evgrid load`).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, Duration::from_nanos(1)..=Duration::MAX)
+}
+
+/// Every duration option of evgrid is read here, in humantime's syntax: a number with its unit
+/// (`500ms`, `2s`, `1.5s`, `1m` or `1min`, `8h`, `2d`, also `1m 30s`), within `range`. A plain
+/// number is refused: options used to read it as milliseconds in some places and seconds in
+/// others, and `--heartbeat 1` silently meant 1 ms.
+pub fn parse_duration_in(s: &str, range: RangeInclusive<Duration>) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.starts_with(|c: char| c.is_ascii_digit()) && t.parse::<f64>().is_ok() {
+        return Err(format!(
+            "{t:?} has no unit: write e.g. {t}ms or {t}s (units: ms, s, m, h, d)"
+        ));
+    }
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!("expected a duration with its unit such as 500ms, 2s or 1m, got {s:?} ({e})")
+    })?;
+    if range.contains(&d) {
+        Ok(d)
+    } else if *range.start() == Duration::from_nanos(1) {
+        Err(format!("expected a duration above zero, got {s:?}"))
+    } else {
+        Err(format!(
+            "expected a duration from {} to {}, got {s:?}",
+            humantime::format_duration(*range.start()),
+            humantime::format_duration(*range.end())
+        ))
     }
 }
 
@@ -130,15 +150,35 @@ mod tests {
 
     #[test]
     fn durations() {
-        use std::time::Duration;
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("750"), Ok(Duration::from_millis(750)));
-        for bad in ["", "0", "0s", "2h", "s", "1.2.3s", "-1s", "fast", "61m"] {
+        assert_eq!(parse_duration("1min"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in [
+            "", "0", "0s", "2h", "s", "1.2.3s", "-1s", "fast", "61m", "750",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            parse_positive_duration("10 days"),
+            Ok(Duration::from_secs(864_000))
+        );
+        assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn a_plain_number_is_refused_with_a_unit_to_try() {
+        let e = parse_duration("1").unwrap_err();
+        assert_eq!(
+            e,
+            r#""1" has no unit: write e.g. 1ms or 1s (units: ms, s, m, h, d)"#
+        );
+        assert!(!e.contains('\n'));
+        let e = parse_duration("2h").unwrap_err();
+        assert_eq!(e, r#"expected a duration from 1ms to 1h, got "2h""#);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub struct Config {
     pub max_in_flight: usize,
 
     /// How long a request waits before it is offered again when no substation is up or none has
-    /// room: a number with a unit (`500ms`, `2s`, `1m`) or plain milliseconds.
+    /// room: a number with its unit (`500ms`, `2s`, `1m`), from 1ms to 1h.
     #[arg(
         long,
         env = "EVGRID_DISPATCH_DEFER_DELAY",

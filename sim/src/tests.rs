@@ -263,6 +263,11 @@ fn options_are_checked_while_parsing() {
         "--poisson 10 --capacities 10,-1",
         "--poisson 10 --vehicle-max-kw 500",
         "--poisson 10 --heartbeat 2h",
+        // A unit is required: `--heartbeat 1` once simulated 1 ms heartbeats without a word.
+        "--poisson 10 --heartbeat 1",
+        "--poisson 10 --defer-delay 500",
+        "--poisson 10 --duration 8",
+        "--burst 10@3600",
         "--poisson 10 --stay 5..1",
         "--poisson 10 --plot load.png",
         "--poisson 10 --plot load",

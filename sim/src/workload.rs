@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, Timelike, Utc};
+use evgrid_common::config::parse_duration_in;
 use evgrid_model::SECONDS_PER_HOUR;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -114,26 +115,11 @@ impl FromStr for Burst {
     }
 }
 
-/// A simulated time or duration: `90` or `90s`, `30m`, `8h`, `2d` (seconds without a unit).
+/// A simulated time or duration in seconds, written with its unit: `90s`, `30m`, `8h`, `2d`
+/// (evgrid's one duration syntax; a plain number is refused).
 pub fn parse_sim_time(s: &str) -> Result<f64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        _ => f64::NAN,
-    };
-    match number.parse::<f64>().map(|n| n * scale) {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err(format!(
-            "expected a time such as 90s, 30m, 8h or 2d (plain numbers are seconds), got {s:?}"
-        )),
-    }
+    use std::time::Duration;
+    parse_duration_in(s, Duration::ZERO..=Duration::MAX).map(|d| d.as_secs_f64())
 }
 
 /// What synthetic requests look like.
@@ -335,7 +321,8 @@ mod tests {
 
     #[test]
     fn options_parse_or_say_why_not() {
-        assert_eq!(parse_sim_time("90"), Ok(90.0));
+        assert_eq!(parse_sim_time("90s"), Ok(90.0));
+        assert!(parse_sim_time("90").is_err());
         assert_eq!(parse_sim_time("30m"), Ok(1800.0));
         assert_eq!(parse_sim_time("8h"), Ok(28800.0));
         assert_eq!(parse_sim_time("2d"), Ok(172800.0));

@@ -466,6 +466,7 @@ fn bad_config_exits_non_zero_with_one_line() {
     // Arguments, environment, and the option the one line must name.
     let cases = [
         (vec!["--defer-delay", "soon"], None, "--defer-delay"),
+        (vec!["--defer-delay", "1"], None, "--defer-delay"),
         (vec!["--max-in-flight", "0"], None, "--max-in-flight"),
         (vec!["--policy", "fastest"], None, "--policy"),
         (vec![], Some(("EVGRID_POLICY", "random")), "--policy"),

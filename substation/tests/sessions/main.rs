@@ -566,7 +566,7 @@ mod cli {
             (&[][..], "--id"),
             (&["--id", "a.b"][..], "not a substation id"),
             (
-                &["--id", "s1", "--heartbeat-interval", "1h"][..],
+                &["--id", "s1", "--heartbeat-interval", "61m"][..],
                 "duration",
             ),
             (&["--id", "s1", "--time-scale", "0"][..], "greater than 0"),
@@ -578,6 +578,18 @@ mod cli {
             assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
             assert!(stderr.contains(mentions), "{args:?}: {stderr}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_duration_without_a_unit_is_refused() {
+        let args = ["--id", "s1", "--heartbeat-interval", "1"];
+        let (ok, _, stderr) = run(&args).await;
+        assert!(!ok);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("no unit") && stderr.contains("1s"),
+            "{stderr}"
+        );
     }
 
     #[tokio::test]
