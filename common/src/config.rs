@@ -2,18 +2,29 @@
 //! `--help`). Values are checked while parsing, so bad config exits with one clear line before
 //! any port is bound.
 
+use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Default NATS URL when neither `--nats-url` nor `NATS_URL` is given.
+/// Every evgrid environment variable is `EVGRID_` and its option's name, except this one:
+/// `NATS_URL` is what nats.go, the `nats` CLI and most NATS clients read, so one variable
+/// points every tool at the same server.
+pub const NATS_URL_ENV: &str = "NATS_URL";
+/// Default NATS URL when neither `--nats-url` nor `NATS_URL` is given: a local server on the
+/// standard port.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// `--log-format`; defaults to text, for the person at the terminal.
+pub const LOG_FORMAT_ENV: &str = "EVGRID_LOG_FORMAT";
+/// `--listen` of every service (each has its own default port, in its `main.rs`).
+pub const LISTEN_ENV: &str = "EVGRID_LISTEN";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
     /// NATS server URL (JetStream enabled, nats-server 2.10 or newer).
-    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL, value_parser = parse_nats_url)]
+    #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_parser = parse_nats_url)]
     pub nats_url: String,
 }
 
@@ -29,7 +40,7 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log format. The level is set with RUST_LOG (default: info).
-    #[arg(long, env = "EVGRID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
@@ -101,11 +112,73 @@ pub fn parse_duration_in(s: &str, range: RangeInclusive<Duration>) -> Result<Dur
     }
 }
 
+/// An environment variable renamed to the `EVGRID_` convention. The old name is still read for
+/// one release, with a warning, when neither the option nor the new name is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenamedEnv {
+    /// The name read until now, e.g. `SUBSTATION_ID`.
+    pub old: &'static str,
+    /// The name from now on, e.g. `EVGRID_SUBSTATION_ID`.
+    pub new: &'static str,
+    /// The long option both stand for, e.g. `--id`.
+    pub flag: &'static str,
+}
+
+/// Passes the value of each old environment variable as its option (`--flag=value`, appended to
+/// `args`) when neither the option nor the new variable is given: the environment cannot be
+/// changed without `unsafe` (edition 2024), and clap then reports a bad value against the
+/// option as usual. Returns the arguments and one warning per old variable that is set.
+pub fn apply_renamed_env(
+    mut args: Vec<OsString>,
+    renamed: &[RenamedEnv],
+    var: impl Fn(&str) -> Option<OsString>,
+) -> (Vec<OsString>, Vec<String>) {
+    let mut warnings = Vec::new();
+    for r in renamed {
+        let Some(value) = var(r.old) else { continue };
+        let given = args.iter().skip(1).take_while(|a| *a != "--").any(|a| {
+            a.to_str().is_some_and(|a| {
+                a == r.flag || a.strip_prefix(r.flag).is_some_and(|v| v.starts_with('='))
+            })
+        });
+        let used = !given && var(r.new).is_none();
+        if used {
+            let mut arg = OsString::from(format!("{}=", r.flag));
+            arg.push(value);
+            args.push(arg);
+        }
+        warnings.push(format!(
+            "warning: {} is deprecated and read until the next release only: set {} instead{}",
+            r.old,
+            r.new,
+            if used {
+                String::new()
+            } else {
+                format!(" (ignored now: {} or {} is given)", r.flag, r.new)
+            }
+        ));
+    }
+    (args, warnings)
+}
+
 /// Parses the command line like `P::parse()`, except that bad config exits with one line
 /// (clap's error without its usage hint) and status 2, before the caller binds anything.
 /// `--help` and `--version` print as usual.
 pub fn parse_or_exit<P: clap::Parser>() -> P {
-    match P::try_parse() {
+    parse_or_exit_renamed(&[])
+}
+
+/// [`parse_or_exit`] that also reads the `renamed` environment variables under their old names
+/// (see [`apply_renamed_env`]), printing each warning once on stderr.
+pub fn parse_or_exit_renamed<P: clap::Parser>(renamed: &[RenamedEnv]) -> P {
+    let (args, warnings) =
+        apply_renamed_env(std::env::args_os().collect(), renamed, |name: &str| {
+            std::env::var_os(name)
+        });
+    for warning in warnings {
+        eprintln!("{warning}");
+    }
+    match P::try_parse_from(args) {
         Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
@@ -179,6 +252,50 @@ mod tests {
         assert!(!e.contains('\n'));
         let e = parse_duration("2h").unwrap_err();
         assert_eq!(e, r#"expected a duration from 1ms to 1h, got "2h""#);
+    }
+
+    const RENAMED: &[RenamedEnv] = &[RenamedEnv {
+        old: "SUBSTATION_ID",
+        new: "EVGRID_SUBSTATION_ID",
+        flag: "--id",
+    }];
+
+    fn renamed(args: &[&str], env: &[(&str, &str)]) -> (Vec<String>, usize) {
+        let args = args.iter().map(OsString::from).collect();
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        };
+        let (args, warnings) = apply_renamed_env(args, RENAMED, var);
+        let args = args.into_iter().map(|a| a.into_string().unwrap());
+        (args.collect(), warnings.len())
+    }
+
+    #[test]
+    fn an_old_env_name_stands_for_its_option_with_a_warning() {
+        assert_eq!(
+            renamed(&["bin"], &[("SUBSTATION_ID", "s1")]),
+            (vec!["bin".into(), "--id=s1".into()], 1)
+        );
+        assert_eq!(
+            renamed(&["bin", "--id", "s2"], &[("SUBSTATION_ID", "s1")]),
+            (vec!["bin".into(), "--id".into(), "s2".into()], 1)
+        );
+        assert_eq!(
+            renamed(&["bin", "--id=s2"], &[("SUBSTATION_ID", "s1")]),
+            (vec!["bin".into(), "--id=s2".into()], 1)
+        );
+        let both = [("SUBSTATION_ID", "s1"), ("EVGRID_SUBSTATION_ID", "s3")];
+        assert_eq!(renamed(&["bin"], &both), (vec!["bin".into()], 1));
+        assert_eq!(
+            renamed(&["bin", "--idle"], &[("SUBSTATION_ID", "s1")]),
+            (vec!["bin".into(), "--idle".into(), "--id=s1".into()], 1)
+        );
+        assert_eq!(
+            renamed(&["bin"], &[("EVGRID_SUBSTATION_ID", "s3")]),
+            (vec!["bin".into()], 0)
+        );
     }
 
     #[test]

@@ -3,19 +3,40 @@
 
 use std::time::Duration;
 
-use evgrid_common::config::{DEFAULT_NATS_URL, NatsArgs, parse_duration};
+use evgrid_common::config::{DEFAULT_NATS_URL, NatsArgs, RenamedEnv, parse_duration};
 
 use evgrid_model::decision::Policy;
 
+/// `--max-in-flight`.
+pub const MAX_IN_FLIGHT_ENV: &str = "EVGRID_MAX_IN_FLIGHT";
 /// Publishes awaiting their PubAck at once. Measured on 2 cores, JetStream publishes reach
 /// ~93k/s with 64 acks in flight, ~106k/s with 256 and ~120k/s with 1024: past 256 little is
 /// gained, while the work redone after a crash keeps growing.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 /// Upper bound of `--max-in-flight`: the JetStream context itself allows 5,000 acks in flight.
 pub const MAX_IN_FLIGHT_LIMIT: usize = 4096;
+/// `--defer-delay`.
+pub const DEFER_DELAY_ENV: &str = "EVGRID_DEFER_DELAY";
 /// One heartbeat interval: room is reported once per heartbeat, so asking sooner mostly burns
 /// deliveries.
 pub const DEFAULT_DEFER_DELAY: &str = "1s";
+/// `--policy` (default: [`Policy::default`]).
+pub const POLICY_ENV: &str = "EVGRID_POLICY";
+
+/// The names these options were read from before every variable became `EVGRID_` and the
+/// option's name: still read, with a warning, until the next release.
+pub const RENAMED_ENV: &[RenamedEnv] = &[
+    RenamedEnv {
+        old: "EVGRID_DISPATCH_MAX_IN_FLIGHT",
+        new: MAX_IN_FLIGHT_ENV,
+        flag: "--max-in-flight",
+    },
+    RenamedEnv {
+        old: "EVGRID_DISPATCH_DEFER_DELAY",
+        new: DEFER_DELAY_ENV,
+        flag: "--defer-delay",
+    },
+];
 
 /// Options of the dispatcher service.
 #[derive(clap::Args, Clone, Debug)]
@@ -27,7 +48,7 @@ pub struct Config {
     /// The consumer's max_ack_pending is 4 times this, leaving room for deferred requests.
     #[arg(
         long,
-        env = "EVGRID_DISPATCH_MAX_IN_FLIGHT",
+        env = MAX_IN_FLIGHT_ENV,
         default_value_t = DEFAULT_MAX_IN_FLIGHT,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_IN_FLIGHT_LIMIT as u64),
     )]
@@ -37,7 +58,7 @@ pub struct Config {
     /// room: a number with its unit (`500ms`, `2s`, `1m`), from 1ms to 1h.
     #[arg(
         long,
-        env = "EVGRID_DISPATCH_DEFER_DELAY",
+        env = DEFER_DELAY_ENV,
         default_value = DEFAULT_DEFER_DELAY,
         value_parser = parse_duration,
     )]
@@ -45,7 +66,7 @@ pub struct Config {
 
     /// How a substation is chosen among those that are up (docs/dispatch.md; predictive by
     /// default: it delivers the most energy in `evgrid sim`).
-    #[arg(long, env = "EVGRID_POLICY", value_enum, default_value_t = Policy::default())]
+    #[arg(long, env = POLICY_ENV, value_enum, default_value_t = Policy::default())]
     pub policy: Policy,
 }
 

@@ -21,7 +21,7 @@ mod view;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use evgrid_common::config::NatsArgs;
+use evgrid_common::config::{NatsArgs, RenamedEnv};
 use evgrid_common::http::{self, Readiness};
 use evgrid_common::nats::{self, NatsError};
 use evgrid_common::{heartbeats, streams};
@@ -37,6 +37,15 @@ use crate::state::AppState;
 /// requests a second) this covers the seconds between a 202 and the pipeline's first state
 /// write, in about 5 MB.
 pub const DEFAULT_RECENT_ACCEPTS: usize = 100_000;
+/// `--recent-accepts`.
+pub const RECENT_ACCEPTS_ENV: &str = "EVGRID_RECENT_ACCEPTS";
+/// The name `--recent-accepts` was read from before every variable became `EVGRID_` and the
+/// option's name: still read, with a warning, until the next release.
+pub const RENAMED_ENV: &[RenamedEnv] = &[RenamedEnv {
+    old: "EVGRID_INGEST_RECENT_ACCEPTS",
+    new: RECENT_ACCEPTS_ENV,
+    flag: "--recent-accepts",
+}];
 
 /// The name this service gives its NATS connection (visible in the server's `/connz`).
 const CONNECTION_NAME: &str = "evgrid-ingest";
@@ -52,7 +61,7 @@ pub struct Config {
     /// has written any state for it.
     #[arg(
         long,
-        env = "EVGRID_INGEST_RECENT_ACCEPTS",
+        env = RECENT_ACCEPTS_ENV,
         default_value_t = DEFAULT_RECENT_ACCEPTS,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
     )]

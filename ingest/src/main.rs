@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use evgrid_common::config::{LogArgs, parse_listen};
+use evgrid_common::config::{LISTEN_ENV, LogArgs, parse_listen};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,7 +15,7 @@ use evgrid_common::config::{LogArgs, parse_listen};
 )]
 struct Cli {
     /// Address of the HTTP API and the ops endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "EVGRID_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
+    #[arg(long, env = LISTEN_ENV, default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     listen: SocketAddr,
 
     #[command(flatten)]
@@ -28,7 +28,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     // Bad config: one line and status 2, before anything is bound.
-    let cli: Cli = evgrid_common::config::parse_or_exit();
+    let cli: Cli = evgrid_common::config::parse_or_exit_renamed(evgrid_ingest::RENAMED_ENV);
     evgrid_common::service::main(
         "evgrid-ingest",
         cli.listen,

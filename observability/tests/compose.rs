@@ -534,7 +534,7 @@ fn prometheus_scrapes_every_service_where_it_listens() {
                 assert_eq!(port, listens, "job {job_name} scrapes {target}");
                 if let Some(label) = group["labels"]["substation"].as_str() {
                     assert_eq!(
-                        s.env("SUBSTATION_ID").as_deref(),
+                        s.env("EVGRID_SUBSTATION_ID").as_deref(),
                         Some(label),
                         "{target} is labelled substation={label}"
                     );
@@ -566,7 +566,7 @@ fn prometheus_scrapes_every_service_where_it_listens() {
     assert_eq!(
         targets.substations.len(),
         evgrid_services()
-            .filter(|(_, s)| s.env("SUBSTATION_ID").is_some())
+            .filter(|(_, s)| s.env("EVGRID_SUBSTATION_ID").is_some())
             .count()
     );
 }

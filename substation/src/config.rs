@@ -3,18 +3,44 @@
 
 use std::time::Duration;
 
-use evgrid_common::config::{NatsArgs, parse_duration, parse_positive};
+use evgrid_common::config::{NatsArgs, RenamedEnv, parse_duration, parse_positive};
 use evgrid_model::subjects::valid_substation_id;
 
 use evgrid_model::charging::Allocation;
 
+/// `--id`: no default, every substation must be told who it is. `EVGRID_SUBSTATION_ID` rather
+/// than `EVGRID_ID`, which would not say whose id it is among the services' variables.
+pub const ID_ENV: &str = "EVGRID_SUBSTATION_ID";
+/// `--capacity-kw`.
+pub const CAPACITY_KW_ENV: &str = "EVGRID_CAPACITY_KW";
 /// Default capacity: a typical fast-charging site.
 pub const DEFAULT_CAPACITY_KW: f64 = 150.0;
+/// `--time-scale`.
+pub const TIME_SCALE_ENV: &str = "EVGRID_TIME_SCALE";
 /// Real time by default; tests and demos use e.g. 3600 (an hour per second).
 pub const DEFAULT_TIME_SCALE: f64 = 1.0;
+/// `--heartbeat-interval`.
+pub const HEARTBEAT_INTERVAL_ENV: &str = "EVGRID_HEARTBEAT_INTERVAL";
 /// The dispatcher counts a substation out after 3 silent intervals: one second keeps routing
 /// fresh without flooding `EV_TELEMETRY`.
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "1s";
+/// `--allocation` (default: [`Allocation::default`]).
+pub const ALLOCATION_ENV: &str = "EVGRID_ALLOCATION";
+
+/// The names these options were read from before they took the `EVGRID_` prefix: still read,
+/// with a warning, until the next release.
+pub const RENAMED_ENV: &[RenamedEnv] = &[
+    RenamedEnv {
+        old: "SUBSTATION_ID",
+        new: ID_ENV,
+        flag: "--id",
+    },
+    RenamedEnv {
+        old: "SUBSTATION_CAPACITY_KW",
+        new: CAPACITY_KW_ENV,
+        flag: "--capacity-kw",
+    },
+];
 
 /// Options of one substation.
 #[derive(clap::Args, Clone, Debug)]
@@ -23,13 +49,13 @@ pub struct Config {
     pub nats: NatsArgs,
 
     /// Substation id: the last token of its subjects and its metric label ([A-Za-z0-9_-], 1-64).
-    #[arg(long, env = "SUBSTATION_ID", value_parser = parse_substation_id)]
+    #[arg(long, env = ID_ENV, value_parser = parse_substation_id)]
     pub id: String,
 
     /// Power the substation can deliver in total, in kW.
     #[arg(
         long,
-        env = "SUBSTATION_CAPACITY_KW",
+        env = CAPACITY_KW_ENV,
         default_value_t = DEFAULT_CAPACITY_KW,
         value_parser = parse_positive,
         allow_negative_numbers = true,
@@ -40,7 +66,7 @@ pub struct Config {
     /// Simulated seconds per real second (3600: an hour of charging takes a second).
     #[arg(
         long,
-        env = "EVGRID_TIME_SCALE",
+        env = TIME_SCALE_ENV,
         default_value_t = DEFAULT_TIME_SCALE,
         value_parser = parse_positive,
         allow_negative_numbers = true,
@@ -52,7 +78,7 @@ pub struct Config {
     /// 1s, 1.5s, 1m, from 1ms to 1h.
     #[arg(
         long,
-        env = "EVGRID_HEARTBEAT_INTERVAL",
+        env = HEARTBEAT_INTERVAL_ENV,
         default_value = DEFAULT_HEARTBEAT_INTERVAL,
         value_parser = parse_duration,
         value_name = "DURATION"
@@ -61,7 +87,7 @@ pub struct Config {
 
     /// How the capacity is shared when the cars want more than it (docs/substation.md;
     /// llf by default: it delivers the most energy in `evgrid sim`, docs/dispatch.md).
-    #[arg(long, env = "EVGRID_ALLOCATION", value_enum, default_value_t = Allocation::default())]
+    #[arg(long, env = ALLOCATION_ENV, value_enum, default_value_t = Allocation::default())]
     pub allocation: Allocation,
 }
 

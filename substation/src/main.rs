@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use evgrid_common::config::{LogArgs, parse_listen};
+use evgrid_common::config::{LISTEN_ENV, LogArgs, parse_listen};
 
 /// evgrid substation: charges the electric vehicles dispatched to it, in simulated time, never
 /// above its capacity.
@@ -16,7 +16,7 @@ struct Cli {
     config: evgrid_substation::Config,
 
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
-    #[arg(long, env = "EVGRID_LISTEN", default_value = "127.0.0.1:9102", value_parser = parse_listen)]
+    #[arg(long, env = LISTEN_ENV, default_value = "127.0.0.1:9102", value_parser = parse_listen)]
     listen: SocketAddr,
 
     #[command(flatten)]
@@ -26,7 +26,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     // Bad config: one line and status 2, before anything is bound.
-    let cli: Cli = evgrid_common::config::parse_or_exit();
+    let cli: Cli =
+        evgrid_common::config::parse_or_exit_renamed(evgrid_substation::config::RENAMED_ENV);
     evgrid_common::service::main(
         "evgrid-substation",
         cli.listen,

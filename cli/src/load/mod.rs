@@ -25,7 +25,8 @@ use async_nats::jetstream;
 use chrono::Utc;
 use clap::ArgGroup;
 use evgrid_common::config::{
-    DEFAULT_NATS_URL, parse_nats_url, parse_positive, parse_positive_duration as parse_duration,
+    DEFAULT_NATS_URL, NATS_URL_ENV, parse_nats_url, parse_positive,
+    parse_positive_duration as parse_duration,
 };
 use evgrid_common::nats;
 use evgrid_model::subjects;
@@ -72,7 +73,7 @@ pub struct LoadArgs {
 
     /// NATS server on which --wait-complete follows session events and heartbeats when the
     /// target is --url (with --nats-url, that server is used).
-    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL, value_name = "nats://HOST:PORT",
+    #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "nats://HOST:PORT",
           value_parser = parse_nats_url, help_heading = "Target")]
     pub events_nats_url: String,
 

@@ -471,11 +471,7 @@ fn bad_config_exits_non_zero_with_one_line() {
         (vec!["--policy", "fastest"], None, "--policy"),
         (vec![], Some(("EVGRID_POLICY", "random")), "--policy"),
         (vec!["--listen", "nowhere"], None, "--listen"),
-        (
-            vec![],
-            Some(("EVGRID_DISPATCH_DEFER_DELAY", "-1s")),
-            "--defer-delay",
-        ),
+        (vec![], Some(("EVGRID_DEFER_DELAY", "-1s")), "--defer-delay"),
     ];
     for (args, env, names) in cases {
         let mut command = Command::new(bin);
@@ -496,8 +492,8 @@ fn bad_config_exits_non_zero_with_one_line() {
     for expected in [
         "NATS_URL",
         "EVGRID_LISTEN",
-        "EVGRID_DISPATCH_MAX_IN_FLIGHT",
-        "EVGRID_DISPATCH_DEFER_DELAY",
+        "EVGRID_MAX_IN_FLIGHT",
+        "EVGRID_DEFER_DELAY",
         "EVGRID_POLICY",
         "[default: predictive]",
         "round-robin",
@@ -509,5 +505,38 @@ fn bad_config_exits_non_zero_with_one_line() {
         "[default: 127.0.0.1:9101]",
     ] {
         assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
+    }
+}
+
+#[test]
+fn old_env_names_still_work_for_one_release_with_a_warning() {
+    let bin = env!("CARGO_BIN_EXE_evgrid-dispatcher");
+    for (old, new, flag) in [
+        (
+            "EVGRID_DISPATCH_DEFER_DELAY",
+            "EVGRID_DEFER_DELAY",
+            "--defer-delay",
+        ),
+        (
+            "EVGRID_DISPATCH_MAX_IN_FLIGHT",
+            "EVGRID_MAX_IN_FLIGHT",
+            "--max-in-flight",
+        ),
+    ] {
+        // A bad value under the old name is refused by its option: the old name is read.
+        let out = Command::new(bin)
+            .env(old, "-1s")
+            .env_remove(new)
+            .output()
+            .expect("binary runs");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert_eq!(lines.len(), 2, "a warning, then the error: {stderr}");
+        assert!(
+            lines[0].contains(&format!("{old} is deprecated")) && lines[0].contains(new),
+            "{stderr}"
+        );
+        assert!(lines[1].contains(flag), "{stderr}");
     }
 }

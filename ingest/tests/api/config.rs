@@ -11,6 +11,7 @@ async fn ingest(args: &[&str]) -> Output {
         .env_remove("NATS_URL")
         .env_remove("EVGRID_LISTEN")
         .env_remove("EVGRID_INGEST_RECENT_ACCEPTS")
+        .env_remove("EVGRID_RECENT_ACCEPTS")
         .env_remove("EVGRID_LOG_FORMAT")
         .kill_on_drop(true)
         .output();
@@ -45,7 +46,7 @@ async fn help_shows_every_option_with_its_environment_variable() {
     for (option, env) in [
         ("--listen", "EVGRID_LISTEN"),
         ("--nats-url", "NATS_URL"),
-        ("--recent-accepts", "EVGRID_INGEST_RECENT_ACCEPTS"),
+        ("--recent-accepts", "EVGRID_RECENT_ACCEPTS"),
         ("--log-format", "EVGRID_LOG_FORMAT"),
     ] {
         assert!(help.contains(option), "{option} missing:\n{help}");

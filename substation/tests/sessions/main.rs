@@ -522,10 +522,17 @@ mod cli {
 
     /// Runs the binary with `args` and no substation environment; (success, stdout, stderr).
     async fn run(args: &[&str]) -> (bool, String, String) {
+        run_with_env(args, &[]).await
+    }
+
+    /// [`run`], with `env` set.
+    async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_evgrid-substation"));
         for var in [
             "SUBSTATION_ID",
             "SUBSTATION_CAPACITY_KW",
+            "EVGRID_SUBSTATION_ID",
+            "EVGRID_CAPACITY_KW",
             "EVGRID_TIME_SCALE",
             "EVGRID_HEARTBEAT_INTERVAL",
             "EVGRID_ALLOCATION",
@@ -542,6 +549,7 @@ mod cli {
             "127.0.0.1:0",
         ])
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
         let out = tokio::time::timeout(WAIT, cmd.output())
@@ -581,6 +589,43 @@ mod cli {
     }
 
     #[tokio::test]
+    async fn env_names_take_the_evgrid_prefix_and_old_ones_still_work_with_a_warning() {
+        // A bad --time-scale stops the binary before NATS: the error is about the time scale
+        // (not a missing --id), so the id was read.
+        let scale = ["--time-scale", "0"];
+        let (ok, _, stderr) = run_with_env(&scale, &[("EVGRID_SUBSTATION_ID", "s1")]).await;
+        assert!(!ok);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("--time-scale"), "{stderr}");
+
+        let (ok, _, stderr) = run_with_env(&scale, &[("SUBSTATION_ID", "s1")]).await;
+        assert!(!ok);
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert_eq!(lines.len(), 2, "a warning, then the error: {stderr}");
+        assert!(
+            lines[0].contains("SUBSTATION_ID is deprecated")
+                && lines[0].contains("EVGRID_SUBSTATION_ID"),
+            "{stderr}"
+        );
+        assert!(lines[1].contains("--time-scale"), "{stderr}");
+
+        // The old capacity reaches --capacity-kw (and is checked there).
+        let old = [("SUBSTATION_CAPACITY_KW", "-5")];
+        let (ok, _, stderr) = run_with_env(&["--id", "s1"], &old).await;
+        assert!(!ok);
+        assert!(
+            stderr.contains("SUBSTATION_CAPACITY_KW is deprecated"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("--capacity-kw"), "{stderr}");
+        let new = [("EVGRID_CAPACITY_KW", "-5")];
+        let (ok, _, stderr) = run_with_env(&["--id", "s1"], &new).await;
+        assert!(!ok);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("--capacity-kw"), "{stderr}");
+    }
+
+    #[tokio::test]
     async fn a_duration_without_a_unit_is_refused() {
         let args = ["--id", "s1", "--heartbeat-interval", "1"];
         let (ok, _, stderr) = run(&args).await;
@@ -598,9 +643,9 @@ mod cli {
         assert!(ok);
         for text in [
             "--id",
-            "SUBSTATION_ID",
+            "EVGRID_SUBSTATION_ID",
             "--capacity-kw",
-            "SUBSTATION_CAPACITY_KW",
+            "EVGRID_CAPACITY_KW",
             "default: 150",
             "--time-scale",
             "EVGRID_TIME_SCALE",
