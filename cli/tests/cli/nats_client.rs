@@ -15,7 +15,7 @@ async fn a_third_party_client_submits_follows_reads_and_replays_a_request() {
     let run = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::task::spawn_blocking(move || {
-            Command::new("python3")
+            Command::new(evgrid_test_support::python())
                 .args([script, &url, "ev-nats-py"])
                 .output()
         }),

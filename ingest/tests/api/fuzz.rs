@@ -21,7 +21,7 @@ async fn schemathesis_finds_no_failure_against_the_openapi_document() {
     let scratch = tempfile::tempdir().unwrap();
     let cwd = scratch.path().to_owned();
     let run = tokio::task::spawn_blocking(move || {
-        Command::new("schemathesis")
+        Command::new(evgrid_test_support::tool("schemathesis"))
             .current_dir(cwd)
             .args(["run", spec, "--url", &api, "--checks", "all"])
             // A fixed seed: a failure reproduces, and CI runs the same cases every time.
