@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn renders_every_job_with_its_targets() {
         let yaml = prometheus_config(&local());
-        let config: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let config: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
         assert_eq!(config["global"]["scrape_interval"], "2500ms");
         assert_eq!(
             config["rule_files"][0],
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn strings_are_quoted_for_yaml() {
         assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
-        let parsed: String = serde_yaml::from_str(&quote("x: [y] # z\n")).unwrap();
+        let parsed: String = serde_norway::from_str(&quote("x: [y] # z\n")).unwrap();
         assert_eq!(parsed, "x: [y] # z\n");
     }
 

@@ -72,7 +72,7 @@ impl KnownMetric {
 struct File {
     /// Shared label lists, referenced from the metrics with YAML aliases.
     #[serde(default, rename = "label_sets")]
-    _label_sets: serde_yaml::Value,
+    _label_sets: serde_norway::Value,
     metrics: Vec<KnownMetric>,
 }
 
@@ -80,14 +80,14 @@ struct File {
 #[derive(Debug, thiserror::Error)]
 pub enum KnownMetricsError {
     #[error("known-metrics.yml is not valid: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_norway::Error),
     #[error("known-metrics.yml lists {0} twice")]
     Duplicate(String),
 }
 
 /// Every known metric, in the order of the file.
 pub fn known_metrics() -> Result<Vec<KnownMetric>, KnownMetricsError> {
-    let file: File = serde_yaml::from_str(KNOWN_METRICS_YAML)?;
+    let file: File = serde_norway::from_str(KNOWN_METRICS_YAML)?;
     let mut seen = std::collections::BTreeSet::new();
     for m in &file.metrics {
         for name in m.series_names() {

@@ -52,17 +52,17 @@ fn read(rel: &str) -> String {
 struct ComposeFile {
     services: BTreeMap<String, Service>,
     #[serde(default)]
-    volumes: BTreeMap<String, Option<serde_yaml::Value>>,
+    volumes: BTreeMap<String, Option<serde_norway::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Service {
     image: String,
-    build: Option<serde_yaml::Value>,
+    build: Option<serde_norway::Value>,
     #[serde(default)]
     command: Vec<String>,
     #[serde(default)]
-    environment: BTreeMap<String, serde_yaml::Value>,
+    environment: BTreeMap<String, serde_norway::Value>,
     /// Short syntax: `[HOST_IP:]HOST_PORT:CONTAINER_PORT`.
     #[serde(default)]
     ports: Vec<String>,
@@ -91,8 +91,8 @@ impl Service {
     /// An environment value as text (YAML may read `"50"` as a string and `50` as a number).
     fn env(&self, name: &str) -> Option<String> {
         self.environment.get(name).map(|v| match v {
-            serde_yaml::Value::String(s) => s.clone(),
-            other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+            serde_norway::Value::String(s) => s.clone(),
+            other => serde_norway::to_string(other).unwrap().trim().to_owned(),
         })
     }
 
@@ -125,8 +125,8 @@ impl Service {
 }
 
 static COMPOSE: LazyLock<ComposeFile> = LazyLock::new(|| {
-    let mut value: serde_yaml::Value =
-        serde_yaml::from_str(&read(COMPOSE_FILE)).expect("docker-compose.yml is YAML");
+    let mut value: serde_norway::Value =
+        serde_norway::from_str(&read(COMPOSE_FILE)).expect("docker-compose.yml is YAML");
     // An anchor that itself merges another brings its own `<<` along when merged in: apply
     // merges until none is left, as the Compose loader resolves them.
     for _ in 0..8 {
@@ -136,7 +136,7 @@ static COMPOSE: LazyLock<ComposeFile> = LazyLock::new(|| {
         value.apply_merge().expect("valid YAML merge keys");
     }
     assert!(!has_merge_key(&value), "merge keys nested too deep");
-    serde_yaml::from_value(value).unwrap_or_else(|e| {
+    serde_norway::from_value(value).unwrap_or_else(|e| {
         panic!(
             "docker-compose.yml: {e} (these tests read the map form of `environment` and the \
              short forms of `ports`, `volumes` and `healthcheck.test` lists)"
@@ -144,12 +144,12 @@ static COMPOSE: LazyLock<ComposeFile> = LazyLock::new(|| {
     })
 });
 
-fn has_merge_key(value: &serde_yaml::Value) -> bool {
+fn has_merge_key(value: &serde_norway::Value) -> bool {
     match value {
-        serde_yaml::Value::Mapping(map) => {
+        serde_norway::Value::Mapping(map) => {
             map.contains_key("<<") || map.values().any(has_merge_key)
         }
-        serde_yaml::Value::Sequence(items) => items.iter().any(has_merge_key),
+        serde_norway::Value::Sequence(items) => items.iter().any(has_merge_key),
         _ => false,
     }
 }
@@ -511,8 +511,8 @@ fn every_flag_and_env_var_is_accepted_by_its_binary() {
 
 #[test]
 fn prometheus_scrapes_every_service_where_it_listens() {
-    let config: serde_yaml::Value =
-        serde_yaml::from_str(&read("observability/prometheus/prometheus.yml")).unwrap();
+    let config: serde_norway::Value =
+        serde_norway::from_str(&read("observability/prometheus/prometheus.yml")).unwrap();
     let mut scraped = BTreeSet::new();
     for job in config["scrape_configs"].as_sequence().unwrap() {
         let job_name = job["job_name"].as_str().unwrap();

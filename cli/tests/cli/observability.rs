@@ -609,8 +609,8 @@ fn dashboards() -> Vec<(String, serde_json::Value)> {
     assets("grafana/dashboards", "json", |t| serde_json::from_str(t))
 }
 
-fn rule_files() -> Vec<(String, serde_yaml::Value)> {
-    assets("prometheus/rules", "yml", |t| serde_yaml::from_str(t))
+fn rule_files() -> Vec<(String, serde_norway::Value)> {
+    assets("prometheus/rules", "yml", |t| serde_norway::from_str(t))
 }
 
 /// Every panel of a dashboard, rows' nested panels included.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::Reply;
 
 pub static SPEC: LazyLock<Value> = LazyLock::new(|| {
-    serde_yaml::from_str(include_str!("../../../docs/openapi.yaml"))
+    serde_norway::from_str(include_str!("../../../docs/openapi.yaml"))
         .expect("docs/openapi.yaml is YAML")
 });
 

@@ -123,7 +123,7 @@ struct Coverage {
 fn coverage(files: &[PathBuf]) -> Coverage {
     let mut c = Coverage::default();
     for file in files {
-        let doc: serde_yaml::Value = serde_yaml::from_str(&support::read(file)).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&support::read(file)).unwrap();
         check_rule_files_point_at_ours(file, &doc);
         for test in doc["tests"].as_sequence().expect("tests") {
             for case in test["alert_rule_test"].as_sequence().into_iter().flatten() {
@@ -145,7 +145,7 @@ fn coverage(files: &[PathBuf]) -> Coverage {
     c
 }
 
-fn check_rule_files_point_at_ours(file: &Path, doc: &serde_yaml::Value) {
+fn check_rule_files_point_at_ours(file: &Path, doc: &serde_norway::Value) {
     let rule_files = doc["rule_files"].as_sequence().expect("rule_files");
     for rf in rule_files {
         let resolved = file.parent().unwrap().join(rf.as_str().unwrap());

@@ -26,7 +26,7 @@ fn every_rule_reads_known_metrics() {
 #[test]
 fn names_are_unique_and_recordings_follow_the_convention() {
     let file: support::RuleFile =
-        serde_yaml::from_str(&support::read(&support::crate_path(support::RULES_FILE))).unwrap();
+        serde_norway::from_str(&support::read(&support::crate_path(support::RULES_FILE))).unwrap();
     let mut groups = BTreeSet::new();
     let mut names = BTreeSet::new();
     for group in &file.groups {

@@ -24,9 +24,9 @@ pub fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-pub fn yaml(rel: &str) -> serde_yaml::Value {
+pub fn yaml(rel: &str) -> serde_norway::Value {
     let path = crate_path(rel);
-    serde_yaml::from_str(&read(&path)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    serde_norway::from_str(&read(&path)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 /// The files of a directory of this crate with the given extension, sorted.
@@ -81,7 +81,7 @@ impl Rule {
 
 pub fn rules() -> Vec<Rule> {
     let file: RuleFile =
-        serde_yaml::from_str(&read(&crate_path(RULES_FILE))).expect("rule file shape");
+        serde_norway::from_str(&read(&crate_path(RULES_FILE))).expect("rule file shape");
     file.groups.into_iter().flat_map(|g| g.rules).collect()
 }
 
