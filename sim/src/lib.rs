@@ -5,7 +5,7 @@
 //! routing could reach if the grid were one bus). docs/dispatch.md has the results and the
 //! commands that reproduce them.
 //!
-//! [`trace`] reads ACN charging sessions, [`workload`] builds the requests, [`engine`] simulates, [`report`] prints, [`plot`] draws.
+//! [`trace`] reads ACN charging sessions, [`workload`](mod@workload) builds the requests, [`engine`] simulates, [`report`] prints, [`plot`] draws.
 
 pub mod engine;
 pub mod plot;

@@ -74,7 +74,7 @@ pub struct Config {
     )]
     pub time_scale: f64,
 
-    /// How often to publish a heartbeat on ev.telemetry.<id>, real time, with its unit: 500ms,
+    /// How often to publish a heartbeat on `ev.telemetry.<id>`, real time, with its unit: 500ms,
     /// 1s, 1.5s, 1m, from 1ms to 1h.
     #[arg(
         long,
