@@ -27,7 +27,7 @@ use prometheus::start_prometheus;
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
     /// Use this running NATS server (JetStream enabled, 2.10+) instead of starting one.
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = evgrid_common::config::NATS_URL_ENV)]
     pub nats_url: Option<String>,
     /// nats-server binary to start when no --nats-url is given.
     #[arg(long, default_value = "nats-server")]
