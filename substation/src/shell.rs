@@ -90,7 +90,12 @@ impl Shell {
         metrics.observe(&station.snapshot());
         Self {
             id: config.id.clone(),
-            clock: SimClock::new(Instant::now(), Utc::now(), config.time_scale),
+            clock: SimClock::new(
+                Instant::now(),
+                Utc::now(),
+                config.time_scale,
+                SimClock::max_step_for(config.heartbeat_interval),
+            ),
             station,
             sessions: HashMap::new(),
             receipts: FuturesUnordered::new(),
@@ -184,7 +189,8 @@ impl Shell {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                     // Never stop short of the completion that woke us (float rounding).
                     let due = self.station.next_event_time().unwrap_or(0.0);
-                    self.advance(self.clock.now().max(due));
+                    let now = self.clock.now();
+                    self.advance(now.max(due));
                 }
                 _ = tokio::time::sleep_until(self.limit_end.unwrap_or_else(Instant::now)), if self.limit_end.is_some() => {
                     tracing::info!(capacity_kw = self.configured_capacity_kw, "grid-operator limit ended; back to the configured capacity");
@@ -233,7 +239,7 @@ impl Shell {
     /// Puts `in_force` in force: re-allocates at once (the load never exceeds the new capacity)
     /// and heartbeats, so the dispatcher sees the new capacity without waiting an interval.
     fn set_limit(&mut self, in_force: InForce) {
-        self.advance(self.clock.now());
+        self.advance_now();
         let events = self.station.set_capacity(in_force.capacity_kw);
         self.apply(events);
         self.limit_end = in_force.until.map(|until| {
@@ -242,6 +248,12 @@ impl Shell {
         });
         self.limit = in_force;
         self.heartbeat();
+    }
+
+    /// Brings the model to the clock's now and reports what happened.
+    fn advance_now(&mut self) {
+        let now = self.clock.now();
+        self.advance(now);
     }
 
     /// Brings the model to `sim` and reports what happened.
@@ -349,7 +361,7 @@ impl Shell {
     fn accept(&mut self, live: Live, stay_left_s: Option<f64>) {
         let request_id = live.dispatch.request_id;
         let prior_kwh = live.prior_kwh;
-        self.advance(self.clock.now());
+        self.advance_now();
         let now = self.station.now();
         let car = Arrival {
             id: request_id,
@@ -478,7 +490,7 @@ impl Shell {
     /// Keeps every held message from being redelivered, and records the energy of sessions that
     /// draw power, so a crash loses at most one progress interval of charging.
     async fn progress(&mut self) {
-        self.advance(self.clock.now());
+        self.advance_now();
         for live in self.sessions.values() {
             ack(&live.acker, AckKind::Progress, "progress").await;
         }
@@ -508,7 +520,7 @@ impl Shell {
                 tracing::warn!(error = %e, "cannot hand back an unread dispatch");
             }
         }
-        self.advance(self.clock.now());
+        self.advance_now();
         let at = Utc::now();
         let mut interrupted = Vec::new();
         for s in self.station.sessions() {

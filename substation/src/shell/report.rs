@@ -19,7 +19,7 @@ impl Shell {
     /// Publishes the state now, with the projection for predictive routing and the limit in
     /// force.
     pub(super) fn heartbeat(&mut self) {
-        self.advance(self.clock.now());
+        self.advance_now();
         let s = self.station.snapshot();
         self.heartbeat_seq += 1;
         let heartbeat = Heartbeat {
