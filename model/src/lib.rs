@@ -16,6 +16,7 @@ pub mod limits;
 pub mod liveness;
 pub mod messages;
 pub mod subjects;
+pub mod units;
 pub mod validate;
 
 /// How long a duration of simulated/real time is, in hours, as the charging model counts it.

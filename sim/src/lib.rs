@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use evgrid_common::config::{parse_duration, parse_positive};
 use evgrid_model::charging::Allocation;
 use evgrid_model::decision::Policy;
+use evgrid_model::units::{parse_duration, parse_positive};
 
 use engine::{Run, Setup, simulate};
 use report::{Report, Row};

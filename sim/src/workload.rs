@@ -11,8 +11,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, Timelike, Utc};
-use evgrid_common::config::parse_duration_in;
 use evgrid_model::SECONDS_PER_HOUR;
+use evgrid_model::units::parse_duration_in;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
