@@ -245,3 +245,8 @@ pub async fn evgrid(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `GET url` read as JSON; `None` while it cannot be read (yet), for `eventually` loops.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}

@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::helpers::get_json;
+
 pub struct Pipeline {
     pub nats: NatsServer,
     pub ingest: SocketAddr,
@@ -173,14 +175,7 @@ pub async fn wait_until_grid_is_up(
             .ok()?
             .status()
             .is_success();
-        let view: serde_json::Value = http
-            .get(format!("{api}/v1/substations"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let view = get_json(http, &format!("{api}/v1/substations")).await?;
         let up = view
             .as_array()?
             .iter()

@@ -10,6 +10,7 @@ use evgrid_test_support::eventually;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use crate::helpers::get_json;
 use crate::pipeline::wait_until_grid_is_up;
 use crate::up::UpProcess;
 
@@ -110,14 +111,7 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
         Duration::from_secs(120),
         Duration::from_millis(250),
         || async {
-            let record: serde_json::Value = http
-                .get(format!("{api}/v1/charge-requests/{id}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let record = get_json(&http, &format!("{api}/v1/charge-requests/{id}")).await?;
             (record["state"] == "completed").then_some(record)
         },
     )
@@ -215,14 +209,7 @@ async fn the_binary_copied_to_an_empty_directory_uses_the_real_trace_and_loads_t
         Duration::from_secs(30),
         Duration::from_millis(200),
         || async {
-            let body: serde_json::Value = http
-                .get(format!("{prometheus}/api/v1/rules"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let body = get_json(&http, &format!("{prometheus}/api/v1/rules")).await?;
             let groups = body["data"]["groups"].as_array()?.clone();
             (!groups.is_empty()).then_some(groups)
         },
