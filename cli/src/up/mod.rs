@@ -160,11 +160,9 @@ async fn bind_metrics(base: u16, offset: u16) -> Result<tokio::net::TcpListener>
 
 /// `evgrid up` from the command line: checks the options, prepares the data directory, sends
 /// the logs where `--logs` says, and runs the grid until SIGINT/SIGTERM.
-pub async fn main(mut args: UpArgs, log_format: LogFormat) -> Result<()> {
+pub async fn main(args: UpArgs, log_format: LogFormat) -> Result<()> {
     args.validate()?;
     prepare_data_dir(&args)?;
-    // Emptied once, here: the log file is about to be created in it.
-    args.fresh = false;
     let log_file = if args.logs {
         None
     } else {
@@ -175,7 +173,7 @@ pub async fn main(mut args: UpArgs, log_format: LogFormat) -> Result<()> {
         )
     };
     evgrid_common::telemetry::init_with_file(log_format, log_file);
-    run(args, evgrid_common::shutdown::on_signals()).await
+    run_prepared(args, evgrid_common::shutdown::on_signals()).await
 }
 
 fn prepare_data_dir(args: &UpArgs) -> Result<()> {
@@ -222,6 +220,13 @@ fn port_is_free(port: u16) -> bool {
 /// Runs the grid until `shutdown`; returns once everything has stopped. A signal during
 /// start-up stops what has started and returns Ok.
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
+    args.validate()?;
+    prepare_data_dir(&args)?;
+    run_prepared(args, shutdown).await
+}
+
+/// [`run`] once the options are checked and the data directory is ready.
+async fn run_prepared(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     match start_and_run(args, &shutdown).await {
         Err(e) if e.is::<Interrupted>() => Ok(()),
         other => other,
@@ -229,9 +234,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
 }
 
 async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()> {
-    args.validate()?;
     let capacities = args.capacities();
-    prepare_data_dir(&args)?;
 
     // Bind every port first: a port in use fails before anything has started.
     let ingest_listener = evgrid_common::http::bind(args.ingest_listen).await?;
