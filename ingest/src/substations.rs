@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use evgrid_model::liveness::Observed;
 use serde::Serialize;
 
-use crate::view::round3;
+use evgrid_model::units::round3;
 
 /// The newest heartbeat per substation, ordered by substation id.
 #[derive(Debug, Default)]

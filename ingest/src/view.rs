@@ -4,12 +4,8 @@
 //! milliseconds) rather than shown with float noise such as `49.99999999999999`.
 
 use evgrid_model::messages::{RequestRecord, RequestState, SessionOutcome};
+use evgrid_model::units::round3;
 use serde::Serialize;
-
-/// Rounds to 3 decimals: Wh for kWh, W for kW, ms for seconds.
-pub(crate) fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
 
 /// The body of `GET /v1/charge-requests/{id}`: the stored record, rounded, plus for a
 /// `completed` request whether the car got all it asked for.

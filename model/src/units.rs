@@ -1,6 +1,7 @@
 //! The units evgrid's options are given in: durations with their unit (humantime's syntax,
 //! `500ms`, `2s`, `1m 30s`) and positive numbers (capacities, time scales). Pure value parsers
-//! with one-line errors, used by every binary's options and by the simulator's.
+//! with one-line errors, used by every binary's options and by the simulator's; and the
+//! precision numbers are shown with ([`round3`]).
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -53,6 +54,12 @@ pub fn parse_duration_in(s: &str, range: RangeInclusive<Duration>) -> Result<Dur
             humantime::format_duration(*range.end())
         ))
     }
+}
+
+/// Rounds to 3 decimals: Wh for kWh, W for kW, ms for seconds. What a reading can mean, without
+/// float noise such as `49.99999999999999`, in request bodies and API answers alike.
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use evgrid_model::units::round3;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use uuid::Uuid;
@@ -59,11 +60,6 @@ impl Mix {
             Mix::Trace(specs) => specs[i as usize],
         }
     }
-}
-
-/// Three decimals are plenty for kWh and kW, and keep bodies short and readable.
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// When requests are sent.
