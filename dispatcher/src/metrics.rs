@@ -104,7 +104,7 @@ impl Metrics {
                 registry,
                 IntGauge::new(
                     "evgrid_substations_up",
-                    "Substations heard from within 3 of their heartbeat intervals.",
+                    "Substations heard from within 1.5 of their heartbeat intervals (at least interval + 0.5 s).",
                 )
                 .expect("valid metric"),
             ),

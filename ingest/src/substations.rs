@@ -32,7 +32,7 @@ pub(crate) struct SubstationStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Status {
-    /// Heard from within the last 3 heartbeat intervals.
+    /// Heard from within the last 1.5 heartbeat intervals (`liveness::stale_after`).
     Up,
     /// Silent for longer: the dispatcher sends it nothing.
     Stale,

@@ -2,12 +2,22 @@
 //! that the dispatcher routes by, ingest shows in `GET /v1/substations` and `evgrid up`'s live
 //! line marks. Pure: the caller passes the time.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 
 use crate::messages::Heartbeat;
 
-/// A substation silent for this many of its heartbeat intervals is out.
-pub const STALE_AFTER_INTERVALS: u32 = 3;
+/// The least margin past a missed heartbeat before a substation is out.
+pub const MIN_STALE_MARGIN: Duration = Duration::from_millis(500);
+
+/// A substation silent for longer than this since its last heartbeat is out: one `interval`
+/// (the next heartbeat was due) plus a margin for delivery and scheduling jitter, half an
+/// interval and at least [`MIN_STALE_MARGIN`]. Short, because a dead substation keeps getting
+/// work until it is out; a live one that is a little late only has requests wait a moment.
+pub fn stale_after(interval: Duration) -> Duration {
+    interval.saturating_add((interval / 2).max(MIN_STALE_MARGIN))
+}
 
 /// A heartbeat and when the server stored it. Ages are measured from the server's timestamp
 /// rather than the substation's `sent_at`, so a substation's clock skew cannot keep it "up".
@@ -27,10 +37,10 @@ impl Observed {
             .max(0.0)
     }
 
-    /// Up = heard from within [`STALE_AFTER_INTERVALS`] heartbeat intervals.
+    /// Up = heard from within [`stale_after`] its heartbeat interval.
     pub fn is_up(&self, now: DateTime<Utc>) -> bool {
-        let limit = self.heartbeat.interval_ms as f64 / 1000.0 * f64::from(STALE_AFTER_INTERVALS);
-        self.age_seconds(now) <= limit
+        let limit = stale_after(Duration::from_millis(self.heartbeat.interval_ms));
+        self.age_seconds(now) <= limit.as_secs_f64()
     }
 }
 
@@ -57,12 +67,22 @@ mod tests {
     }
 
     #[test]
-    fn silent_for_three_intervals_is_out() {
+    fn silent_for_one_interval_and_a_half_is_out() {
         let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let o = observed(1000, t0);
-        assert!(o.is_up(t0 + chrono::Duration::milliseconds(2999)));
-        assert!(o.is_up(t0 + chrono::Duration::milliseconds(3000)));
-        assert!(!o.is_up(t0 + chrono::Duration::milliseconds(3001)));
+        assert!(o.is_up(t0 + chrono::Duration::milliseconds(1499)));
+        assert!(o.is_up(t0 + chrono::Duration::milliseconds(1500)));
+        assert!(!o.is_up(t0 + chrono::Duration::milliseconds(1501)));
         assert_eq!(o.age_seconds(t0 - chrono::Duration::seconds(5)), 0.0);
+    }
+
+    #[test]
+    fn the_margin_has_a_floor_and_nothing_overflows() {
+        let ms = Duration::from_millis;
+        assert_eq!(stale_after(ms(200)), ms(700));
+        assert_eq!(stale_after(ms(4000)), ms(6000));
+        assert_eq!(stale_after(Duration::MAX), Duration::MAX);
+        let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert!(observed(u64::MAX, t0).is_up(t0 + chrono::Duration::days(365)));
     }
 }

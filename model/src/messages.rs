@@ -65,7 +65,8 @@ pub struct Heartbeat {
     /// counted twice.
     #[serde(default)]
     pub dispatch_seq: u64,
-    /// How often this substation heartbeats, in milliseconds. Silent for 3 intervals = out.
+    /// How often this substation heartbeats, in milliseconds. Silent for 1.5 intervals (at least
+    /// one interval + 0.5 s) = out: `liveness::stale_after`.
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
 }

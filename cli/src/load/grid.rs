@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use evgrid_model::liveness::STALE_AFTER_INTERVALS;
+use evgrid_model::liveness::stale_after;
 
 /// Windows with fewer dispatches than this say nothing about herding.
 pub const HERD_MIN_DISPATCHES: usize = 10;
@@ -32,12 +32,12 @@ pub fn peak_utilization(samples: &[HeartbeatSample], from: DateTime<Utc>) -> Opt
 }
 
 /// The substations taking part in a run that started at `from`: up then (heard from within
-/// [`STALE_AFTER_INTERVALS`] intervals) or heard from since, with their latest capacity. A
+/// [`stale_after`] their interval) or heard from since, with their latest capacity. A
 /// substation that died days ago still has its last heartbeat stored, and must not count.
 pub fn capacities(samples: &[HeartbeatSample], from: DateTime<Utc>) -> BTreeMap<String, f64> {
     let mut latest: BTreeMap<String, &HeartbeatSample> = BTreeMap::new();
     for s in samples {
-        let stale_by = s.interval * STALE_AFTER_INTERVALS;
+        let stale_by = stale_after(s.interval);
         if s.stored_at + stale_by < from {
             continue;
         }

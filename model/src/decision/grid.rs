@@ -4,12 +4,13 @@
 //! updated by the dispatcher as heartbeats arrive and assignments go out.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::{Demand, HORIZONS};
 use crate::SECONDS_PER_HOUR;
-use crate::liveness::{Observed, STALE_AFTER_INTERVALS};
+use crate::liveness::{Observed, stale_after};
 use crate::messages::{PROJECTION_HORIZONS_S, Projection};
 
 /// An assignment sent to a substation whose effect is not in its heartbeats yet.
@@ -28,7 +29,7 @@ pub(crate) struct Pending {
 /// over thousands of substations stays in cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Load {
-    /// Up while the time (µs since the epoch) is at most this: stored_at + 3 intervals.
+    /// Up while the time (µs since the epoch) is at most this: stored_at + [`stale_after`].
     pub(crate) up_until_us: i64,
     pub(crate) capacity_kw: f64,
     /// The larger of the reported load and the reported demand (a saturated substation's demand
@@ -41,9 +42,9 @@ pub(crate) struct Load {
 impl Load {
     pub(crate) fn of(observed: &Observed, pending_kw: f64) -> Self {
         let hb = &observed.heartbeat;
-        let stale_after_us = i64::try_from(hb.interval_ms)
-            .unwrap_or(i64::MAX)
-            .saturating_mul(1000 * i64::from(STALE_AFTER_INTERVALS));
+        let stale_after_us =
+            i64::try_from(stale_after(Duration::from_millis(hb.interval_ms)).as_micros())
+                .unwrap_or(i64::MAX);
         Self {
             up_until_us: observed
                 .stored_at
@@ -258,7 +259,7 @@ impl<'a> SubstationView<'a> {
         self.entry.projection.as_ref()
     }
 
-    /// Up = heard from within 3 heartbeat intervals of when its last heartbeat was stored
+    /// Up = heard from within [`stale_after`] its interval of when its last heartbeat was stored
     /// (the rule of [`Observed::is_up`], at microsecond resolution).
     pub fn is_up(&self, now: DateTime<Utc>) -> bool {
         self.load.is_up(now.timestamp_micros())
