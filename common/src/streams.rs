@@ -144,7 +144,7 @@ pub fn dispatcher_consumer(max_ack_pending: i64) -> consumer::pull::Config {
         durable_name: Some(DISPATCHER_CONSUMER.into()),
         description: Some("evgrid dispatcher: routes every charge request".into()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: DISPATCHER_ACK_WAIT,
         max_deliver: -1,
         max_ack_pending,
         deliver_policy: consumer::DeliverPolicy::All,
@@ -180,7 +180,20 @@ pub fn substation_consumer(substation_id: &str) -> consumer::pull::Config {
 }
 
 /// A substation sends progress acks well within this for every live session.
-pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(30);
+///
+/// Short, because it is how long the sessions of a substation that crashed wait before its
+/// restarted process gets them back (nothing else can hand them over); the progress acks it
+/// costs are cheap core publishes.
+pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a request delivered to a dispatcher may stay un-acked before the server offers it
+/// to another pull.
+///
+/// A dispatcher settles each request within milliseconds (decide, publish, ack; a request that
+/// must wait is nak'ed with a delay, not held), so one second is ample, and it is how long the
+/// requests in a crashed dispatcher's pulls wait before another replica (or its restart) takes
+/// them. A late ack after a redelivery is harmless: the dispatch is deduplicated by request id.
+pub const DISPATCHER_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// Errors of [`ensure`]: which definition failed.
 #[derive(Debug, thiserror::Error)]

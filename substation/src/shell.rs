@@ -48,8 +48,11 @@ use crate::session::{Ending, Live, Receipt};
 
 mod report;
 
-/// Progress acks go out this often, well within the consumer's ack wait.
-const PROGRESS_EVERY: Duration = Duration::from_secs(streams::SUBSTATION_ACK_WAIT.as_secs() / 3);
+/// Progress acks (and energy checkpoints) go out this often: four per ack wait, so a late tick
+/// or a lost ack never lets a live session's message be redelivered, and a crash loses at most
+/// this much charging.
+const PROGRESS_EVERY: Duration =
+    Duration::from_millis(streams::SUBSTATION_ACK_WAIT.as_millis() as u64 / 4);
 /// On shutdown, how long to wait for the last writes before giving up on them (their messages
 /// are then redelivered after the ack wait, and resumed from the previous record).
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

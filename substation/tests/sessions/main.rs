@@ -244,6 +244,77 @@ async fn shutdown_interrupts_and_a_restart_resumes_the_session() {
     substation.stop().await.unwrap();
 }
 
+/// The substation binary as a process of its own, killed (SIGKILL) when dropped.
+struct Process(std::process::Child);
+
+impl Process {
+    fn start(grid: &Grid, id: &str, time_scale: &str) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_evgrid-substation"))
+            .args(["--nats-url", grid.server.url(), "--id", id])
+            .args(["--capacity-kw", "150", "--time-scale", time_scale])
+            .args(["--heartbeat-interval", "50ms", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("substation starts");
+        Self(child)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_substation_gets_its_sessions_back_at_once_from_their_recorded_energy() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    // 10 kWh at 10 kW at 360x: ten real seconds, so the crash lands mid-session.
+    let crashing = Process::start(&grid, "s1", "360");
+    let d = dispatch("s1", 10.0, 10.0);
+    grid.dispatch(&d).await;
+    events.until(|e| e.event == SessionEventKind::Started).await;
+    // The energy so far, checkpointed while the session charges.
+    let recorded = evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || async {
+        let record = grid.record(d.request_id).await;
+        (record.state == RequestState::Charging && record.energy_delivered_kwh > 0.0)
+            .then_some(record.energy_delivered_kwh)
+    })
+    .await
+    .expect("energy checkpointed while charging");
+
+    // SIGKILL: no shutdown path, the session's message is still un-acked at the server.
+    drop(crashing);
+    let restarted_at = Instant::now();
+    let _restarted = Process::start(&grid, "s1", "360");
+    let resumed = events
+        .until(|e| e.event == SessionEventKind::Accepted)
+        .await;
+    let resume_latency = restarted_at.elapsed();
+    assert!(
+        resumed.energy_delivered_kwh >= recorded,
+        "resumed from {} kWh, {recorded} kWh were recorded",
+        resumed.energy_delivered_kwh
+    );
+    // The ack wait bounds it (2 s; it was 30 s): far below, however slow the machine.
+    assert!(
+        resume_latency < Duration::from_secs(10),
+        "resumed {resume_latency:?} after the restart"
+    );
+    events
+        .until(|e| e.event == SessionEventKind::Completed)
+        .await;
+    let record = grid.record(d.request_id).await;
+    assert_eq!(
+        (record.state, record.energy_delivered_kwh),
+        (RequestState::Completed, 10.0)
+    );
+    grid.all_acked("s1").await;
+}
+
 #[tokio::test]
 async fn a_restart_does_not_extend_a_cars_stay() {
     let grid = Grid::start().await;
