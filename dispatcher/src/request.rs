@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishError;
-use async_nats::jetstream::kv::{self, CreateErrorKind};
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::{Message, PublishMessage};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
+use evgrid_common::error::chain;
+use evgrid_common::streams;
 use evgrid_model::headers;
 use evgrid_model::messages::{
     ChargeRequest, Dispatch, RejectReason, RequestRecord, RequestState, request_id_from_sequence,
@@ -340,7 +342,22 @@ impl Handler {
                     duplicate = ack.duplicate,
                     "dispatched"
                 );
-                settle(&msg, request_id, AckKind::Ack).await;
+                // A duplicate went where the earlier delivery sent it, not where this one
+                // decided: the stored dispatch says where (rare path).
+                let recorded = if ack.duplicate {
+                    Box::pin(self.record_stored_dispatch(ack.sequence)).await
+                } else {
+                    self.record_dispatched(&dispatch).await
+                };
+                match recorded {
+                    Ok(()) => settle(&msg, request_id, AckKind::Ack).await,
+                    Err(e) => {
+                        // The dispatch is stored; the redelivery finds it deduplicated and
+                        // records it then.
+                        tracing::warn!(%request_id, %substation, error = %chain(&*e), "cannot record the dispatched state; retrying later");
+                        settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
+                    }
+                }
             }
             Err(e) => {
                 lock(&self.grid).cancel(&ticket);
@@ -348,6 +365,46 @@ impl Handler {
                 settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             }
         }
+    }
+
+    /// Records `dispatched` at the substation of `dispatch`, so `GET` says where the request
+    /// went from the moment it is sent, without ever moving a state backwards: created when the
+    /// request has no state yet, written over `queued` only by compare-and-set on its revision,
+    /// and left alone when the substation has already recorded a later state.
+    async fn record_dispatched(&self, dispatch: &Dispatch) -> Result<(), async_nats::Error> {
+        let key = dispatch.request_id.to_string();
+        let value = to_json(&RequestRecord::of_dispatch(
+            dispatch,
+            RequestState::Dispatched,
+            Utc::now(),
+        ));
+        match self.kv.create(&key, value.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(entry) = self.kv.entry(&key).await? else {
+            return Ok(());
+        };
+        let current = serde_json::from_slice::<RequestRecord>(&entry.value).ok();
+        if current.is_some_and(|r| r.state != RequestState::Queued) {
+            return Ok(());
+        }
+        match self.kv.update(&key, value, entry.revision).await {
+            Ok(_) => Ok(()),
+            // Written meanwhile: only the substation writes after `queued`, and its state is
+            // the later one.
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`Self::record_dispatched`] for the dispatch stored at `seq` in `EV_DISPATCH`.
+    async fn record_stored_dispatch(&self, seq: u64) -> Result<(), async_nats::Error> {
+        let stream = self.js.get_stream_no_info(streams::DISPATCH).await?;
+        let stored = stream.direct_get(seq).await?;
+        let dispatch: Dispatch = serde_json::from_slice(&stored.payload)?;
+        self.record_dispatched(&dispatch).await
     }
 
     /// The request waits in the stream: nak with a delay, never drop.

@@ -323,6 +323,34 @@ impl RequestRecord {
             updated_at,
         }
     }
+
+    /// The record of `dispatch` in `state` at its substation: nothing delivered yet and no
+    /// charging timestamps. The dispatcher writes it as `dispatched`; the substation builds
+    /// every later record of the session from it.
+    pub fn of_dispatch(
+        dispatch: &Dispatch,
+        state: RequestState,
+        updated_at: DateTime<Utc>,
+    ) -> Self {
+        let d = dispatch;
+        Self {
+            request_id: d.request_id,
+            state,
+            vehicle_id: d.vehicle_id.clone(),
+            energy_kwh: d.energy_kwh,
+            max_power_kw: d.max_power_kw,
+            departure: d.departure,
+            substation_id: Some(d.substation_id.clone()),
+            energy_delivered_kwh: 0.0,
+            reason: None,
+            accepted_at: d.accepted_at,
+            dispatched_at: Some(d.dispatched_at),
+            charging_started_at: None,
+            completed_at: None,
+            rejected_at: None,
+            updated_at,
+        }
+    }
 }
 
 /// Why a request on `ev.requests` can never be served (header `Evgrid-Reject-Reason`, metric

@@ -81,6 +81,8 @@ pub(crate) struct Facts<'a> {
     pub own_id: &'a str,
     /// The message's `EV_DISPATCH` sequence.
     pub stream_seq: u64,
+    /// How many times the consumer delivered it (1 the first time).
+    pub delivery: i64,
     /// The `EV_DISPATCH` sequence of the message held by a live session of the same request
     /// here, if there is one.
     pub held_seq: Option<u64>,
@@ -149,7 +151,10 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
     if taken_by.is_some_and(|other| other != facts.own_id) {
         return Plan::Skip(Skip::TakenElsewhere);
     }
-    let resumed = taken_by.is_some();
+    // A record naming this substation is also what the dispatcher writes as it dispatches, so
+    // only a redelivery can be a session taken here before (a crash or a shutdown hands the
+    // message back; a first delivery never is).
+    let resumed = taken_by.is_some() && facts.delivery > 1;
     let stayed_s = if resumed {
         let wall_ms = (facts.now - dispatch.dispatched_at).num_milliseconds();
         wall_ms.max(0) as f64 / 1000.0 * facts.time_scale
@@ -235,6 +240,7 @@ mod tests {
         Facts {
             own_id: "s1",
             stream_seq: 7,
+            delivery: 2,
             held_seq,
             now,
             time_scale: 60.0,
@@ -263,9 +269,9 @@ mod tests {
 
     #[test]
     fn a_new_dispatch_is_charged_for_its_whole_stay() {
-        let plan = plan(&dispatch(), facts(None, at(11)), &Stored::Read(None));
+        let new = plan(&dispatch(), facts(None, at(11)), &Stored::Read(None));
         assert_eq!(
-            plan,
+            new,
             Plan::Accept(Accept {
                 prior_kwh: 0.0,
                 charging_started_at: None,
@@ -275,6 +281,16 @@ mod tests {
         // The queued state the dispatcher wrote is not a claim by any substation.
         let queued = record(RequestState::Queued, None, 0.0);
         assert!(matches!(plan_of(&queued), Plan::Accept(a) if a.stay_left_s == Some(7200.0)));
+        // Nor is the `dispatched` it writes as it sends the request here: on a first delivery
+        // none of the stay is gone.
+        let sent_here = record(RequestState::Dispatched, Some("s1"), 0.0);
+        let first = Facts {
+            delivery: 1,
+            ..facts(None, at(20))
+        };
+        assert!(
+            matches!(plan(&dispatch(), first, &sent_here), Plan::Accept(a) if a.stay_left_s == Some(7200.0))
+        );
     }
 
     fn plan_of(stored: &Stored) -> Plan {

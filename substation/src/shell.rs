@@ -319,6 +319,7 @@ impl Shell {
         let facts = Facts {
             own_id: &self.id,
             stream_seq,
+            delivery,
             held_seq,
             now: Utc::now(),
             time_scale: self.clock.scale(),

@@ -81,6 +81,12 @@ async fn a_raw_request_without_id_is_dispatched_under_its_derived_id() {
         got.dispatch.accepted_at
     );
     app.wait_until_all_settled().await;
+    // Recorded as dispatched (a new state: created) before the request was acked.
+    let recorded = record(&app, id).await.expect("state recorded");
+    assert_eq!(
+        (recorded.state, recorded.substation_id.as_deref()),
+        (RequestState::Dispatched, Some("s1"))
+    );
 
     app.wait_for_metric(
         r#"evgrid_dispatch_decisions_total{outcome="dispatched",substation="s1"} 1"#,
@@ -228,6 +234,14 @@ async fn a_request_waits_queued_until_a_substation_is_up() {
     let got = next_dispatch(&mut dispatches).await;
     assert_eq!(got.dispatch.request_id, id);
     assert_eq!(got.subject, "ev.dispatch.late");
+    // No substation process runs here, yet the state says where the request went: `queued`
+    // moved on by compare-and-set.
+    let dispatched = next_record(&mut state).await;
+    assert_eq!(
+        (dispatched.state, dispatched.substation_id.as_deref()),
+        (RequestState::Dispatched, Some("late"))
+    );
+    assert_eq!(dispatched.dispatched_at, Some(got.dispatch.dispatched_at));
     app.wait_until_all_settled().await;
     app.stop().await;
 }

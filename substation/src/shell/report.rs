@@ -54,23 +54,13 @@ impl Shell {
         delivered_kwh: f64,
         completed_at: Option<DateTime<Utc>>,
     ) -> RequestRecord {
-        let d = &live.dispatch;
         RequestRecord {
-            request_id: d.request_id,
-            state,
-            vehicle_id: d.vehicle_id.clone(),
-            energy_kwh: d.energy_kwh,
-            max_power_kw: d.max_power_kw,
-            departure: d.departure,
+            // The dispatch names the substation that took it: this one (the plan skips others').
             substation_id: Some(self.id.clone()),
             energy_delivered_kwh: delivered_kwh,
-            reason: None,
-            accepted_at: d.accepted_at,
-            dispatched_at: Some(d.dispatched_at),
             charging_started_at: live.charging_started_at,
             completed_at,
-            rejected_at: None,
-            updated_at: Utc::now(),
+            ..RequestRecord::of_dispatch(&live.dispatch, state, Utc::now())
         }
     }
 
