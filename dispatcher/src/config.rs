@@ -20,6 +20,12 @@ pub const DEFER_DELAY_ENV: &str = "EVGRID_DEFER_DELAY";
 /// One heartbeat interval: room is reported once per heartbeat, so asking sooner mostly burns
 /// deliveries.
 pub const DEFAULT_DEFER_DELAY: &str = "1s";
+/// `--substation-timeout`.
+pub const SUBSTATION_TIMEOUT_ENV: &str = "EVGRID_SUBSTATION_TIMEOUT";
+/// Long enough that a substation restarting (a deploy, a crash and its supervisor's restart)
+/// keeps its cars, which it resumes within seconds; short enough that cars at a substation
+/// that is gone for good are placed elsewhere while they are still parked.
+pub const DEFAULT_SUBSTATION_TIMEOUT: &str = "10s";
 /// `--policy` (default: [`Policy::default`]).
 pub const POLICY_ENV: &str = "EVGRID_POLICY";
 
@@ -68,6 +74,17 @@ pub struct Config {
     /// default: it delivers the most energy in `evgrid sim`).
     #[arg(long, env = POLICY_ENV, value_enum, default_value_t = Policy::default())]
     pub policy: Policy,
+
+    /// How long a substation may be silent (no heartbeat) before it counts as failed: the
+    /// requests it holds are then moved to substations with room, charging ones with the energy
+    /// they got (docs/dispatch.md, "Substation failover"). From 1ms to 1h, with its unit.
+    #[arg(
+        long,
+        env = SUBSTATION_TIMEOUT_ENV,
+        default_value = DEFAULT_SUBSTATION_TIMEOUT,
+        value_parser = parse_duration,
+    )]
+    pub substation_timeout: Duration,
 }
 
 impl Config {
@@ -80,6 +97,7 @@ impl Config {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             defer_delay: parse_duration(DEFAULT_DEFER_DELAY).expect("valid default"),
             policy: Policy::default(),
+            substation_timeout: parse_duration(DEFAULT_SUBSTATION_TIMEOUT).expect("valid default"),
         }
     }
 }

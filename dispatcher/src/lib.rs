@@ -10,6 +10,7 @@
 
 pub mod config;
 mod consumer;
+mod failover;
 mod grid_feed;
 pub mod metrics;
 mod request;
@@ -63,6 +64,7 @@ pub async fn run(
         policy = config.policy.as_str(),
         max_in_flight = config.max_in_flight,
         defer_delay = ?config.defer_delay,
+        substation_timeout = ?config.substation_timeout,
         "dispatcher starting"
     );
 
@@ -103,6 +105,12 @@ async fn route(
         nats.js.clone(),
         grid.clone(),
         metrics.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(failover::watch(
+        nats.js.clone(),
+        grid.clone(),
+        config.substation_timeout,
         stop.clone(),
     ));
     let handler = Arc::new(Handler {

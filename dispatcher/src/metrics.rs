@@ -30,6 +30,11 @@ const PUBLISH_ACK_BUCKETS: &[f64] = &[
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// `state` of `evgrid_dispatch_moved_total`: moved before it started charging.
+pub const MOVED_DISPATCHED: &str = "dispatched";
+/// `state` of `evgrid_dispatch_moved_total`: moved while charging (interrupted, the rest moved).
+pub const MOVED_CHARGING: &str = "charging";
+
 /// The dispatcher's metrics, registered once in the service's registry.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -51,6 +56,9 @@ pub struct Metrics {
     pub consumer_redelivered: IntGauge,
     /// `evgrid_dispatch_publish_ack_duration_seconds`.
     pub publish_ack_duration: Histogram,
+    /// `evgrid_dispatch_moved_total{from,state}`, `state` one of [`MOVED_DISPATCHED`] and
+    /// [`MOVED_CHARGING`].
+    pub moved: IntCounterVec,
 }
 
 impl Metrics {
@@ -156,6 +164,18 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            moved: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "evgrid_dispatch_moved_total",
+                        "Requests moved away from a failed substation (failover), by that \
+                         substation and the request's state there (dispatched, charging).",
+                    ),
+                    &["from", "state"],
+                )
+                .expect("valid metric"),
+            ),
         }
     }
 
@@ -171,6 +191,9 @@ impl Metrics {
         self.decisions
             .with_label_values(&[substation, outcome::DISPATCHED]);
         self.heartbeat_age.with_label_values(&[substation]);
+        for state in [MOVED_DISPATCHED, MOVED_CHARGING] {
+            self.moved.with_label_values(&[substation, state]);
+        }
     }
 
     /// The gauge of one substation's heartbeat age.

@@ -22,16 +22,21 @@ use evgrid_common::error::chain;
 use evgrid_common::streams;
 use evgrid_model::headers;
 use evgrid_model::messages::{
-    ChargeRequest, Dispatch, RejectReason, RequestRecord, RequestState, request_id_from_sequence,
+    ChargeRequest, Dispatch, Move, RejectReason, RequestRecord, RequestState, SessionEvent,
+    SessionEventKind, SessionReport, request_id_from_sequence,
 };
 use evgrid_model::subjects;
 use evgrid_model::validate::{RequestError, parse_charge_request};
+use futures::future::Either;
 use rand::rngs::SmallRng;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::metrics::{Metrics, NO_SUBSTATION, outcome};
+use crate::metrics::{MOVED_CHARGING, MOVED_DISPATCHED, Metrics, NO_SUBSTATION, outcome};
 use evgrid_model::decision::{Decision, DeferReason, Demand, GridView, Policy, Ticket, decide};
+
+/// Compare-and-set attempts of one move before it is retried later.
+const TAKE_OVER_ATTEMPTS: usize = 5;
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -58,12 +63,25 @@ struct Delivery {
     stored_at: DateTime<Utc>,
 }
 
+/// A request being moved away from a failed substation (failover), taken over by
+/// [`Handler::take_over`].
+#[derive(Debug, Clone)]
+struct Moving {
+    /// `EV_DISPATCH` sequence of the dispatch it moves from.
+    move_of: u64,
+    /// Energy delivered before the move: only the rest is asked of the next substation.
+    prior_kwh: f64,
+}
+
 /// What the decision asks for, carried out by [`Handler::execute`].
 #[derive(Debug)]
 enum Action {
     Dispatch {
         dispatch: Dispatch,
         ticket: Ticket,
+        /// `Nats-Msg-Id` of the dispatch: `dispatch-<request id>`, and for a move
+        /// `dispatch-<request id>-after-<seq of the dispatch it moves from>`.
+        msg_id: String,
     },
     Defer {
         reason: DeferReason,
@@ -118,7 +136,16 @@ impl Handler {
                 return None;
             }
         };
-        let (request_id, action) = self.plan(&msg, delivery, Utc::now());
+        if let Some(from) = header(msg.headers.as_ref(), headers::MOVED_FROM) {
+            let from = from.to_owned();
+            let span = tracing::debug_span!("move", %from, seq = delivery.stream_seq);
+            return Some(Either::Left(
+                Arc::clone(self)
+                    .execute_move(msg, delivery, from)
+                    .instrument(span),
+            ));
+        }
+        let (request_id, action) = self.plan(&msg, delivery, Utc::now(), None);
         // A debug span: creating an enabled span formats its fields, a measurable share of
         // the dispatcher's CPU per request (docs/benchmarks.md). Lines at info and above name
         // the request themselves.
@@ -128,16 +155,163 @@ impl Handler {
             seq = delivery.stream_seq,
             delivered = delivery.delivered
         );
-        Some(
+        Some(Either::Right(
             Arc::clone(self)
                 .execute(msg, delivery, request_id, action)
                 .instrument(span),
-        )
+        ))
+    }
+
+    /// A move offer (`failover`): takes the request over from the failed substation, then
+    /// places it like any request, asking only for the energy it has not had yet. Nothing
+    /// happens when it finished, moved already or its substation came back.
+    async fn execute_move(self: Arc<Self>, msg: Message, d: Delivery, from: String) {
+        let request_id = header(msg.headers.as_ref(), headers::REQUEST_ID)
+            .and_then(|v| Uuid::parse_str(v.trim()).ok())
+            .or_else(|| body_request_id(&msg.payload));
+        let move_of = header(msg.headers.as_ref(), headers::MOVE_OF)
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let (Some(request_id), Some(move_of)) = (request_id, move_of) else {
+            tracing::warn!(%from, "a move offer without its request id or dispatch sequence; dropping it");
+            settle(&msg, request_id.unwrap_or_default(), AckKind::Term).await;
+            return;
+        };
+        match self.take_over(request_id, &from).await {
+            Ok(Some(prior_kwh)) => {
+                let moving = Moving { move_of, prior_kwh };
+                let (request_id, action) = self.plan(&msg, d, Utc::now(), Some(&moving));
+                self.execute(msg, d, request_id, action).await;
+            }
+            Ok(None) => {
+                tracing::debug!(%request_id, %from, "nothing to move");
+                settle(&msg, request_id, AckKind::Ack).await;
+            }
+            Err(e) => {
+                tracing::warn!(%request_id, %from, error = %e, "cannot move the request yet; retrying later");
+                settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
+            }
+        }
+    }
+
+    /// Takes `request_id` over from the failed substation `from` by compare-and-set on its
+    /// state: `queued` again, with the move in its history and the energy it got kept. Returns
+    /// the energy delivered so far when the request is to be placed again (also when an earlier
+    /// delivery of this offer took it over already), `None` when there is nothing to move: it
+    /// is finished, elsewhere, or `from` is up again.
+    async fn take_over(
+        &self,
+        request_id: Uuid,
+        from: &str,
+    ) -> Result<Option<f64>, async_nats::Error> {
+        let key = request_id.to_string();
+        // Each lost compare-and-set means the state moved on: look again.
+        for _ in 0..TAKE_OVER_ATTEMPTS {
+            let Some(entry) = self.kv.entry(&key).await? else {
+                return Ok(None);
+            };
+            let Ok(record) = serde_json::from_slice::<RequestRecord>(&entry.value) else {
+                return Ok(None);
+            };
+            if record.state == RequestState::Queued {
+                let moved_here = record.moved.last().is_some_and(|m| m.substation_id == from);
+                return Ok(moved_here.then_some(record.energy_delivered_kwh));
+            }
+            if record.state.is_final() || record.substation_id.as_deref() != Some(from) {
+                return Ok(None);
+            }
+            let now = Utc::now();
+            let silent_s = match lock(&self.grid).get(from) {
+                Some(s) if s.is_up(now) => return Ok(None),
+                Some(s) => (s.observed().age_seconds(now) * 10.0).round() / 10.0,
+                None => f64::INFINITY,
+            };
+            let mut moved = record.moved.clone();
+            moved.push(Move {
+                substation_id: from.to_owned(),
+                state: record.state,
+                energy_delivered_kwh: record.energy_delivered_kwh,
+                moved_at: now,
+                reason: format!("no heartbeat from {from} for {silent_s} s"),
+            });
+            let queued = RequestRecord {
+                state: RequestState::Queued,
+                substation_id: None,
+                dispatched_at: None,
+                reason: Some(format!("moved from {from}")),
+                updated_at: now,
+                moved,
+                ..record.clone()
+            };
+            match self.kv.update(&key, to_json(&queued), entry.revision).await {
+                Ok(_) => {
+                    self.announce_move(&record, from, entry.revision, now).await;
+                    return Ok(Some(record.energy_delivered_kwh));
+                }
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(format!("the state of {request_id} kept changing while it was moved").into())
+    }
+
+    /// Counts and logs a move, and for a session that was charging publishes its `interrupted`
+    /// event on the failed substation's behalf, with the energy it got there.
+    async fn announce_move(
+        &self,
+        was: &RequestRecord,
+        from: &str,
+        revision: u64,
+        at: DateTime<Utc>,
+    ) {
+        let state = if was.state == RequestState::Charging {
+            MOVED_CHARGING
+        } else {
+            MOVED_DISPATCHED
+        };
+        self.metrics.moved.with_label_values(&[from, state]).inc();
+        tracing::info!(request_id = %was.request_id, %from, state, energy_delivered_kwh = was.energy_delivered_kwh, "moving the request away from a failed substation");
+        if was.state != RequestState::Charging {
+            return;
+        }
+        let event = SessionReport {
+            event: SessionEvent {
+                event: SessionEventKind::Interrupted,
+                request_id: was.request_id,
+                substation_id: from.to_owned(),
+                vehicle_id: was.vehicle_id.clone(),
+                at,
+                energy_kwh: was.energy_kwh,
+                energy_delivered_kwh: was.energy_delivered_kwh,
+                accepted_at: was.accepted_at,
+                dispatched_at: was.dispatched_at.unwrap_or(was.accepted_at),
+            },
+            outcome: None,
+        };
+        let publish = PublishMessage::build()
+            .payload(
+                serde_json::to_vec(&event)
+                    .expect("a SessionReport serializes")
+                    .into(),
+            )
+            .message_id(format!("moved-{}-{revision}", was.request_id))
+            .header(headers::REQUEST_ID, was.request_id.to_string())
+            .header(headers::ACCEPTED_AT, was.accepted_at.to_rfc3339());
+        let subject = subjects::sessions(from, SessionEventKind::Interrupted.as_str());
+        // Informative: the move is recorded in the state whether or not this is stored.
+        if let Err(e) = self.publish(subject, publish).await {
+            tracing::warn!(request_id = %was.request_id, error = %e, "cannot publish the interrupted event of a moved session");
+        }
     }
 
     /// Validation, request id and decision; the pending assignment is recorded before this
     /// returns.
-    fn plan(&self, msg: &Message, d: Delivery, now: DateTime<Utc>) -> (Uuid, Action) {
+    fn plan(
+        &self,
+        msg: &Message,
+        d: Delivery,
+        now: DateTime<Utc>,
+        moving: Option<&Moving>,
+    ) -> (Uuid, Action) {
         let header_id = header(msg.headers.as_ref(), headers::REQUEST_ID)
             .and_then(|v| Uuid::parse_str(v.trim()).ok());
         let fallback_id = header_id.unwrap_or_else(|| request_id_from_sequence(d.stream_seq));
@@ -151,7 +325,11 @@ impl Handler {
         };
         let request_id = request.request_id.unwrap_or(fallback_id);
 
-        let demand = Demand::from(&request);
+        let mut demand = Demand::from(&request);
+        if let Some(m) = moving {
+            // Only what it has not had yet; never nothing, or it would count as no demand.
+            demand.energy_kwh = (request.energy_kwh - m.prior_kwh).max(f64::EPSILON);
+        }
         let (decision, ticket) = {
             let mut grid = lock(&self.grid);
             let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,6 +364,10 @@ impl Handler {
                         request_seq: d.stream_seq,
                     },
                     ticket,
+                    msg_id: match moving {
+                        Some(m) => format!("dispatch-{request_id}-after-{}", m.move_of),
+                        None => format!("dispatch-{request_id}"),
+                    },
                 }
             }
             (Decision::Reject { reason, detail }, _) => {
@@ -284,7 +466,11 @@ impl Handler {
             }
         }
         match action {
-            Action::Dispatch { dispatch, ticket } => self.dispatch(msg, dispatch, ticket).await,
+            Action::Dispatch {
+                dispatch,
+                ticket,
+                msg_id,
+            } => self.dispatch(msg, dispatch, ticket, msg_id).await,
             Action::Defer { reason, queued } => {
                 Box::pin(self.defer(msg, request_id, reason, queued)).await
             }
@@ -312,7 +498,7 @@ impl Handler {
     }
 
     /// Publishes the assignment (deduplicated by request id), then acks the request.
-    async fn dispatch(&self, msg: Message, dispatch: Dispatch, ticket: Ticket) {
+    async fn dispatch(&self, msg: Message, dispatch: Dispatch, ticket: Ticket, msg_id: String) {
         let request_id = dispatch.request_id;
         let substation = dispatch.substation_id.clone();
         let publish = PublishMessage::build()
@@ -321,7 +507,7 @@ impl Handler {
                     .expect("a Dispatch serializes")
                     .into(),
             )
-            .message_id(format!("dispatch-{}", dispatch.request_id))
+            .message_id(msg_id)
             .header(headers::REQUEST_ID, dispatch.request_id.to_string())
             .header(headers::ACCEPTED_AT, dispatch.accepted_at.to_rfc3339());
         match self.publish(subjects::dispatch(&substation), publish).await {
@@ -387,9 +573,22 @@ impl Handler {
             return Ok(());
         };
         let current = serde_json::from_slice::<RequestRecord>(&entry.value).ok();
-        if current.is_some_and(|r| r.state != RequestState::Queued) {
+        if current
+            .as_ref()
+            .is_some_and(|r| r.state != RequestState::Queued)
+        {
             return Ok(());
         }
+        // A moved request keeps its history and the energy it got before.
+        let value = match current {
+            Some(queued) if !queued.moved.is_empty() => to_json(&RequestRecord {
+                energy_delivered_kwh: queued.energy_delivered_kwh,
+                charging_started_at: queued.charging_started_at,
+                moved: queued.moved,
+                ..RequestRecord::of_dispatch(dispatch, RequestState::Dispatched, Utc::now())
+            }),
+            _ => value,
+        };
         match self.kv.update(&key, value, entry.revision).await {
             Ok(_) => Ok(()),
             // Written meanwhile: only the substation writes after `queued`, and its state is

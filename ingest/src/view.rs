@@ -27,6 +27,9 @@ impl From<RequestRecord> for RequestView {
         record.energy_kwh = round3(record.energy_kwh);
         record.max_power_kw = round3(record.max_power_kw);
         record.energy_delivered_kwh = round3(record.energy_delivered_kwh);
+        for m in &mut record.moved {
+            m.energy_delivered_kwh = round3(m.energy_delivered_kwh);
+        }
         let (fully_charged, energy_shortfall_kwh) = if record.state == RequestState::Completed {
             let shortfall = round3((record.energy_kwh - record.energy_delivered_kwh).max(0.0));
             // The substation's word when it gave one; the energies otherwise.

@@ -14,3 +14,8 @@ pub const REJECT_DETAIL: &str = "Evgrid-Reject-Detail";
 pub const SOURCE_SUBJECT: &str = "Evgrid-Source-Subject";
 /// On `ev.rejected`: the stream sequence of the payload in its source stream.
 pub const SOURCE_SEQUENCE: &str = "Evgrid-Source-Sequence";
+/// On a request offered again by failover (`ev.requests`): the failed substation it is to move
+/// away from.
+pub const MOVED_FROM: &str = "Evgrid-Moved-From";
+/// With [`MOVED_FROM`]: the `EV_DISPATCH` sequence of the dispatch it is to move away from.
+pub const MOVE_OF: &str = "Evgrid-Move-Of";

@@ -293,6 +293,23 @@ pub struct RequestRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The substations the request left before this one (failover), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<Move>,
+}
+
+/// One move of a request away from a failed substation (`RequestRecord::moved`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    /// The substation it left.
+    pub substation_id: String,
+    /// Its state there when it was moved: `dispatched` (never started) or `charging`.
+    pub state: RequestState,
+    /// Energy delivered up to then (charged elsewhere, it counts towards the request).
+    pub energy_delivered_kwh: f64,
+    pub moved_at: DateTime<Utc>,
+    /// Why, readable: e.g. `no heartbeat from s1 for 10.2 s`.
+    pub reason: String,
 }
 
 impl RequestRecord {
@@ -321,6 +338,7 @@ impl RequestRecord {
             completed_at: None,
             rejected_at: None,
             updated_at,
+            moved: Vec::new(),
         }
     }
 
@@ -349,6 +367,7 @@ impl RequestRecord {
             completed_at: None,
             rejected_at: None,
             updated_at,
+            moved: Vec::new(),
         }
     }
 }

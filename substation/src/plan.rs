@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, RequestRecord};
+use evgrid_model::messages::{Dispatch, Move, RequestRecord};
 
 /// The dispatches this process has handled, as the heartbeat echoes them (`dispatch_seq`): the
 /// dispatcher stops counting an assignment as in flight once the echo reaches its sequence.
@@ -69,7 +69,7 @@ pub(crate) fn parse_dispatch(payload: &[u8]) -> Result<Dispatch, InvalidDispatch
 #[derive(Debug, Clone)]
 pub(crate) enum Stored {
     /// Read: the record, or `None` when there is none (or it does not parse).
-    Read(Option<RequestRecord>),
+    Read(Option<Box<RequestRecord>>),
     /// The read failed (NATS unavailable): nothing can be decided safely.
     Unreadable,
 }
@@ -111,6 +111,8 @@ pub(crate) struct Accept {
     pub prior_kwh: f64,
     /// Wall time of the session's first power ever (kept across resumptions).
     pub charging_started_at: Option<DateTime<Utc>>,
+    /// The substations the request was moved away from before (failover), kept in its record.
+    pub moved: Vec<Move>,
     /// Simulated seconds from now until the car leaves, if it has a departure. A session taken
     /// here before has been at the substation since its dispatch: that time counts against its
     /// stay, so a restart never extends it.
@@ -141,7 +143,7 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
         };
     }
     let record = match stored {
-        Stored::Read(record) => record.as_ref(),
+        Stored::Read(record) => record.as_deref(),
         Stored::Unreadable => return Plan::Retry,
     };
     if record.is_some_and(|r| r.state.is_final()) {
@@ -166,6 +168,7 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
             r.energy_delivered_kwh.clamp(0.0, dispatch.energy_kwh)
         }),
         charging_started_at: record.and_then(|r| r.charging_started_at),
+        moved: record.map(|r| r.moved.clone()).unwrap_or_default(),
         // The departure keeps its distance from acceptance, on the simulated clock.
         stay_left_s: dispatch
             .departure
@@ -248,7 +251,7 @@ mod tests {
     }
 
     fn record(state: RequestState, substation: Option<&str>, delivered: f64) -> Stored {
-        Stored::Read(Some(RequestRecord {
+        Stored::Read(Some(Box::new(RequestRecord {
             request_id: Uuid::nil(),
             state,
             vehicle_id: "ev".into(),
@@ -264,7 +267,8 @@ mod tests {
             completed_at: None,
             rejected_at: None,
             updated_at: at(20),
-        }))
+            moved: Vec::new(),
+        })))
     }
 
     #[test]
@@ -275,6 +279,7 @@ mod tests {
             Plan::Accept(Accept {
                 prior_kwh: 0.0,
                 charging_started_at: None,
+                moved: Vec::new(),
                 stay_left_s: Some(7200.0),
             })
         );
@@ -306,6 +311,7 @@ mod tests {
             Plan::Accept(Accept {
                 prior_kwh: 12.5,
                 charging_started_at: Some(at(20)),
+                moved: Vec::new(),
                 stay_left_s: Some(7200.0 - 600.0),
             })
         );

@@ -4,7 +4,7 @@
 
 use async_nats::jetstream::message::Acker;
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, RequestState};
+use evgrid_model::messages::{Dispatch, Move, RequestState};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
@@ -21,6 +21,8 @@ pub(crate) struct Live {
     pub prior_kwh: f64,
     /// Wall time of the session's first power ever (kept across resumptions).
     pub charging_started_at: Option<DateTime<Utc>>,
+    /// Where the request was before (failover), carried into every record written here.
+    pub moved: Vec<Move>,
     /// When ingest accepted the request (header, else the dispatch body).
     pub accepted_at: DateTime<Utc>,
     /// Set once the session's final writes are queued: what to do with its message when they
@@ -54,6 +56,7 @@ impl Live {
             delivery,
             prior_kwh: accept.prior_kwh,
             charging_started_at: accept.charging_started_at,
+            moved: accept.moved.clone(),
             accepted_at,
             ending: None,
         }

@@ -40,11 +40,16 @@ pub async fn spawn_app() -> TestApp {
 
 /// [`spawn_app`] with a routing policy.
 pub async fn spawn_app_with(policy: Policy) -> TestApp {
+    spawn_app_configured(|config| config.policy = policy).await
+}
+
+/// [`spawn_app`] with the test defaults changed by `configure`.
+pub async fn spawn_app_configured(configure: impl FnOnce(&mut Config)) -> TestApp {
     evgrid_common::telemetry::init_for_tests();
     let nats = NatsServer::start().expect("nats-server starts");
     let client = nats.client().await.expect("test client connects");
     let js = jetstream::new(client.clone());
-    let (addr, shutdown, handle) = start_dispatcher_with(&nats, policy).await;
+    let (addr, shutdown, handle) = start_dispatcher_configured(&nats, configure).await;
     let app = TestApp {
         nats,
         client,
@@ -77,9 +82,21 @@ pub async fn start_dispatcher_with(
     CancellationToken,
     JoinHandle<anyhow::Result<()>>,
 ) {
+    start_dispatcher_configured(nats, |config| config.policy = policy).await
+}
+
+/// [`start_dispatcher`] with the test defaults changed by `configure`.
+pub async fn start_dispatcher_configured(
+    nats: &NatsServer,
+    configure: impl FnOnce(&mut Config),
+) -> (
+    SocketAddr,
+    CancellationToken,
+    JoinHandle<anyhow::Result<()>>,
+) {
     let mut config = Config::new(nats.url());
     config.defer_delay = TEST_DEFER_DELAY;
-    config.policy = policy;
+    configure(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("bound address");
     let shutdown = CancellationToken::new();
@@ -142,6 +159,7 @@ impl TestApp {
             js: self.js.clone(),
             id: id.to_owned(),
             capacity_kw,
+            interval_ms: 60_000,
             seq: 0,
         }
     }
@@ -226,12 +244,15 @@ pub struct Substation {
     js: jetstream::Context,
     pub id: String,
     pub capacity_kw: f64,
+    /// The interval its heartbeats announce: a minute unless a test makes it go stale sooner.
+    pub interval_ms: u64,
     seq: u64,
 }
 
 impl Substation {
-    /// Heartbeats with `load_kw` drawn, having taken every dispatch up to `dispatch_seq`. The
-    /// interval is a minute, so it stays up for the whole test without heartbeating again.
+    /// Heartbeats with `load_kw` drawn, having taken every dispatch up to `dispatch_seq`. With
+    /// the default interval (a minute) it stays up for the whole test without heartbeating
+    /// again.
     pub async fn heartbeat(&mut self, load_kw: f64, dispatch_seq: u64) {
         self.seq += 1;
         let hb = Heartbeat {
@@ -244,7 +265,7 @@ impl Substation {
             queued_sessions: 0,
             demand_kw: load_kw,
             dispatch_seq,
-            interval_ms: 60_000,
+            interval_ms: self.interval_ms,
         };
         self.js
             .publish(

@@ -16,7 +16,9 @@ use evgrid_dispatcher::Policy;
 use evgrid_model::headers;
 use evgrid_model::messages::{RequestRecord, RequestState, request_id_from_sequence};
 use futures::{FutureExt, StreamExt};
-use helpers::{WAIT, header, next_dispatch, spawn_app, spawn_app_with, start_dispatcher};
+use helpers::{
+    WAIT, header, next_dispatch, spawn_app, spawn_app_configured, spawn_app_with, start_dispatcher,
+};
 use uuid::Uuid;
 
 fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
@@ -299,6 +301,105 @@ async fn a_redelivery_of_a_request_already_taken_is_acked_without_deciding_again
             (RequestState::Charging, Some("s1"))
         );
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_substations_requests_move_to_one_with_room_once() {
+    // Two dispatchers share the consumer, so both offer the moves: each request still moves once.
+    let mut app = spawn_app_configured(|c| c.substation_timeout = Duration::from_secs(1)).await;
+    let (second_addr, second_stop, _second) =
+        helpers::start_dispatcher_configured(&app.nats, |c| {
+            c.substation_timeout = Duration::from_secs(1)
+        })
+        .await;
+    let kv = state_bucket(&app).await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let mut interrupted = app.subscribe("ev.sessions.s1.interrupted").await;
+    let mut s1 = app.substation("s1", 100.0);
+    s1.interval_ms = 200;
+    s1.heartbeat(0.0, 0).await;
+    let waiting = Uuid::new_v4();
+    let charging = Uuid::new_v4();
+    for id in [waiting, charging] {
+        app.publish_request(request(id, 20.0, 11.0)).await;
+        let got = next_dispatch(&mut dispatches).await;
+        assert_eq!(got.subject, "ev.dispatch.s1");
+    }
+    // s1 took one and charged 4.5 kWh of it; then it falls silent.
+    let mut record_at_s1 = record(&app, charging).await.expect("dispatched state");
+    record_at_s1.state = RequestState::Charging;
+    record_at_s1.energy_delivered_kwh = 4.5;
+    kv.put(
+        charging.to_string(),
+        serde_json::to_vec(&record_at_s1).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let silent_since = std::time::Instant::now();
+    app.substation("s2", 100.0).heartbeat(0.0, 0).await;
+
+    let mut moved = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let got = next_dispatch(&mut dispatches).await;
+        assert_eq!(got.subject, "ev.dispatch.s2");
+        let id = got.dispatch.request_id;
+        let msg_id = header(&got.headers, "Nats-Msg-Id").unwrap_or_default();
+        assert!(
+            msg_id.starts_with(&format!("dispatch-{id}-after-")),
+            "{msg_id}"
+        );
+        moved.insert(id, got);
+    }
+    tracing::info!(moved_after = ?silent_since.elapsed(), "both moved");
+    assert!(moved.contains_key(&waiting) && moved.contains_key(&charging));
+    app.wait_until_all_settled().await;
+    // Offered by both dispatchers, moved once: no third dispatch.
+    assert!(dispatches.next().now_or_never().is_none());
+    assert_eq!(app.dispatch_stream_messages().await, 4);
+
+    let now = record(&app, charging).await.unwrap();
+    assert_eq!(
+        (
+            now.state,
+            now.substation_id.as_deref(),
+            now.energy_delivered_kwh
+        ),
+        (RequestState::Dispatched, Some("s2"), 4.5),
+        "{now:?}"
+    );
+    assert_eq!(now.moved.len(), 1);
+    assert_eq!(now.moved[0].substation_id, "s1");
+    assert_eq!(now.moved[0].state, RequestState::Charging);
+    assert_eq!(now.moved[0].energy_delivered_kwh, 4.5);
+    let other = record(&app, waiting).await.unwrap();
+    assert_eq!(
+        (
+            other.state,
+            other.substation_id.as_deref(),
+            other.moved.len()
+        ),
+        (RequestState::Dispatched, Some("s2"), 1)
+    );
+    // The charging session is announced interrupted on s1's behalf, with what it got there.
+    let event = tokio::time::timeout(WAIT, interrupted.next())
+        .await
+        .expect("interrupted event")
+        .unwrap();
+    let report: evgrid_model::messages::SessionReport =
+        serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(
+        (report.event.request_id, report.event.energy_delivered_kwh),
+        (charging, 4.5)
+    );
+    // Counted by whichever dispatcher moved it.
+    let line = r#"evgrid_dispatch_moved_total{from="s1",state="charging"} 1"#;
+    let pages = [
+        app.metrics().await,
+        helpers::http_get(second_addr, "/metrics").await.1,
+    ];
+    assert_eq!(pages.iter().filter(|p| p.contains(line)).count(), 1);
+    second_stop.cancel();
     app.stop().await;
 }
 

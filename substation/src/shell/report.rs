@@ -60,6 +60,7 @@ impl Shell {
             energy_delivered_kwh: delivered_kwh,
             charging_started_at: live.charging_started_at,
             completed_at,
+            moved: live.moved.clone(),
             ..RequestRecord::of_dispatch(&live.dispatch, state, Utc::now())
         }
     }
