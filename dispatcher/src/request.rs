@@ -176,7 +176,7 @@ impl Handler {
             settle(&msg, request_id.unwrap_or_default(), AckKind::Term).await;
             return;
         };
-        match self.take_over(request_id, &from).await {
+        match self.take_over(request_id, &from, move_of).await {
             Ok(Some(prior_kwh)) => {
                 let moving = Moving { move_of, prior_kwh };
                 let (request_id, action) = self.plan(&msg, d, Utc::now(), Some(&moving));
@@ -202,6 +202,7 @@ impl Handler {
         &self,
         request_id: Uuid,
         from: &str,
+        move_of: u64,
     ) -> Result<Option<f64>, async_nats::Error> {
         let key = request_id.to_string();
         // Each lost compare-and-set means the state moved on: look again.
@@ -213,7 +214,10 @@ impl Handler {
                 return Ok(None);
             };
             if record.state == RequestState::Queued {
-                let moved_here = record.moved.last().is_some_and(|m| m.substation_id == from);
+                let moved_here = record
+                    .moved
+                    .last()
+                    .is_some_and(|m| m.substation_id == from && m.dispatch_seq == move_of);
                 return Ok(moved_here.then_some(record.energy_delivered_kwh));
             }
             if record.state.is_final() || record.substation_id.as_deref() != Some(from) {
@@ -228,6 +232,7 @@ impl Handler {
             let mut moved = record.moved.clone();
             moved.push(Move {
                 substation_id: from.to_owned(),
+                dispatch_seq: move_of,
                 state: record.state,
                 energy_delivered_kwh: record.energy_delivered_kwh,
                 moved_at: now,

@@ -303,6 +303,8 @@ pub struct RequestRecord {
 pub struct Move {
     /// The substation it left.
     pub substation_id: String,
+    /// The `EV_DISPATCH` sequence of the dispatch to it: that dispatch is void.
+    pub dispatch_seq: u64,
     /// Its state there when it was moved: `dispatched` (never started) or `charging`.
     pub state: RequestState,
     /// Energy delivered up to then (charged elsewhere, it counts towards the request).

@@ -21,8 +21,10 @@ use uuid::Uuid;
 /// Dispatches taken ahead of the one being handled.
 const READ_AHEAD: usize = 64;
 
-/// The stored state of a dispatch's request, read ahead of handling it.
-pub(crate) type StateRead = Result<Option<Bytes>, async_nats::Error>;
+/// The stored state of a dispatch's request, read ahead of handling it: its value (`None`
+/// when there is none, or it was deleted) and its revision (0 when the key never existed), the
+/// revision the session's first write expects.
+pub(crate) type StateRead = Result<(Option<Bytes>, u64), async_nats::Error>;
 
 /// Dispatch messages in delivery order, with their request's state.
 pub(crate) struct Feed {
@@ -110,8 +112,12 @@ fn request_key(msg: &jetstream::Message) -> Option<String> {
 }
 
 async fn read_state(kv: kv::Store, key: Option<String>) -> StateRead {
-    match key {
-        Some(key) => Ok(kv.get(key).await?),
-        None => Ok(None),
-    }
+    let Some(key) = key else {
+        return Ok((None, 0));
+    };
+    Ok(match kv.entry(key).await? {
+        Some(entry) if entry.operation == kv::Operation::Put => (Some(entry.value), entry.revision),
+        Some(deleted) => (None, deleted.revision),
+        None => (None, 0),
+    })
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Sessions whose car left at its departure before its energy was delivered.
     pub sessions_departed: IntCounter,
     pub sessions_interrupted: IntCounter,
+    /// Sessions stopped because their request moved on without this substation (failover).
+    pub sessions_fenced: IntCounter,
     /// `evgrid_substation_limit_messages_total{outcome="applied"}`.
     pub limit_applied: IntCounter,
     /// `evgrid_substation_limit_messages_total{outcome="invalid"}`: logged and ignored.
@@ -138,6 +140,11 @@ impl Metrics {
                 "evgrid_substation_sessions_interrupted_total",
                 "Sessions stopped by a shutdown before completion (resumed on restart).",
             ),
+            sessions_fenced: counter(
+                "evgrid_substation_sessions_fenced_total",
+                "Sessions stopped because their request was moved to another substation while \
+                 this one was cut off or frozen (failover fencing): not charged here again.",
+            ),
             accept_to_charging_seconds: register(
                 registry,
                 Histogram::with_opts(
@@ -197,7 +204,7 @@ mod tests {
             ..Snapshot::default()
         });
         let families = registry.gather();
-        assert_eq!(families.len(), 14);
+        assert_eq!(families.len(), 15);
         for family in &families {
             for metric in family.get_metric() {
                 let labels: Vec<(&str, &str)> = metric

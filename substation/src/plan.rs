@@ -102,6 +102,9 @@ pub(crate) enum Skip {
     /// Another substation took it first (dispatched twice, an ack lost past the dedupe window):
     /// one car charges in one place.
     TakenElsewhere,
+    /// The request was moved away from this dispatch while this substation was out (failover):
+    /// the dispatch is void.
+    MovedAway,
 }
 
 /// A session to charge here.
@@ -148,6 +151,14 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
     };
     if record.is_some_and(|r| r.state.is_final()) {
         return Plan::Skip(Skip::Finished);
+    }
+    let moved_away = record.is_some_and(|r| {
+        r.moved
+            .iter()
+            .any(|m| m.substation_id == facts.own_id && m.dispatch_seq == facts.stream_seq)
+    });
+    if moved_away {
+        return Plan::Skip(Skip::MovedAway);
     }
     let taken_by = record.and_then(|r| r.substation_id.as_deref());
     if taken_by.is_some_and(|other| other != facts.own_id) {
@@ -324,6 +335,34 @@ mod tests {
     fn another_substations_request_is_skipped() {
         let stored = record(RequestState::Dispatched, Some("s2"), 0.0);
         assert_eq!(plan_of(&stored), Plan::Skip(Skip::TakenElsewhere));
+    }
+
+    #[test]
+    fn a_dispatch_the_request_moved_away_from_is_void() {
+        let Stored::Read(Some(mut moved)) = record(RequestState::Queued, None, 4.0) else {
+            unreachable!()
+        };
+        moved.moved.push(Move {
+            substation_id: "s1".into(),
+            dispatch_seq: 7,
+            state: RequestState::Charging,
+            energy_delivered_kwh: 4.0,
+            moved_at: at(15),
+            reason: "no heartbeat from s1 for 10 s".into(),
+        });
+        assert_eq!(
+            plan_of(&Stored::Read(Some(moved.clone()))),
+            Plan::Skip(Skip::MovedAway)
+        );
+        // Sent back here later by a new dispatch: charged, from the energy it got.
+        let again = Facts {
+            stream_seq: 9,
+            ..facts(None, at(20))
+        };
+        assert!(matches!(
+            plan(&dispatch(), again, &Stored::Read(Some(moved))),
+            Plan::Accept(a) if a.prior_kwh == 4.0 && a.moved.len() == 1
+        ));
     }
 
     #[test]

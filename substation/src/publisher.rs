@@ -7,11 +7,17 @@
 //! later in-flight one again, in order, after a backoff: a key's last stored value is always its
 //! newest. Session events carry a `Nats-Msg-Id`, so a repeat inside the duplicate window is
 //! stored once.
+//!
+//! A write may be a compare-and-set ([`Write::expecting`]): stored only if its subject's last
+//! sequence (a state key's revision) is the one expected. One the server refuses for that is
+//! not retried; its receipt says [`Rejected`] and the writer goes on with the others: the
+//! caller decides (the state moved on without it: fencing).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 
-use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use evgrid_common::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,13 +25,25 @@ use tokio::task::JoinHandle;
 /// Writes sent but not yet acknowledged, at most; beyond it queueing waits (backpressure).
 const MAX_IN_FLIGHT: usize = 256;
 
+/// A compare-and-set write the server refused: its subject's last sequence was not the one
+/// expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("refused: the subject has moved past the expected revision")]
+pub struct Rejected;
+
+/// What a receipt reports: the write's stream sequence once it and every write queued before
+/// it are acknowledged, or that the server refused the compare-and-set.
+pub type Receipt = oneshot::Receiver<Result<u64, Rejected>>;
+
 /// One JetStream publish, and who wants to know when it is durable.
 #[derive(Debug)]
 pub struct Write {
     pub subject: String,
     pub message: PublishMessage,
-    /// Fired once the write and every write queued before it are acknowledged.
-    pub durable: Option<oneshot::Sender<()>>,
+    /// Compare-and-set: the subject's last sequence must be this (0: no message yet).
+    pub expected_last: Option<u64>,
+    /// Fired once the write and every write queued before it are acknowledged, or refused.
+    pub durable: Option<oneshot::Sender<Result<u64, Rejected>>>,
 }
 
 impl Write {
@@ -33,12 +51,19 @@ impl Write {
         Self {
             subject,
             message,
+            expected_last: None,
             durable: None,
         }
     }
 
+    /// This write as a compare-and-set on its subject's last sequence, `revision`.
+    pub fn expecting(mut self, revision: u64) -> Self {
+        self.expected_last = Some(revision);
+        self
+    }
+
     /// This write, reporting on the returned receiver when it is durable.
-    pub fn with_receipt(mut self) -> (Self, oneshot::Receiver<()>) {
+    pub fn with_receipt(mut self) -> (Self, Receipt) {
         let (tx, rx) = oneshot::channel();
         self.durable = Some(tx);
         (self, rx)
@@ -89,11 +114,18 @@ async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
                 if !in_flight.is_empty() =>
             {
                 match ack {
-                    Ok(_) => {
+                    Ok(ack) => {
                         backoff.reset();
                         let done = in_flight.pop_front().expect("non-empty");
                         if let Some(tx) = done.write.durable {
-                            let _ = tx.send(());
+                            let _ = tx.send(Ok(ack.sequence));
+                        }
+                    }
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                        let refused = in_flight.pop_front().expect("non-empty");
+                        tracing::debug!(subject = %refused.write.subject, "compare-and-set write refused");
+                        if let Some(tx) = refused.write.durable {
+                            let _ = tx.send(Err(Rejected));
                         }
                     }
                     Err(e) => {
@@ -124,10 +156,11 @@ async fn run(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Write>) {
 /// Sends one write. A send that fails at once (connection closed) becomes a failed ack, so the
 /// retry path handles both alike.
 async fn publish(js: &jetstream::Context, write: Write) -> InFlight {
-    let ack: AckFuture = match js
-        .send_publish(write.subject.clone(), write.message.clone())
-        .await
-    {
+    let mut message = write.message.clone();
+    if let Some(revision) = write.expected_last {
+        message = message.expected_last_subject_sequence(revision);
+    }
+    let ack: AckFuture = match js.send_publish(write.subject.clone(), message).await {
         Ok(ack) => Box::pin(std::future::IntoFuture::into_future(ack)),
         Err(e) => Box::pin(std::future::ready(Err(e))),
     };

@@ -4,7 +4,7 @@
 
 use async_nats::jetstream::message::Acker;
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, Move, RequestState};
+use evgrid_model::messages::{Dispatch, Move, RequestRecord, RequestState};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
@@ -28,6 +28,33 @@ pub(crate) struct Live {
     /// Set once the session's final writes are queued: what to do with its message when they
     /// are durable.
     pub ending: Option<Ending>,
+    /// The revision of the request's state this session last wrote or read: its next state
+    /// write is a compare-and-set on it, so a state someone else moved on (the request moved
+    /// away while this substation was cut off) is never overwritten.
+    pub revision: u64,
+    /// A state write of this session is in flight (one at a time: the next expects its
+    /// revision).
+    pub writing: Option<StateWrite>,
+    /// The newest state to write once the one in flight is done.
+    pub next: Option<StateWrite>,
+}
+
+/// One state write of a session: the record, and whether it is the session's last.
+#[derive(Debug, Clone)]
+pub(crate) struct StateWrite {
+    pub record: RequestRecord,
+    pub last: bool,
+}
+
+/// What became of a session's state write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Stored at this revision.
+    Stored(u64),
+    /// Refused: the state is not at the revision the session knew.
+    Fenced,
+    /// Never acknowledged (shutting down, or the writer is gone).
+    Abandoned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,10 +71,10 @@ impl Live {
     pub fn new(
         dispatch: Dispatch,
         acker: Acker,
-        stream_seq: u64,
-        delivery: i64,
+        (stream_seq, delivery): (u64, i64),
         accept: &Accept,
         accepted_at: DateTime<Utc>,
+        revision: u64,
     ) -> Self {
         Self {
             dispatch,
@@ -59,6 +86,9 @@ impl Live {
             moved: accept.moved.clone(),
             accepted_at,
             ending: None,
+            revision,
+            writing: None,
+            next: None,
         }
     }
 
@@ -73,4 +103,5 @@ impl Live {
     }
 }
 
-pub(crate) type Receipt = BoxFuture<'static, (Uuid, bool)>;
+/// A state write's outcome, for the session it belongs to.
+pub(crate) type Receipt = BoxFuture<'static, (Uuid, Written)>;

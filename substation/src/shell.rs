@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{self, AckKind, kv};
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -47,6 +47,7 @@ use crate::publisher::Publisher;
 use crate::session::{Ending, Live, Receipt};
 
 mod report;
+mod state;
 
 /// Progress acks (and energy checkpoints) go out this often: four per ack wait, so a late tick
 /// or a lost ack never lets a live session's message be redelivered, and a crash loses at most
@@ -186,8 +187,8 @@ impl Shell {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                Some((id, durable)) = self.receipts.next(), if !self.receipts.is_empty() => {
-                    self.on_receipt(id, durable).await;
+                Some((id, written)) = self.receipts.next(), if !self.receipts.is_empty() => {
+                    self.on_receipt(id, written).await;
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                     // Never stop short of the completion that woke us (float rounding).
@@ -309,12 +310,13 @@ impl Shell {
         } else {
             state
         };
-        let (stored, read_error) = match state {
-            Ok(value) => (
+        let (stored, revision, read_error) = match state {
+            Ok((value, revision)) => (
                 Stored::Read(value.and_then(|v| serde_json::from_slice(&v).ok())),
+                revision,
                 None,
             ),
-            Err(e) => (Stored::Unreadable, Some(e)),
+            Err(e) => (Stored::Unreadable, 0, Some(e)),
         };
         let facts = Facts {
             own_id: &self.id,
@@ -342,6 +344,9 @@ impl Shell {
                     Skip::TakenElsewhere => {
                         tracing::warn!(%request_id, "request already taken by another substation; skipping the dispatch")
                     }
+                    Skip::MovedAway => {
+                        tracing::warn!(%request_id, stream_seq, "request moved away from this dispatch while this substation was out; skipping it")
+                    }
                 }
                 ack(&acker, AckKind::Ack, "ack").await;
                 self.took_dispatch(stream_seq);
@@ -354,7 +359,14 @@ impl Shell {
             }
             Plan::Accept(accept) => {
                 let accepted_at = header_accepted_at.unwrap_or(dispatch.accepted_at);
-                let live = Live::new(dispatch, acker, stream_seq, delivery, &accept, accepted_at);
+                let live = Live::new(
+                    dispatch,
+                    acker,
+                    (stream_seq, delivery),
+                    &accept,
+                    accepted_at,
+                    revision,
+                );
                 self.accept(live, accept.stay_left_s);
             }
         }
@@ -397,7 +409,7 @@ impl Shell {
         {
             let live = &self.sessions[&request_id];
             let record = self.record(live, live.waiting_state(), prior_kwh, None);
-            self.send_state(record);
+            self.write_state(record, false);
         }
         self.apply(events);
     }
@@ -433,7 +445,7 @@ impl Shell {
         let live = &self.sessions[&id];
         self.send_event(live, SessionEventKind::Started, at, live.prior_kwh, None);
         let record = self.record(live, RequestState::Charging, live.prior_kwh, None);
-        self.send_state(record);
+        self.write_state(record, false);
     }
 
     /// The session ended: its energy is delivered, or the car left at its departure with what
@@ -467,28 +479,8 @@ impl Shell {
             reason: Some(outcome.as_str().to_owned()),
             ..self.record(live, RequestState::Completed, energy, Some(at))
         };
-        let (write, receipt) = self.state_write(record).with_receipt();
-        self.publisher.send(write);
         // The message is acked once this last write (and all before it) is durable.
-        self.receipts
-            .push(Box::pin(receipt.map(move |r| (id, r.is_ok()))));
-    }
-
-    /// The final writes of a session are durable (or abandoned): ack or hand back its message.
-    async fn on_receipt(&mut self, id: Uuid, durable: bool) {
-        let Some(live) = self.sessions.remove(&id) else {
-            return;
-        };
-        match (live.ending, durable) {
-            (Some(Ending::Completed), true) => ack(&live.acker, AckKind::Ack, "ack").await,
-            // Redelivered at once to whichever substation process pulls next: it resumes from
-            // the energy just recorded.
-            (Some(Ending::Interrupted), true) => ack(&live.acker, AckKind::Nak(None), "nak").await,
-            // Not recorded: leave the message to its ack wait; a redelivery redoes the ending.
-            _ => {
-                tracing::warn!(request_id = %id, "final writes of the session were not acknowledged")
-            }
-        }
+        self.write_state(record, true);
     }
 
     /// Keeps every held message from being redelivered, and records the energy of sessions that
@@ -506,7 +498,7 @@ impl Shell {
             }
         }
         for record in checkpoints {
-            self.send_state(record);
+            self.write_state(record, false);
         }
     }
 
@@ -546,17 +538,12 @@ impl Shell {
             tracing::debug!(request_id = %id, energy_delivered_kwh = delivered, "session interrupted by shutdown");
             self.metrics.sessions_interrupted.inc();
             self.send_event(live, SessionEventKind::Interrupted, at, delivered, None);
-            let (write, receipt) = self
-                .state_write(self.record(live, state, delivered, None))
-                .with_receipt();
-            self.publisher.send(write);
-            self.receipts
-                .push(Box::pin(receipt.map(move |r| (id, r.is_ok()))));
+            self.write_state(self.record(live, state, delivered, None), true);
         }
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while !self.receipts.is_empty() {
             match tokio::time::timeout_at(deadline, self.receipts.next()).await {
-                Ok(Some((id, durable))) => self.on_receipt(id, durable).await,
+                Ok(Some((id, written))) => self.on_receipt(id, written).await,
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(

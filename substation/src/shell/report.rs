@@ -1,6 +1,7 @@
-//! What the live substation reports, all through its one ordered [`Publisher`]: request states
-//! in `EV_REQUEST_STATE`, session events on `ev.sessions.<id>.<event>`, and heartbeats on
-//! `ev.telemetry.<id>` (the load, the projection and the limit in force, for the dispatcher).
+//! What the live substation reports, all through its one ordered [`Publisher`]: session events
+//! on `ev.sessions.<id>.<event>`, heartbeats on `ev.telemetry.<id>` (the load, the projection
+//! and the limit in force, for the dispatcher), and the records its request states are written
+//! from ([`super::state`] writes them).
 
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
@@ -63,21 +64,6 @@ impl Shell {
             moved: live.moved.clone(),
             ..RequestRecord::of_dispatch(&live.dispatch, state, Utc::now())
         }
-    }
-
-    pub(super) fn state_write(&self, record: RequestRecord) -> Write {
-        let key = record.request_id.to_string();
-        // What `kv::Store::put` publishes to (the connection uses the default `$JS.API` prefix),
-        // but through the ordered writer instead of an awaited put.
-        let prefix = self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix);
-        Write::new(
-            format!("{prefix}{key}"),
-            PublishMessage::build().payload(json(&record)),
-        )
-    }
-
-    pub(super) fn send_state(&self, record: RequestRecord) {
-        self.publisher.send(self.state_write(record));
     }
 
     pub(super) fn send_event(

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use evgrid_common::streams;
 use evgrid_model::messages::{
-    ChargeRequest, RequestRecord, RequestState, SessionEventKind, SessionOutcome, SessionReport,
+    ChargeRequest, Move, RequestRecord, RequestState, SessionEventKind, SessionOutcome,
+    SessionReport,
 };
 use helpers::{Grid, Running, WAIT, dispatch, sample};
 
@@ -313,6 +314,59 @@ async fn a_crashed_substation_gets_its_sessions_back_at_once_from_their_recorded
         (RequestState::Completed, 10.0)
     );
     grid.all_acked("s1").await;
+}
+
+#[tokio::test]
+async fn a_session_moved_away_while_cut_off_stops_charging_here() {
+    let grid = Grid::start().await;
+    let mut events = grid.events("s1").await;
+    let mut heartbeats = grid.heartbeats("s1").await;
+    // 10 kWh at 10 kW at 360x: ten real seconds.
+    let slow = evgrid_substation::Config {
+        time_scale: 360.0,
+        ..grid.config("s1", 150.0)
+    };
+    let substation = Running::start(slow).await;
+    let d = dispatch("s1", 10.0, 10.0);
+    let seq = grid.dispatch(&d).await;
+    events.until(|e| e.event == SessionEventKind::Started).await;
+
+    // A dispatcher's failover moves it away as s1 charges (compare-and-set, as the dispatcher
+    // does; retried when s1's own checkpoint lands in between).
+    let key = d.request_id.to_string();
+    let moved = evgrid_test_support::eventually(WAIT, Duration::from_millis(10), || async {
+        let entry = grid.kv.entry(key.as_str()).await.unwrap().unwrap();
+        let mut record: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
+        record.moved.push(Move {
+            substation_id: "s1".into(),
+            dispatch_seq: seq,
+            state: record.state,
+            energy_delivered_kwh: record.energy_delivered_kwh,
+            moved_at: chrono::Utc::now(),
+            reason: "no heartbeat from s1 for 10 s".into(),
+        });
+        record.state = RequestState::Queued;
+        record.substation_id = None;
+        let body = serde_json::to_vec(&record).unwrap().into();
+        let stored = grid.kv.update(key.as_str(), body, entry.revision).await;
+        stored.is_ok().then_some(record)
+    })
+    .await
+    .expect("moved by compare-and-set");
+
+    // s1's next write is refused: it stops charging it and lets the message go, writing
+    // nothing more.
+    heartbeats.until(|h| h.active_sessions == 0).await;
+    grid.all_acked("s1").await;
+    let (_, page) = substation.get("/metrics").await;
+    assert_eq!(
+        sample(&page, "evgrid_substation_sessions_fenced_total", "s1"),
+        Some(1.0)
+    );
+    assert_eq!(grid.record(d.request_id).await, moved);
+    substation.stop().await.unwrap();
+    // Not even a shutdown writes it back.
+    assert_eq!(grid.record(d.request_id).await, moved);
 }
 
 #[tokio::test]
