@@ -13,6 +13,7 @@ mod consumer;
 mod failover;
 mod grid_feed;
 pub mod metrics;
+mod peers;
 mod request;
 
 use std::sync::{Arc, Mutex};
@@ -113,6 +114,13 @@ async fn route(
         config.substation_timeout,
         stop.clone(),
     ));
+    let instance: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    tasks.spawn(peers::follow(
+        nats.clone(),
+        grid.clone(),
+        instance.clone(),
+        stop.clone(),
+    ));
     let handler = Arc::new(Handler {
         js: nats.js.clone(),
         kv,
@@ -121,6 +129,7 @@ async fn route(
         policy: config.policy,
         rng: Mutex::new(SmallRng::from_os_rng()),
         defer_delay: config.defer_delay,
+        instance,
     });
     consumer::run(handler, &nats, config.max_in_flight, stop.clone()).await;
 

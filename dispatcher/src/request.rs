@@ -52,6 +52,8 @@ pub(crate) struct Handler {
     /// The only randomness of a decision (the `p2c` policy), seeded at start.
     pub rng: Mutex<SmallRng>,
     pub defer_delay: Duration,
+    /// This process among the dispatcher replicas (a UUID), on every dispatch it sends.
+    pub instance: Arc<str>,
 }
 
 /// Where a message sits in `EV_REQUESTS`.
@@ -82,6 +84,8 @@ enum Action {
         /// `Nats-Msg-Id` of the dispatch: `dispatch-<request id>`, and for a move
         /// `dispatch-<request id>-after-<seq of the dispatch it moves from>`.
         msg_id: String,
+        /// The power counted for it until the substation's heartbeat shows it.
+        power_kw: f64,
     },
     Defer {
         reason: DeferReason,
@@ -354,7 +358,13 @@ impl Handler {
         };
 
         let action = match (decision, ticket) {
-            (Decision::Dispatch { substation_id, .. }, Some(ticket)) => {
+            (
+                Decision::Dispatch {
+                    substation_id,
+                    power_kw,
+                },
+                Some(ticket),
+            ) => {
                 self.metrics.decided(&substation_id, outcome::DISPATCHED);
                 Action::Dispatch {
                     dispatch: Dispatch {
@@ -373,6 +383,7 @@ impl Handler {
                         Some(m) => format!("dispatch-{request_id}-after-{}", m.move_of),
                         None => format!("dispatch-{request_id}"),
                     },
+                    power_kw,
                 }
             }
             (Decision::Reject { reason, detail }, _) => {
@@ -475,7 +486,8 @@ impl Handler {
                 dispatch,
                 ticket,
                 msg_id,
-            } => self.dispatch(msg, dispatch, ticket, msg_id).await,
+                power_kw,
+            } => self.dispatch(msg, dispatch, ticket, msg_id, power_kw).await,
             Action::Defer { reason, queued } => {
                 Box::pin(self.defer(msg, request_id, reason, queued)).await
             }
@@ -503,7 +515,14 @@ impl Handler {
     }
 
     /// Publishes the assignment (deduplicated by request id), then acks the request.
-    async fn dispatch(&self, msg: Message, dispatch: Dispatch, ticket: Ticket, msg_id: String) {
+    async fn dispatch(
+        &self,
+        msg: Message,
+        dispatch: Dispatch,
+        ticket: Ticket,
+        msg_id: String,
+        power_kw: f64,
+    ) {
         let request_id = dispatch.request_id;
         let substation = dispatch.substation_id.clone();
         let publish = PublishMessage::build()
@@ -513,6 +532,8 @@ impl Handler {
                     .into(),
             )
             .message_id(msg_id)
+            .header(headers::DISPATCHER, &*self.instance)
+            .header(headers::POWER_KW, power_kw.to_string())
             .header(headers::REQUEST_ID, dispatch.request_id.to_string())
             .header(headers::ACCEPTED_AT, dispatch.accepted_at.to_rfc3339());
         match self.publish(subjects::dispatch(&substation), publish).await {

@@ -19,3 +19,9 @@ pub const SOURCE_SEQUENCE: &str = "Evgrid-Source-Sequence";
 pub const MOVED_FROM: &str = "Evgrid-Moved-From";
 /// With [`MOVED_FROM`]: the `EV_DISPATCH` sequence of the dispatch it is to move away from.
 pub const MOVE_OF: &str = "Evgrid-Move-Of";
+/// On a dispatch: the dispatcher instance that sent it (a UUID per process), so the other
+/// replicas count it as theirs to wait for and the sender does not count it twice.
+pub const DISPATCHER: &str = "Evgrid-Dispatcher";
+/// On a dispatch: the power (kW) the dispatcher counted for it until the substation's heartbeat
+/// shows it.
+pub const POWER_KW: &str = "Evgrid-Power-Kw";

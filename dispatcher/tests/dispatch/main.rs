@@ -478,6 +478,60 @@ async fn a_burst_is_spread_and_the_excess_waits_for_room() {
 }
 
 #[tokio::test]
+async fn replicas_count_each_others_sends_and_spread_a_burst_like_one() {
+    const REQUESTS: usize = 300;
+    let mut app = spawn_app_with(Policy::Headroom).await;
+    let (_, second_stop, _second) =
+        helpers::start_dispatcher_configured(&app.nats, |c| c.policy = Policy::Headroom).await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let mut substations = [
+        app.substation("s1", 100.0),
+        app.substation("s2", 200.0),
+        app.substation("s3", 300.0),
+    ];
+    for s in &mut substations {
+        s.heartbeat(0.0, 0).await;
+    }
+    // What one dispatcher sends before the next heartbeat (see the test above).
+    let fits = 57;
+
+    // A stream of requests rather than one instant burst: two replicas deciding the same
+    // instant cannot see each other's sends (over-sending there is only ever queued at a
+    // substation, which never exceeds its capacity); a few milliseconds apart they do.
+    for _ in 0..REQUESTS / 3 {
+        app.publish_request(request(Uuid::new_v4(), 10.0, 11.0))
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // No heartbeat frees room: what is sent is all the burst gets until then.
+    let mut senders = HashSet::new();
+    let mut per_substation: BTreeMap<String, usize> = BTreeMap::new();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(helpers::TEST_DEFER_DELAY * 10, dispatches.next()).await
+    {
+        let dispatch: evgrid_model::messages::Dispatch =
+            serde_json::from_slice(&msg.payload).unwrap();
+        *per_substation.entry(dispatch.substation_id).or_default() += 1;
+        senders.insert(header(
+            &msg.headers.unwrap_or_default(),
+            headers::DISPATCHER,
+        ));
+    }
+    let sent: usize = per_substation.values().sum();
+    // Counting only its own sends, each replica would fill every substation: twice `fits`
+    // (all 100 requests here). A loaded machine delays the replicas' view of each other a
+    // little, hence the margin.
+    assert!(
+        (fits..=fits * 3 / 2).contains(&sent),
+        "{sent} sent by {} replicas ({per_substation:?}), room for {fits}",
+        senders.len()
+    );
+    assert_eq!(senders.len(), 2, "both replicas dispatched");
+    second_stop.cancel();
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_request_twice_is_dispatched_once() {
     let mut app = spawn_app().await;
     let mut dispatches = app.subscribe("ev.dispatch.>").await;
