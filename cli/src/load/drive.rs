@@ -29,7 +29,13 @@ pub struct Driver {
     pub tracker: Option<Arc<Tracker>>,
     /// Bound on each request's wait for its answer.
     pub timeout: Duration,
+    /// `--retry-for`: resend an unanswered or 5xx request, for up to this long.
+    pub retry_for: Option<Duration>,
 }
+
+/// Resends back off from this, doubling, to [`RETRY_MAX_DELAY`].
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(100);
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 
 impl Driver {
     /// Encodes request `i` into `buf` (reused by the caller) and returns its body.
@@ -38,22 +44,41 @@ impl Driver {
         Bytes::copy_from_slice(buf)
     }
 
-    /// Sends request `i` and records the outcome; latency counts from `due`.
+    /// Sends request `i` (resending it as `--retry-for` allows) and records the outcome;
+    /// latency counts from `due`.
     async fn send(&self, i: u64, body: Bytes, due: Instant) {
-        let result =
-            tokio::time::timeout(self.timeout, self.target.send(self.ids.id(i), body)).await;
-        match result {
-            Ok(Ok(())) => {
-                self.recorder.accepted(due.elapsed());
-                if let Some(t) = &self.tracker {
-                    t.accepted(i);
+        let retry_until = self.retry_for.map(|d| Instant::now() + d);
+        let mut delay = RETRY_FIRST_DELAY;
+        let mut attempt = 0;
+        loop {
+            let sent = self.target.send(self.ids.id(i), body.clone(), i, attempt);
+            let result = match tokio::time::timeout(self.timeout, sent).await {
+                Ok(result) => result,
+                Err(_) => Err(SendError::new(
+                    ErrorKind::Timeout,
+                    format!("no answer within {:?}", self.timeout),
+                )),
+            };
+            let error = match result {
+                Ok(()) => {
+                    self.recorder.accepted(due.elapsed());
+                    if let Some(t) = &self.tracker {
+                        t.accepted(i);
+                    }
+                    return;
                 }
+                Err(e) => e,
+            };
+            let retry = retry_until.is_some_and(|until| Instant::now() + delay < until)
+                && error.kind.is_transient();
+            if !retry {
+                self.recorder.error(error);
+                return;
             }
-            Ok(Err(e)) => self.recorder.error(e),
-            Err(_) => self.recorder.error(SendError::new(
-                ErrorKind::Timeout,
-                format!("no answer within {:?}", self.timeout),
-            )),
+            self.recorder.retried();
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX_DELAY);
+            attempt += 1;
         }
     }
 }

@@ -56,10 +56,19 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(ArgGroup::new("target").required(true).args(["url", "nats_url"])))]
 pub struct LoadArgs {
-    /// Ingest base URL: requests are POSTed to {url}/v1/charge-requests. Exactly one of --url
-    /// and --nats-url.
-    #[arg(long, value_name = "http://HOST:PORT", value_parser = parse_http_url, help_heading = "Target")]
-    pub url: Option<reqwest::Url>,
+    /// Ingest base URL: requests are POSTed to {url}/v1/charge-requests. Several (comma-separated
+    /// or repeated: ingest replicas) are used in turn, a retry going to the next. Exactly one of
+    /// --url and --nats-url.
+    #[arg(long, value_name = "http://HOST:PORT", value_parser = parse_http_url, value_delimiter = ',',
+          help_heading = "Target")]
+    pub url: Vec<reqwest::Url>,
+
+    /// Resend a request that got no answer (no connection, --timeout) or a 5xx, with the same
+    /// Idempotency-Key (so it is stored once), backing off from 100 ms to 1 s, for up to this
+    /// long after its first send: what a client of replicated ingest does. Off by default: a load
+    /// tool reports what the target answered, once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Target")]
+    pub retry_for: Option<Duration>,
 
     /// NATS server: requests are published straight to ev.requests (a JetStream publish with
     /// Nats-Msg-Id = request id, awaiting the PubAck, as `nats pub -J` would).
@@ -230,6 +239,7 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<
         recorder: recorder.clone(),
         tracker: tracker.clone(),
         timeout: args.timeout,
+        retry_for: args.retry_for,
     });
     let progress = Progress::start(
         schedule.requests(),
@@ -282,6 +292,7 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<
         planned: schedule.requests(),
         sent: recorder.sent_count(),
         accepted,
+        retried: recorder.retried_count(),
         errors: recorder.errors(),
         error_examples: recorder.error_examples(),
         elapsed_s: elapsed.as_secs_f64(),
@@ -344,8 +355,8 @@ async fn connect(
     connections: usize,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Target, String, Option<nats::Nats>)> {
-    if let Some(url) = &args.url {
-        let target = Target::http(url, connections)?;
+    if !args.url.is_empty() {
+        let target = Target::http(&args.url, connections)?;
         let events = if args.wait_complete {
             let nats = connect_nats(&args.events_nats_url, shutdown)
                 .await
@@ -356,7 +367,8 @@ async fn connect(
         } else {
             None
         };
-        return Ok((target, url.to_string(), events));
+        let name = args.url.iter().map(|u| u.as_str()).collect::<Vec<_>>();
+        return Ok((target, name.join(","), events));
     }
     let url = args.nats_url.as_deref().context("no target")?;
     let nats = connect_nats(url, shutdown).await?;
@@ -485,7 +497,10 @@ mod tests {
                 .contains("only http://")
         );
         let a = parse(&["--url", "http://a:1/base"]).unwrap();
-        assert_eq!(a.url.unwrap().as_str(), "http://a:1/base/");
+        assert_eq!(a.url[0].as_str(), "http://a:1/base/");
+        let replicas = parse(&["--url", "http://a:1,http://b:2", "--url", "http://c:3"]).unwrap();
+        assert_eq!(replicas.url.len(), 3);
+        assert!(parse(&["--url", "http://a:1,ftp://b"]).is_err());
         assert!(parse(&["--url", "http://a:1", "--no-ack"]).is_err());
     }
 

@@ -51,6 +51,15 @@ impl ErrorKind {
         Self::Incomplete,
     ];
 
+    /// No answer, or an answer that may change on a resend (`--retry-for`): no connection, a
+    /// timeout, a broken exchange, a 5xx.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::Connect | Self::Timeout | Self::Transport | Self::Http5xx
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http4xx => "http_4xx",
@@ -99,6 +108,8 @@ pub fn record(h: &mut Histogram<u64>, d: Duration) {
 pub struct Recorder {
     sent: AtomicU64,
     accepted: AtomicU64,
+    /// Resends (`--retry-for`), beyond each request's first send.
+    retried: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency: Mutex<Histogram<u64>>,
     examples: Mutex<BTreeMap<ErrorKind, String>>,
@@ -109,6 +120,7 @@ impl Default for Recorder {
         Self {
             sent: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             errors: Default::default(),
             latency: Mutex::new(histogram()),
             examples: Mutex::new(BTreeMap::new()),
@@ -120,6 +132,16 @@ impl Recorder {
     /// A request was due (sent, or dropped for overload).
     pub fn sent(&self) {
         self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request is sent again (`--retry-for`).
+    pub fn retried(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resends so far.
+    pub fn retried_count(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 
     /// A request was accepted `latency` after it was due.
@@ -273,6 +295,9 @@ pub struct Report {
     pub sent: u64,
     /// Requests the target accepted (HTTP 2xx, or the JetStream PubAck).
     pub accepted: u64,
+    /// Resends (`--retry-for`), beyond each request's first send.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub retried: u64,
     pub errors: Errors,
     /// The first error message of each kind seen.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -321,6 +346,9 @@ impl Report {
             self.sent, self.planned
         );
         let _ = writeln!(w, "  accepted      {}", self.accepted);
+        if self.retried > 0 {
+            let _ = writeln!(w, "  resent        {} (--retry-for)", self.retried);
+        }
         let _ = write!(w, "  errors        {}", self.errors.total);
         for (kind, n) in self.errors.counts.iter().filter(|(_, n)| **n > 0) {
             let _ = write!(w, "  {kind} {n}");
@@ -387,6 +415,10 @@ fn latency_line(w: &mut String, what: &str, l: Option<Latency>) {
             let _ = writeln!(w, "  {what:<13} ms  (no samples)");
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

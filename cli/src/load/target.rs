@@ -19,10 +19,11 @@ pub const API_PATH: &str = "v1/charge-requests";
 /// A connected target.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// `POST {url}/v1/charge-requests`.
+    /// `POST {url}/v1/charge-requests`, each request on the next of `endpoints` (ingest
+    /// replicas), with its id as `Idempotency-Key`.
     Http {
         client: reqwest::Client,
-        endpoint: reqwest::Url,
+        endpoints: Vec<reqwest::Url>,
     },
     /// JetStream publish to `ev.requests` with `Nats-Msg-Id` = request id, awaiting the PubAck.
     JetStream(jetstream::Context),
@@ -31,11 +32,17 @@ pub enum Target {
 }
 
 impl Target {
-    /// An HTTP target with a pool of up to `connections` kept-alive connections.
-    pub fn http(base: &reqwest::Url, connections: usize) -> anyhow::Result<Self> {
-        let endpoint = base
-            .join(API_PATH)
-            .map_err(|e| anyhow::anyhow!("cannot build the API URL from {base}: {e}"))?;
+    /// An HTTP target over `bases` (ingest replicas) with a pool of up to `connections`
+    /// kept-alive connections each.
+    pub fn http(bases: &[reqwest::Url], connections: usize) -> anyhow::Result<Self> {
+        let endpoints = bases
+            .iter()
+            .map(|base| {
+                base.join(API_PATH)
+                    .map_err(|e| anyhow::anyhow!("cannot build the API URL from {base}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!endpoints.is_empty(), "no --url");
         // No redirects or retries: a load tool reports what the target answered, once.
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -44,16 +51,21 @@ impl Target {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        Ok(Target::Http { client, endpoint })
+        Ok(Target::Http { client, endpoints })
     }
 
-    /// Sends one request body. The caller bounds the wait (`--timeout`).
-    pub async fn send(&self, id: Uuid, body: Bytes) -> Result<(), SendError> {
+    /// Sends one request body: request `i`'s `attempt`-th send (0 first), which for HTTP picks
+    /// the replica, so a retry goes to another. The caller bounds the wait (`--timeout`).
+    pub async fn send(&self, id: Uuid, body: Bytes, i: u64, attempt: u32) -> Result<(), SendError> {
         match self {
-            Target::Http { client, endpoint } => {
+            Target::Http { client, endpoints } => {
+                let n = endpoints.len() as u64;
+                let endpoint = &endpoints[((i + u64::from(attempt)) % n) as usize];
                 let response = client
                     .post(endpoint.clone())
                     .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    // The body names the same id: a resend (--retry-for) is stored once.
+                    .header("Idempotency-Key", id.to_string())
                     .body(body)
                     .send()
                     .await

@@ -134,6 +134,45 @@ async fn http_closed_loop_posts_valid_distinct_requests() {
 }
 
 #[tokio::test]
+async fn retries_go_to_the_other_replica_with_the_same_id() {
+    // One replica answers, the other is down (nothing listens on its port).
+    let (addr, seen, _stop) = http_stub(Behaviour::default()).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let urls = format!("http://{addr},http://{down}");
+    let base = [
+        "--url",
+        &urls,
+        "--requests",
+        "20",
+        "--concurrency",
+        "4",
+        "--seed",
+        "3",
+    ];
+    let once = run(&base).await;
+    assert_eq!(once.accepted + once.errors.get(ErrorKind::Connect), 20);
+    assert_eq!(
+        once.accepted, 10,
+        "every other request goes to each replica"
+    );
+    assert_eq!(once.retried, 0);
+
+    let retried = run(&[&base[..], &["--retry-for", "5s"]].concat()).await;
+    assert_eq!((retried.accepted, retried.errors.total), (20, 0));
+    assert_eq!(
+        retried.retried, 10,
+        "each request sent to the dead replica, once more"
+    );
+    // The live replica saw each request of both runs once (10 + 20): a resend only follows
+    // a failure, and carries the request's own id.
+    assert_eq!(seen.ids.lock().unwrap().len(), 30);
+    assert_eq!(seen.requests.load(std::sync::atomic::Ordering::Relaxed), 30);
+}
+
+#[tokio::test]
 async fn a_slow_target_overloads_the_open_loop_instead_of_slowing_it() {
     let (addr, _seen, _stop) = http_stub(Behaviour {
         delay: Duration::from_millis(300),
