@@ -4,7 +4,7 @@
 
 use async_nats::jetstream::message::Acker;
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, Move, RequestRecord, RequestState};
+use evgrid_model::messages::{Dispatch, Move, RequestRecord, RequestState, SessionOutcome};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
@@ -37,6 +37,17 @@ pub(crate) struct Live {
     pub writing: Option<StateWrite>,
     /// The newest state to write once the one in flight is done.
     pub next: Option<StateWrite>,
+    /// The `completed` event, announced only once the `completed` state is stored: a session
+    /// fenced off (moved away meanwhile) never announces a completion it does not own.
+    pub completion: Option<Completion>,
+}
+
+/// What a session's `completed` event says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Completion {
+    pub at: DateTime<Utc>,
+    pub energy_kwh: f64,
+    pub outcome: SessionOutcome,
 }
 
 /// One state write of a session: the record, and whether it is the session's last.
@@ -55,6 +66,8 @@ pub(crate) enum Written {
     Fenced,
     /// Never acknowledged (shutting down, or the writer is gone).
     Abandoned,
+    /// The session's `completed` event, after its state, is stored (or abandoned).
+    Announced,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +102,7 @@ impl Live {
             revision,
             writing: None,
             next: None,
+            completion: None,
         }
     }
 

@@ -44,7 +44,7 @@ use crate::limits::{self, LimitFeed};
 use crate::metrics::Metrics;
 use crate::plan::{Facts, Plan, Skip, Stored, Taken, parse_dispatch, plan};
 use crate::publisher::Publisher;
-use crate::session::{Ending, Live, Receipt};
+use crate::session::{Completion, Ending, Live, Receipt};
 
 mod report;
 mod state;
@@ -474,12 +474,16 @@ impl Shell {
             outcome = outcome.as_str(),
             "session completed"
         );
-        self.send_event(live, SessionEventKind::Completed, at, energy, Some(outcome));
         let record = RequestRecord {
             reason: Some(outcome.as_str().to_owned()),
             ..self.record(live, RequestState::Completed, energy, Some(at))
         };
-        // The message is acked once this last write (and all before it) is durable.
+        self.sessions.get_mut(&id).expect("live").completion = Some(Completion {
+            at,
+            energy_kwh: energy,
+            outcome,
+        });
+        // Then the `completed` event; the message is acked once both are durable.
         self.write_state(record, true);
     }
 

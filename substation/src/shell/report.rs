@@ -74,6 +74,19 @@ impl Shell {
         delivered_kwh: f64,
         outcome: Option<SessionOutcome>,
     ) {
+        self.publisher
+            .send(self.event_write(live, kind, at, delivered_kwh, outcome));
+    }
+
+    /// The write of one session event on `ev.sessions.<id>.<event>`.
+    pub(super) fn event_write(
+        &self,
+        live: &Live,
+        kind: SessionEventKind,
+        at: DateTime<Utc>,
+        delivered_kwh: f64,
+        outcome: Option<SessionOutcome>,
+    ) -> Write {
         let d = &live.dispatch;
         let event = SessionEvent {
             event: kind,
@@ -100,10 +113,7 @@ impl Shell {
             .message_id(msg_id)
             .header(headers::REQUEST_ID, d.request_id.to_string())
             .header(headers::ACCEPTED_AT, live.accepted_at.to_rfc3339());
-        self.publisher.send(Write::new(
-            subjects::sessions(&self.id, kind.as_str()),
-            message,
-        ));
+        Write::new(subjects::sessions(&self.id, kind.as_str()), message)
     }
 }
 

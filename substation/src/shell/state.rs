@@ -16,7 +16,7 @@
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
-use evgrid_model::messages::RequestRecord;
+use evgrid_model::messages::{RequestRecord, SessionEventKind};
 use futures::FutureExt;
 use uuid::Uuid;
 
@@ -72,21 +72,57 @@ impl Shell {
             return;
         };
         let Some(done) = live.writing.take() else {
-            return;
+            // No state write in flight: the receipt is the completion event's.
+            return self.on_announced(id, written).await;
         };
         match written {
             Written::Stored(revision) => {
                 live.revision = revision;
                 if done.last {
-                    self.settle(id, true).await;
+                    self.announce_or_settle(id).await;
                 } else if let Some(next) = live.next.take() {
                     self.send_state_write(id, next);
                 }
             }
             Written::Fenced => self.on_refused(id, done).await,
             Written::Abandoned if done.last => self.settle(id, false).await,
-            Written::Abandoned => {}
+            Written::Abandoned | Written::Announced => {}
         }
+    }
+
+    /// The session's last state is stored: announce its completion (then settle, in
+    /// [`Self::on_announced`]), or settle now.
+    async fn announce_or_settle(&mut self, id: Uuid) {
+        let Some(live) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some(c) = live.completion.take() else {
+            return self.settle(id, true).await;
+        };
+        let live = &self.sessions[&id];
+        let (write, receipt) = self
+            .event_write(
+                live,
+                SessionEventKind::Completed,
+                c.at,
+                c.energy_kwh,
+                Some(c.outcome),
+            )
+            .with_receipt();
+        self.publisher.send(write);
+        self.receipts.push(Box::pin(receipt.map(move |r| {
+            let written = if r.is_ok() {
+                Written::Announced
+            } else {
+                Written::Abandoned
+            };
+            (id, written)
+        })));
+    }
+
+    /// A receipt of a session's completion event: settle its message.
+    pub(super) async fn on_announced(&mut self, id: Uuid, written: Written) {
+        self.settle(id, written == Written::Announced).await;
     }
 
     /// The final writes of a session are durable (or abandoned): ack or hand back its message.
@@ -132,7 +168,7 @@ impl Shell {
         let finished = record.as_ref().is_some_and(|r| r.state.is_final());
         match (ours, finished) {
             // Our own last write, stored with its ack lost.
-            (true, true) if refused.last => self.settle(id, true).await,
+            (true, true) if refused.last => self.announce_or_settle(id).await,
             (true, false) => {
                 let live = self.sessions.get_mut(&id).expect("held here");
                 live.revision = revision;
