@@ -32,7 +32,12 @@ pub fn bin_dir() -> Result<PathBuf> {
 
 /// A binary beside this one, checked to exist (build it with `cargo build --release`).
 pub fn sibling(name: &str) -> Result<PathBuf> {
-    let path = bin_dir()?.join(name);
+    binary_in(&bin_dir()?, name)
+}
+
+/// The binary `name` in `dir`, checked to exist.
+pub fn binary_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
     if !path.exists() {
         bail!(
             "{} is missing: run `cargo build --release` first",
@@ -121,11 +126,23 @@ impl Proc {
     pub async fn spawn_http(
         name: &str,
         program: &Path,
-        mut args: Vec<String>,
+        args: Vec<String>,
         ready_path: &str,
         logs: &Path,
     ) -> Result<Self> {
-        let addr = free_addr()?;
+        Self::spawn_http_at(name, program, args, free_addr()?, ready_path, logs).await
+    }
+
+    /// [`Proc::spawn_http`] on a given address: a restarted process serves where its clients
+    /// already send.
+    pub async fn spawn_http_at(
+        name: &str,
+        program: &Path,
+        mut args: Vec<String>,
+        addr: SocketAddr,
+        ready_path: &str,
+        logs: &Path,
+    ) -> Result<Self> {
         args.extend(["--listen".into(), addr.to_string()]);
         let mut proc = Self::spawn(name, program, &args, logs)?;
         proc.http = Some(addr);
@@ -166,6 +183,25 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// SIGKILL, as abrupt as a crash, and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `STOP` or `CONT`).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()
+            .context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill -s {signal} {} failed: {status}", self.name);
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
