@@ -7,7 +7,11 @@
 //! The references live here too: [`minimal`] (the least an HTTP front door can do) and
 //! [`forwarder`] (the least a router can do), run as `evgrid-bench minimal-ingest` and
 //! `evgrid-bench forwarder`.
+//!
+//! [`chaos`] is not a benchmark but the fault-tolerance suite: faults injected into a grid under
+//! load, and every accepted request accounted for afterwards.
 
+pub mod chaos;
 pub mod dispatch;
 pub mod e2e;
 pub mod forwarder;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use evgrid_bench::{dispatch, e2e, forwarder, ingest, minimal};
+use evgrid_bench::{chaos, dispatch, e2e, forwarder, ingest, minimal};
 use evgrid_common::config::LogArgs;
 
 #[derive(Parser, Debug)]
@@ -47,6 +47,10 @@ enum Benchmark {
     Original(e2e::OriginalArgs),
     /// Every benchmark, with its defaults, one after the other.
     All,
+    /// The fault-tolerance suite: faults under load, every accepted request accounted for
+    /// (docs/reliability.md). Exits non-zero when a request was lost or doubled, or a
+    /// substation went above its capacity.
+    Chaos(Box<chaos::ChaosArgs>),
 }
 
 #[tokio::main]
@@ -92,6 +96,7 @@ async fn run(benchmark: Benchmark) -> anyhow::Result<()> {
         Benchmark::Memory(args) => e2e::memory(&args, path).await,
         Benchmark::Original(args) => e2e::original(&args, path).await,
         Benchmark::All => all(path).await,
+        Benchmark::Chaos(args) => chaos::main(&args, path).await,
     };
     match report {
         Ok(report) => {

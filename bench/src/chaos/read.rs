@@ -1,0 +1,165 @@
+//! What the checker reads from NATS, never from the services' memory: every message of a stream
+//! (with the server's timestamp, which places it against the fault's times), the request-state
+//! bucket, and the heartbeats as they pass (`EV_TELEMETRY` keeps only the last per substation,
+//! so they are watched live for the whole run).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use async_nats::jetstream::{self, consumer::pull, kv};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use evgrid_common::streams;
+use evgrid_model::messages::{Heartbeat, RequestRecord};
+use futures::StreamExt;
+use uuid::Uuid;
+
+/// Bound on waiting for the next stored message of a stream being read.
+const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bucket reads in flight at once.
+const READS_IN_FLIGHT: usize = 64;
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Option<async_nats::HeaderMap>,
+    /// When the server stored it.
+    pub published: DateTime<Utc>,
+}
+
+/// Every message `stream` holds, oldest first, through an ordered consumer.
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Result<Vec<Stored>> {
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("no stream {stream}"))?;
+    let last = handle.info().await?.state.last_sequence;
+    let mut out = Vec::new();
+    if handle.cached_info().state.messages == 0 {
+        return Ok(out);
+    }
+    let consumer = handle
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .with_context(|| format!("cannot read {stream}"))?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let Ok(next) = tokio::time::timeout(NEXT_TIMEOUT, messages.next()).await else {
+            bail!(
+                "{stream}: no message within {NEXT_TIMEOUT:?} after {} of it",
+                out.len()
+            );
+        };
+        let message = next.with_context(|| format!("{stream} ended"))??;
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        let published =
+            DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
+        out.push(Stored {
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            headers: message.headers.clone(),
+            published,
+        });
+        if sequence >= last || pending == 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// The request-state bucket.
+pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store> {
+    js.get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .context("no request-state bucket")
+}
+
+/// The records of `ids` in the bucket (absent ids are left out).
+pub async fn records(
+    kv: &kv::Store,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> Result<HashMap<Uuid, RequestRecord>> {
+    let reads = futures::stream::iter(ids)
+        .map(|id| async move {
+            let value = kv.get(id.to_string()).await;
+            (id, value)
+        })
+        .buffer_unordered(READS_IN_FLIGHT);
+    let mut out = HashMap::new();
+    let mut reads = std::pin::pin!(reads);
+    while let Some((id, value)) = reads.next().await {
+        let value = value.with_context(|| format!("cannot read the state of {id}"))?;
+        if let Some(bytes) = value {
+            let record: RequestRecord = serde_json::from_slice(&bytes)
+                .with_context(|| format!("the state of {id} is not a request record"))?;
+            out.insert(id, record);
+        }
+    }
+    Ok(out)
+}
+
+/// Every record in the bucket.
+pub async fn all_records(kv: &kv::Store) -> Result<HashMap<Uuid, RequestRecord>> {
+    let mut keys = kv.keys().await?;
+    let mut ids = Vec::new();
+    while let Some(key) = keys.next().await {
+        if let Ok(id) = key?.parse() {
+            ids.push(id);
+        }
+    }
+    records(kv, ids).await
+}
+
+/// Heartbeats seen so far, and those above their own capacity.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct HeartbeatCheck {
+    pub heartbeats: u64,
+    pub above_capacity: u64,
+    /// The worst one: (substation, load kW, capacity kW).
+    pub worst: Option<(String, f64, f64)>,
+}
+
+/// Watches `ev.telemetry.*` until dropped (the client resubscribes after a server restart).
+pub struct HeartbeatWatch {
+    seen: Arc<Mutex<HeartbeatCheck>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A load above capacity by more than this is a violation (floating point, not physics).
+const CAPACITY_EPSILON_KW: f64 = 1e-6;
+
+impl HeartbeatWatch {
+    pub async fn start(client: &async_nats::Client) -> Result<Self> {
+        let mut sub = client
+            .subscribe(evgrid_model::subjects::TELEMETRY_ALL)
+            .await?;
+        let seen = Arc::new(Mutex::new(HeartbeatCheck::default()));
+        let into = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = sub.next().await {
+                let Ok(h) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
+                    continue;
+                };
+                let mut c = into.lock().expect("not poisoned");
+                c.heartbeats += 1;
+                let excess = h.load_kw - h.capacity_kw;
+                if excess > CAPACITY_EPSILON_KW {
+                    c.above_capacity += 1;
+                    if c.worst.as_ref().is_none_or(|w| excess > w.1 - w.2) {
+                        c.worst = Some((h.substation_id, h.load_kw, h.capacity_kw));
+                    }
+                }
+            }
+        });
+        Ok(Self { seen, task })
+    }
+
+    pub fn finish(self) -> HeartbeatCheck {
+        self.task.abort();
+        self.seen.lock().expect("not poisoned").clone()
+    }
+}
