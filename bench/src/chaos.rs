@@ -334,12 +334,27 @@ fn measure_recovery(
     found: &Found,
     load: &LoadOutcome,
 ) -> Option<Recovery> {
-    let back = timeline.back?;
     let victim = grid
         .substation_ids()
         .get(VICTIM)
         .cloned()
         .unwrap_or_default();
+    if scenario == Scenario::KillSubstationForever {
+        // Never back: from the kill to the last of its requests moved elsewhere (failover,
+        // after the dispatcher's --substation-timeout).
+        let moved = found
+            .records
+            .values()
+            .flat_map(|r| &r.moved)
+            .filter(|m| m.substation_id == victim)
+            .map(|m| m.moved_at);
+        return Some(Recovery {
+            what: "last request moved off the dead substation (timeout 10 s)".into(),
+            seconds: recovery::last_after(moved, timeline.struck?),
+            sessions: None,
+        });
+    }
+    let back = timeline.back?;
     let first = |what: &str, times: Vec<DateTime<Utc>>| Recovery {
         what: what.into(),
         seconds: recovery::first_after(times, back),

@@ -3,7 +3,9 @@
 //! [`super::read`], so the rules are tested on plain data here.
 //!
 //! Each accepted request is exactly one of: completed once, rejected (with a reason), DOUBLED
-//! (started at two substations, or completed at two, or completed twice), LOST (unknown in both
+//! (started at two substations, or completed at two, or completed twice; a substation the
+//! request was moved away from by failover, as its record's `moved` list says, is not a second
+//! start, but a completion there is), LOST (unknown in both
 //! `EV_REQUESTS` and the bucket), STUCK (known, not final after the drain window), or
 //! INCONSISTENT (the bucket and the session events disagree about a final state).
 
@@ -83,8 +85,16 @@ pub fn verdict(
         .iter()
         .filter(|e| e.report.event.event == SessionEventKind::Completed)
         .collect();
-    if at(SessionEventKind::Started).len() > 1
-        || at(SessionEventKind::Completed).len() > 1
+    // Failover moved the request away from these: it started there, was interrupted, and its
+    // remainder charged elsewhere. Charging there counts; completing there would not.
+    let moved_from: BTreeSet<&str> = record
+        .map(|r| r.moved.iter().map(|m| m.substation_id.as_str()).collect())
+        .unwrap_or_default();
+    let started_at = at(SessionEventKind::Started);
+    let completed_at = at(SessionEventKind::Completed);
+    if started_at.difference(&moved_from).count() > 1
+        || completed_at.len() > 1
+        || completed_at.iter().any(|s| moved_from.contains(s))
         || completions.len() > 1
     {
         return (Verdict::Doubled, None);
@@ -258,6 +268,35 @@ mod tests {
         assert_eq!(a.count(Verdict::Lost), 1);
         assert_eq!(a.examples[&Verdict::Lost], vec![ids[6]]);
         assert_eq!(a.p99_ms, Some(3000.0));
+    }
+
+    #[test]
+    fn a_move_by_failover_is_not_a_second_start_but_a_completion_there_is() {
+        use SessionEventKind::{Completed, Started};
+        let id = Uuid::new_v4();
+        let mut r = record(id, RequestState::Completed, Some("delivered"));
+        r.moved.push(evgrid_model::messages::Move {
+            substation_id: "s1".into(),
+            dispatch_seq: 1,
+            state: RequestState::Charging,
+            energy_delivered_kwh: 2.0,
+            moved_at: t(1500),
+            reason: "no heartbeat from s1 for 10 s".into(),
+        });
+        let moved = [
+            event(id, Started, "s1", 1000, 0.0),
+            event(id, Started, "s2", 2000, 2.0),
+            event(id, Completed, "s2", 4000, 10.0),
+        ];
+        let refs: Vec<&Event> = moved.iter().collect();
+        assert_eq!(verdict(true, Some(&r), &refs).0, Verdict::CompletedOnce);
+        let also_there = [
+            event(id, Started, "s1", 1000, 0.0),
+            event(id, Completed, "s1", 1800, 10.0),
+            event(id, Started, "s2", 2000, 2.0),
+        ];
+        let refs: Vec<&Event> = also_there.iter().collect();
+        assert_eq!(verdict(true, Some(&r), &refs).0, Verdict::Doubled);
     }
 
     #[test]

@@ -74,12 +74,6 @@ impl Scenario {
             Scenario::KillNats => kill(Target::Nats, Some(Duration::from_secs(3))),
         })
     }
-
-    /// Why stuck requests are expected in this scenario (then they do not fail the run).
-    pub fn stuck_expected(self) -> Option<&'static str> {
-        (self == Scenario::KillSubstationForever)
-            .then_some("expected until substation failover (#10)")
-    }
 }
 
 /// The substation every substation fault hits (index into the grid's substations).

@@ -54,6 +54,18 @@ pub fn first_after(
         .map(|t| seconds(back, t))
 }
 
+/// Seconds from `from` to the last of `times` after it (`None` without any).
+pub fn last_after(
+    times: impl IntoIterator<Item = DateTime<Utc>>,
+    from: DateTime<Utc>,
+) -> Option<f64> {
+    times
+        .into_iter()
+        .filter(|t| *t >= from)
+        .max()
+        .map(|t| seconds(from, t))
+}
+
 /// The sessions substation `victim` held when it was killed at `killed` (accepted there, not
 /// completed there before the kill), and their return after its restart at `back`: the time
 /// until the last of them had an event from the restarted process. `before` is the bucket as

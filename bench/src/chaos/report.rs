@@ -34,11 +34,17 @@ pub struct ScenarioResult {
 }
 
 impl ScenarioResult {
-    /// Why this scenario fails the run (lost, doubled, inconsistent, above capacity, crashed).
+    /// Why this scenario fails the run (lost, stuck, doubled, inconsistent, above capacity,
+    /// crashed).
     pub fn failures(&self) -> Vec<String> {
         let a = &self.accounting;
         let mut out = Vec::new();
-        for v in [Verdict::Lost, Verdict::Doubled, Verdict::Inconsistent] {
+        for v in [
+            Verdict::Lost,
+            Verdict::Stuck,
+            Verdict::Doubled,
+            Verdict::Inconsistent,
+        ] {
             if a.count(v) > 0 {
                 out.push(format!("{} {v:?}", a.count(v)));
             }
@@ -53,14 +59,6 @@ impl ScenarioResult {
             out.push(c.clone());
         }
         out
-    }
-
-    /// Accepted requests not final after the drain window that this scenario does not expect.
-    pub fn unexpected_stuck(&self) -> usize {
-        match self.scenario.stuck_expected() {
-            Some(_) => 0,
-            None => self.accounting.count(Verdict::Stuck),
-        }
     }
 }
 
@@ -210,11 +208,7 @@ const COLUMNS: [&str; 11] = [
 /// A scenario's cells of the main table, in [`COLUMNS`] order.
 fn row(r: &ScenarioResult) -> [String; 11] {
     let a = &r.accounting;
-    let stuck = a.count(Verdict::Stuck);
-    let stuck = match r.scenario.stuck_expected() {
-        Some(why) if stuck > 0 => format!("{stuck} ({why})"),
-        _ => stuck.to_string(),
-    };
+    let stuck = a.count(Verdict::Stuck).to_string();
     let mut doubled = a.count(Verdict::Doubled).to_string();
     if a.count(Verdict::Inconsistent) > 0 {
         let _ = write!(
