@@ -27,7 +27,8 @@ pub const LISTEN_ENV: &str = "EVGRID_LISTEN";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server URL (JetStream enabled, nats-server 2.10 or newer).
+    /// NATS server URL, or several comma-separated (the servers of one cluster: the client
+    /// connects to any and reconnects to any). JetStream enabled, nats-server 2.10 or newer.
     #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_parser = parse_nats_url)]
     pub nats_url: String,
 }
@@ -59,11 +60,35 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s} resolves to no address"))
 }
 
-/// Checks that a NATS URL is one the client can use (`nats://host:port`, `host:port`, `tls://…`).
+/// Checks that a NATS URL, or a comma-separated list of them, is one the client can use
+/// (`nats://host:port`, `host:port`, `tls://…`). A bad entry is named.
 pub fn parse_nats_url(s: &str) -> Result<String, String> {
-    async_nats::ServerAddr::from_str(s)
-        .map(|_| s.to_owned())
-        .map_err(|e| format!("not a NATS URL (e.g. nats://127.0.0.1:4222): {e}"))
+    nats_servers(s).map(|_| s.to_owned())
+}
+
+/// The servers of a `--nats-url` value: one URL, or several separated by commas (blanks around
+/// each are ignored). Errors name the entry that is not a NATS URL.
+pub fn nats_servers(s: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let entries: Vec<&str> = s.split(',').map(str::trim).collect();
+    let many = entries.len() > 1;
+    entries
+        .into_iter()
+        .map(|entry| {
+            if entry.is_empty() {
+                return Err(format!(
+                    "empty server in {s:?} (e.g. nats://127.0.0.1:4222,nats://127.0.0.1:4223)"
+                ));
+            }
+            async_nats::ServerAddr::from_str(entry).map_err(|e| {
+                let which = if many {
+                    format!("{entry:?} in {s:?} is not a NATS URL")
+                } else {
+                    format!("{entry:?} is not a NATS URL")
+                };
+                format!("{which} (e.g. nats://127.0.0.1:4222): {e}")
+            })
+        })
+        .collect()
 }
 
 /// An environment variable renamed to the `EVGRID_` convention. The old name is still read for
@@ -173,6 +198,28 @@ mod tests {
         assert!(parse_nats_url("nats://127.0.0.1:4222").is_ok());
         assert!(parse_nats_url("nats:4222").is_ok());
         assert!(parse_nats_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn a_list_of_servers_connects_to_any() {
+        let list = "nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224";
+        assert_eq!(parse_nats_url(list).unwrap(), list);
+        let servers = nats_servers(list).unwrap();
+        let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+    }
+
+    #[test]
+    fn a_bad_entry_in_a_list_is_named() {
+        let err = parse_nats_url("nats://127.0.0.1:4222,http://[::1,nats://b:4222").unwrap_err();
+        assert!(err.contains("\"http://[::1\" in"), "{err}");
+        let err = parse_nats_url("nats://127.0.0.1:4222,,nats://b:4222").unwrap_err();
+        assert!(err.starts_with("empty server in"), "{err}");
+        let err = parse_nats_url("http://[::1").unwrap_err();
+        assert!(
+            err.starts_with("\"http://[::1\" is not a NATS URL"),
+            "{err}"
+        );
     }
 
     const RENAMED: &[RenamedEnv] = &[RenamedEnv {

@@ -30,7 +30,9 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("invalid NATS URL {url:?}")]
+    #[error("invalid --nats-url: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to NATS at {url:?}")]
     Url {
         url: String,
         #[source]
@@ -70,6 +72,10 @@ impl Nats {
 
 /// Connects to `url` as `name`, waiting (with reconnect backoff, logging each failure) until the
 /// server answers or `shutdown` fires, then checks the server version.
+///
+/// `url` is one server or a comma-separated list (the servers of a cluster,
+/// [`crate::config::nats_servers`]): the client connects to any of them and, when that one goes
+/// away, reconnects to any other (and to the servers the cluster advertises).
 pub async fn connect(
     url: &str,
     name: &str,
@@ -105,10 +111,14 @@ pub async fn connect(
                 }
             }
         });
-    let client = options.connect(url).await.map_err(|error| NatsError::Url {
-        url: url.to_owned(),
-        error,
-    })?;
+    let servers = crate::config::nats_servers(url).map_err(NatsError::BadUrl)?;
+    let client = options
+        .connect(servers)
+        .await
+        .map_err(|error| NatsError::Url {
+            url: url.to_owned(),
+            error,
+        })?;
     tokio::select! {
         _ = shutdown.cancelled() => return Err(NatsError::Shutdown),
         res = connected.wait_for(|c| *c) => { res.map_err(|_| NatsError::Shutdown)?; }
