@@ -47,7 +47,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .map(|s| Arc::from(s.as_str()))
         .collect();
     // The dispatcher's consumer, with the same bound on un-acked messages.
-    let desired = streams::dispatcher_consumer((config.max_in_flight as i64) * 4);
+    let desired =
+        streams::dispatcher_consumer((config.max_in_flight as i64) * 4, config.nats.replicas);
     let mut in_flight = FuturesUnordered::new();
     let mut turn = 0usize;
     'rebuild: while !shutdown.is_cancelled() {

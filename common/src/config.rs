@@ -25,12 +25,36 @@ pub const LOG_FORMAT_ENV: &str = "EVGRID_LOG_FORMAT";
 /// `--listen` of every service (each has its own default port, in its `main.rs`).
 pub const LISTEN_ENV: &str = "EVGRID_LISTEN";
 
+/// `--replicas`: how many servers of a cluster keep each stream, the state bucket and each
+/// durable consumer.
+pub const REPLICAS_ENV: &str = "EVGRID_REPLICAS";
+/// One copy: what a single nats-server can hold. A cluster asks for more explicitly (3 is the
+/// usual choice: one node may fail without losing an acknowledged write).
+pub const DEFAULT_REPLICAS: usize = 1;
+/// JetStream's own bound on replicas.
+pub const MAX_REPLICAS: usize = 5;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
     /// NATS server URL, or several comma-separated (the servers of one cluster: the client
     /// connects to any and reconnects to any). JetStream enabled, nats-server 2.10 or newer.
     #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_parser = parse_nats_url)]
     pub nats_url: String,
+    /// Replicas of every stream, the request-state bucket and every durable consumer (1..=5).
+    /// More than 1 needs a clustered NATS with at least that many servers. A changed value rolls
+    /// forward at start where the server allows it.
+    #[arg(long, env = REPLICAS_ENV, default_value_t = DEFAULT_REPLICAS, value_parser = parse_replicas)]
+    pub replicas: usize,
+}
+
+impl NatsArgs {
+    /// The defaults, talking to `nats_url` (tests, embedders).
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            replicas: DEFAULT_REPLICAS,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,6 +113,16 @@ pub fn nats_servers(s: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
             })
         })
         .collect()
+}
+
+/// Parses `--replicas`: 1 to [`MAX_REPLICAS`].
+pub fn parse_replicas(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of replicas from 1 to {MAX_REPLICAS} (JetStream's bound), got {s:?}"
+        )),
+    }
 }
 
 /// An environment variable renamed to the `EVGRID_` convention. The old name is still read for
@@ -220,6 +254,17 @@ mod tests {
             err.starts_with("\"http://[::1\" is not a NATS URL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn replicas_are_one_to_five() {
+        assert_eq!(parse_replicas("1"), Ok(1));
+        assert_eq!(parse_replicas("3"), Ok(3));
+        assert_eq!(parse_replicas("5"), Ok(5));
+        for bad in ["0", "6", "-1", "three", ""] {
+            let err = parse_replicas(bad).unwrap_err();
+            assert!(err.contains("from 1 to 5"), "{bad}: {err}");
+        }
     }
 
     const RENAMED: &[RenamedEnv] = &[RenamedEnv {

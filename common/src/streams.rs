@@ -28,7 +28,7 @@ pub const DISPATCHER_CONSUMER: &str = "dispatcher";
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// How long the replayable streams keep messages, and the duplicate window.
+/// How the streams keep messages: how long, the duplicate window, and on how many servers.
 #[derive(Debug, Clone)]
 pub struct Retention {
     /// `EV_REQUESTS`, `EV_DISPATCH`, `EV_SESSIONS` and request states: 7 days by default, so a
@@ -36,6 +36,9 @@ pub struct Retention {
     pub max_age: Duration,
     /// Window in which a repeated `Nats-Msg-Id` is stored only once.
     pub duplicate_window: Duration,
+    /// Copies of every stream and of the bucket (`--replicas`): 1 on a single server; 3 on a
+    /// cluster keeps every acknowledged write through the loss of any one node.
+    pub replicas: usize,
 }
 
 impl Default for Retention {
@@ -43,6 +46,17 @@ impl Default for Retention {
         Self {
             max_age: 7 * DAY,
             duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+        }
+    }
+}
+
+impl Retention {
+    /// The defaults, with `replicas` copies of everything.
+    pub fn with_replicas(replicas: usize) -> Self {
+        Self {
+            replicas,
+            ..Self::default()
         }
     }
 }
@@ -56,6 +70,7 @@ fn limits(name: &str, subject: &str, description: &str, r: &Retention) -> stream
         storage: stream::StorageType::File,
         max_age: r.max_age,
         duplicate_window: r.duplicate_window,
+        num_replicas: r.replicas,
         allow_direct: true,
         ..Default::default()
     }
@@ -128,6 +143,7 @@ pub fn request_state_config(r: &Retention) -> kv::Config {
         history: 1,
         max_age: r.max_age,
         storage: stream::StorageType::File,
+        num_replicas: r.replicas,
         ..Default::default()
     }
 }
@@ -139,7 +155,9 @@ pub const DEFAULT_DISPATCHER_MAX_ACK_PENDING: i64 = 10_000;
 ///
 /// `max_deliver` is unlimited: a request that cannot be placed yet is nak'ed with a delay and
 /// must wait as long as it takes, never be dropped. Poison messages are terminated explicitly.
-pub fn dispatcher_consumer(max_ack_pending: i64) -> consumer::pull::Config {
+/// `replicas` as the stream's (`--replicas`): a consumer with fewer copies than its stream would
+/// lose the pipeline's progress with its node.
+pub fn dispatcher_consumer(max_ack_pending: i64, replicas: usize) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(DISPATCHER_CONSUMER.into()),
         description: Some("evgrid dispatcher: routes every charge request".into()),
@@ -148,6 +166,7 @@ pub fn dispatcher_consumer(max_ack_pending: i64) -> consumer::pull::Config {
         max_deliver: -1,
         max_ack_pending,
         deliver_policy: consumer::DeliverPolicy::All,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
@@ -162,8 +181,8 @@ pub fn substation_consumer_name(substation_id: &str) -> String {
 /// A substation holds each assignment un-acked while the session is alive (sending progress
 /// acks) and acks it when the session is completed: the un-acked message is the session's
 /// durable record, so a substation that dies resumes its sessions when it restarts. Hence no
-/// bound on ack-pending: it is the number of cars at the substation.
-pub fn substation_consumer(substation_id: &str) -> consumer::pull::Config {
+/// bound on ack-pending: it is the number of cars at the substation. `replicas` as the stream's.
+pub fn substation_consumer(substation_id: &str, replicas: usize) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(substation_consumer_name(substation_id)),
         description: Some(format!(
@@ -175,6 +194,7 @@ pub fn substation_consumer(substation_id: &str) -> consumer::pull::Config {
         max_deliver: -1,
         max_ack_pending: -1,
         deliver_policy: consumer::DeliverPolicy::All,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
@@ -195,41 +215,106 @@ pub const SUBSTATION_ACK_WAIT: Duration = Duration::from_secs(2);
 /// them. A late ack after a redelivery is harmless: the dispatch is deduplicated by request id.
 pub const DISPATCHER_ACK_WAIT: Duration = Duration::from_secs(1);
 
-/// Errors of [`ensure`]: which definition failed.
+/// Errors of [`ensure`]: which definition failed, and with how many replicas it was asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum EnsureError {
-    #[error("cannot create or update stream {name}")]
+    /// The server can never hold what was asked (more than one replica on a server that is not
+    /// clustered): retrying cannot help, the operator must change `--replicas` or the server.
+    #[error(
+        "asked for {replicas} replicas of stream {name}, but the server refused: {server_said} (use --replicas 1 on a single server, or a cluster of at least {replicas} nodes)"
+    )]
+    ReplicasRefused {
+        name: String,
+        replicas: usize,
+        server_said: String,
+    },
+    #[error("cannot create or update stream {name} with {replicas} replica(s)")]
     Stream {
         name: String,
+        replicas: usize,
         #[source]
         error: jetstream::context::CreateStreamError,
     },
-    #[error("cannot create or update key-value bucket {REQUEST_STATE_BUCKET}")]
-    Bucket(#[source] jetstream::context::CreateKeyValueError),
+    #[error(
+        "cannot create or update key-value bucket {REQUEST_STATE_BUCKET} with {replicas} replica(s)"
+    )]
+    Bucket {
+        replicas: usize,
+        #[source]
+        error: jetstream::context::CreateKeyValueError,
+    },
 }
 
-/// Creates or updates every stream and the request-state bucket. Idempotent; safe to run from
-/// every service at once. Returns the bucket.
+impl EnsureError {
+    /// Whether retrying can help: a refusal of the replicas is for good, anything else (a
+    /// server starting, a cluster without a leader yet, a node down) may pass.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::ReplicasRefused { .. })
+    }
+}
+
+/// Creates or updates every stream and the request-state bucket, with `r.replicas` copies each
+/// (a changed count rolls forward: clustered servers move streams between R1 and R3 in place).
+/// Idempotent; safe to run from every service at once. Returns the bucket.
 pub async fn ensure(js: &jetstream::Context, r: &Retention) -> Result<kv::Store, EnsureError> {
     for config in stream_configs(r) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
-            .map_err(|error| EnsureError::Stream { name, error })?;
+            .map_err(|error| stream_error(name, r.replicas, error))?;
     }
     js.create_or_update_key_value(request_state_config(r))
         .await
-        .map_err(EnsureError::Bucket)
+        .map_err(|error| EnsureError::Bucket {
+            replicas: r.replicas,
+            error,
+        })
+}
+
+fn stream_error(
+    name: String,
+    replicas: usize,
+    error: jetstream::context::CreateStreamError,
+) -> EnsureError {
+    use jetstream::context::CreateStreamErrorKind;
+    if let CreateStreamErrorKind::JetStream(server) = error.kind()
+        && server.error_code() == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+    {
+        return EnsureError::ReplicasRefused {
+            name,
+            replicas,
+            server_said: server.to_string(),
+        };
+    }
+    EnsureError::Stream {
+        name,
+        replicas,
+        error,
+    }
 }
 
 /// [`ensure`], retried with backoff (the server may have just started, or be restarting) until
-/// it works, logging each failure. `None` when `stop` fires first.
+/// it works, logging each failure. `Ok(None)` when `stop` fires first; `Err` when the server
+/// refuses for good ([`EnsureError::is_permanent`]): the service exits with that one line.
 pub async fn ensure_until_done(
     js: &jetstream::Context,
     r: &Retention,
     stop: &tokio_util::sync::CancellationToken,
-) -> Option<kv::Store> {
-    crate::backoff::retry("set up the streams", stop, || ensure(js, r)).await
+) -> Result<Option<kv::Store>, EnsureError> {
+    // A permanent refusal ends the retries as a success of the outer `Result`, carrying the
+    // inner error out.
+    let outcome = crate::backoff::retry("set up the streams", stop, || async {
+        match ensure(js, r).await {
+            Ok(store) => Ok(Ok(store)),
+            Err(e) if e.is_permanent() => Ok(Err(e)),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    match outcome {
+        None => Ok(None),
+        Some(result) => result.map(Some),
+    }
 }
 
 #[cfg(test)]
@@ -275,11 +360,12 @@ mod tests {
         );
         check(
             "nats/consumers/EV_REQUESTS.dispatcher.json",
-            serde_json::to_value(dispatcher_consumer(DEFAULT_DISPATCHER_MAX_ACK_PENDING)).unwrap(),
+            serde_json::to_value(dispatcher_consumer(DEFAULT_DISPATCHER_MAX_ACK_PENDING, 1))
+                .unwrap(),
         );
         check(
             "nats/consumers/EV_DISPATCH.substation-ID.json",
-            serde_json::to_value(substation_consumer("ID")).unwrap(),
+            serde_json::to_value(substation_consumer("ID", 1)).unwrap(),
         );
     }
 }

@@ -91,9 +91,7 @@ impl Config {
     /// The defaults, talking to `nats_url` (tests, simulators).
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
-            nats: NatsArgs {
-                nats_url: nats_url.into(),
-            },
+            nats: NatsArgs::new(nats_url),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             defer_delay: parse_duration(DEFAULT_DEFER_DELAY).expect("valid default"),
             policy: Policy::default(),

@@ -30,9 +30,10 @@ pub(crate) async fn run(
     handler: Arc<Handler>,
     nats: &Nats,
     max_in_flight: usize,
+    replicas: usize,
     shutdown: CancellationToken,
 ) {
-    let config = streams::dispatcher_consumer(max_ack_pending(max_in_flight));
+    let config = streams::dispatcher_consumer(max_ack_pending(max_in_flight), replicas);
     let mut intake = Intake::new(
         nats,
         streams::REQUESTS,

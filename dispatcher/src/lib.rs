@@ -89,8 +89,8 @@ async fn route(
         Err(e) => return Err(e.into()),
     };
     readiness.set_nats(nats.clone());
-    let Some(kv) = streams::ensure_until_done(&nats.js, &streams::Retention::default(), stop).await
-    else {
+    let retention = streams::Retention::with_replicas(config.nats.replicas);
+    let Some(kv) = streams::ensure_until_done(&nats.js, &retention, stop).await? else {
         return Ok(());
     };
     readiness.set_streams_ready(true);
@@ -131,7 +131,14 @@ async fn route(
         defer_delay: config.defer_delay,
         instance,
     });
-    consumer::run(handler, &nats, config.max_in_flight, stop.clone()).await;
+    consumer::run(
+        handler,
+        &nats,
+        config.max_in_flight,
+        config.nats.replicas,
+        stop.clone(),
+    )
+    .await;
 
     // Acks are fire-and-forget publishes: make sure the last ones left the process.
     match tokio::time::timeout(FLUSH_TIMEOUT, nats.client.flush()).await {

@@ -119,9 +119,8 @@ async fn connect_and_follow(
         Err(e) => return Err(e.into()),
     };
     readiness.set_nats(nats.clone());
-    let Some(request_states) =
-        streams::ensure_until_done(&nats.js, &streams::Retention::default(), stop).await
-    else {
+    let retention = streams::Retention::with_replicas(config.nats.replicas);
+    let Some(request_states) = streams::ensure_until_done(&nats.js, &retention, stop).await? else {
         return Ok(());
     };
     let requests = nats

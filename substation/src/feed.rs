@@ -35,11 +35,11 @@ pub(crate) struct Feed {
 }
 
 impl Feed {
-    pub fn new(nats: &Nats, substation_id: &str, kv: kv::Store) -> Self {
+    pub fn new(nats: &Nats, substation_id: &str, replicas: usize, kv: kv::Store) -> Self {
         let intake = Intake::new(
             nats,
             streams::DISPATCH,
-            streams::substation_consumer(substation_id),
+            streams::substation_consumer(substation_id, replicas),
             "dispatch consumer",
             READ_AHEAD,
         );

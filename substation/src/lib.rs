@@ -78,15 +78,14 @@ async fn charge(
         Err(e) => return Err(e.into()),
     };
     readiness.set_nats(nats.clone());
-    let Some(kv) =
-        streams::ensure_until_done(&nats.js, &streams::Retention::default(), &shutdown).await
-    else {
+    let retention = streams::Retention::with_replicas(config.nats.replicas);
+    let Some(kv) = streams::ensure_until_done(&nats.js, &retention, &shutdown).await? else {
         return Ok(());
     };
     readiness.set_streams_ready(true);
 
     let (publisher, writer) = Publisher::start(nats.js.clone());
-    let mut feed = Feed::new(&nats, &config.id, kv.clone());
+    let mut feed = Feed::new(&nats, &config.id, config.nats.replicas, kv.clone());
     let mut limit_feed = LimitFeed::new(&nats, &config.id);
     let mut shell = Shell::new(&config, kv, publisher, metrics);
     if !shell.replay_limits(&mut limit_feed, &shutdown).await {

@@ -29,14 +29,23 @@ pub async fn ensure(
     if !drifted(&consumer.cached_info().config, desired) {
         return Ok(consumer);
     }
+    let replicas_before = consumer.cached_info().config.num_replicas;
     match handle.update_consumer(desired.clone()).await {
         Ok(updated) => {
-            tracing::info!(consumer = %name, "updated the consumer to the current definition");
+            tracing::info!(
+                consumer = %name,
+                replicas = desired.num_replicas,
+                replicas_before,
+                "updated the consumer to the current definition"
+            );
             Ok(updated)
         }
         Err(e) => {
+            // One line that says what was asked and what the server answered.
             tracing::warn!(
                 consumer = %name,
+                replicas_asked = desired.num_replicas,
+                replicas_now = replicas_before,
                 error = %e,
                 "cannot update the consumer to the current definition; using it as it is (delete it with `nats consumer rm {stream} {name}` while no service runs to have it recreated)"
             );
@@ -46,7 +55,8 @@ pub async fn ensure(
 }
 
 /// Whether the server's consumer differs from ours in a setting evgrid relies on. Fields the
-/// server fills in itself (replicas, max_waiting…) are not compared.
+/// server fills in itself (max_waiting…) are not compared; replicas are (`--replicas`), with 0,
+/// "as the stream", counted as one.
 pub fn drifted(current: &consumer::Config, desired: &pull::Config) -> bool {
     current.description != desired.description
         || current.filter_subject != desired.filter_subject
@@ -55,6 +65,7 @@ pub fn drifted(current: &consumer::Config, desired: &pull::Config) -> bool {
         || current.max_deliver != desired.max_deliver
         || current.max_ack_pending != desired.max_ack_pending
         || current.backoff != desired.backoff
+        || current.num_replicas.max(1) != desired.num_replicas.max(1)
 }
 
 #[cfg(test)]
@@ -63,7 +74,7 @@ mod tests {
 
     #[test]
     fn only_our_settings_count_as_drift() {
-        let desired = crate::streams::dispatcher_consumer(1024);
+        let desired = crate::streams::dispatcher_consumer(1024, 1);
         let mut current = consumer::Config {
             durable_name: desired.durable_name.clone(),
             description: desired.description.clone(),
@@ -75,10 +86,13 @@ mod tests {
             backoff: desired.backoff.clone(),
             // Filled in by the server: not ours to compare.
             max_waiting: 512,
-            num_replicas: 1,
+            num_replicas: 0,
             ..Default::default()
         };
         assert!(!drifted(&current, &desired));
+        current.num_replicas = 3;
+        assert!(drifted(&current, &desired));
+        current.num_replicas = 1;
         current.max_ack_pending = 1000;
         assert!(drifted(&current, &desired));
     }

@@ -26,9 +26,7 @@ struct Substation {
 impl Substation {
     async fn start(nats: &NatsServer, id: &str, capacity_kw: f64) -> Self {
         let config = evgrid_substation::Config {
-            nats: NatsArgs {
-                nats_url: nats.url().to_owned(),
-            },
+            nats: NatsArgs::new(nats.url()),
             id: id.to_owned(),
             capacity_kw,
             // An hour of charging per second: each car of the burst is done within a second.

@@ -660,6 +660,7 @@ fn bad_config_exits_non_zero_with_one_line() {
     let help = String::from_utf8_lossy(&help.stdout);
     for expected in [
         "NATS_URL",
+        "EVGRID_REPLICAS",
         "EVGRID_LISTEN",
         "EVGRID_MAX_IN_FLIGHT",
         "EVGRID_DEFER_DELAY",

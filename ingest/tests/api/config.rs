@@ -13,6 +13,7 @@ async fn ingest(args: &[&str]) -> Output {
         .env_remove("EVGRID_INGEST_RECENT_ACCEPTS")
         .env_remove("EVGRID_RECENT_ACCEPTS")
         .env_remove("EVGRID_LOG_FORMAT")
+        .env_remove("EVGRID_REPLICAS")
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(WAIT, child)
@@ -26,6 +27,12 @@ async fn bad_config_exits_non_zero_with_one_line() {
     for (args, names) in [
         (&["--listen", "nonsense"][..], "--listen"),
         (&["--nats-url", "http://[::1"][..], "--nats-url"),
+        (
+            &["--nats-url", "nats://127.0.0.1:4222,http://[::1"][..],
+            "\"http://[::1\" in",
+        ),
+        (&["--replicas", "0"][..], "--replicas"),
+        (&["--replicas", "6"][..], "from 1 to 5"),
         (&["--recent-accepts", "0"][..], "--recent-accepts"),
         (&["--log-format", "xml"][..], "--log-format"),
     ] {
@@ -46,6 +53,7 @@ async fn help_shows_every_option_with_its_environment_variable() {
     for (option, env) in [
         ("--listen", "EVGRID_LISTEN"),
         ("--nats-url", "NATS_URL"),
+        ("--replicas", "EVGRID_REPLICAS"),
         ("--recent-accepts", "EVGRID_RECENT_ACCEPTS"),
         ("--log-format", "EVGRID_LOG_FORMAT"),
     ] {
@@ -58,5 +66,30 @@ async fn help_shows_every_option_with_its_environment_variable() {
     assert!(
         help.contains("127.0.0.1:8080"),
         "default listen address shown"
+    );
+}
+
+#[tokio::test]
+async fn replicas_a_single_server_cannot_hold_stop_ingest_with_one_line() {
+    let server = evgrid_test_support::NatsServer::start().unwrap();
+    let out = ingest(&[
+        "--nats-url",
+        server.url(),
+        "--replicas",
+        "3",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("evgrid-ingest: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"));
+    assert!(
+        line.contains("asked for 3 replicas of stream EV_REQUESTS, but the server refused: ")
+            && line.contains("non-clustered"),
+        "{line}"
     );
 }

@@ -41,9 +41,7 @@ pub async fn spawn_app_at(nats_url: &str) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = evgrid_ingest::Config {
-        nats: NatsArgs {
-            nats_url: nats_url.to_owned(),
-        },
+        nats: NatsArgs::new(nats_url),
         recent_accepts: 1000,
     };
     let shutdown = CancellationToken::new();

@@ -50,9 +50,7 @@ impl Grid {
     /// Options of substation `id` on this server: heartbeats every 50 ms, an hour per second.
     pub fn config(&self, id: &str, capacity_kw: f64) -> Config {
         Config {
-            nats: NatsArgs {
-                nats_url: self.server.url().to_owned(),
-            },
+            nats: NatsArgs::new(self.server.url()),
             id: id.to_owned(),
             capacity_kw,
             time_scale: 3600.0,

@@ -21,7 +21,7 @@ async fn a_dispatched_request_completes_and_is_acked() {
     let stale = async_nats::jetstream::consumer::pull::Config {
         ack_wait: Duration::from_secs(5),
         description: Some("old".into()),
-        ..streams::substation_consumer("s1")
+        ..streams::substation_consumer("s1", 1)
     };
     let dispatches = grid.js.get_stream(streams::DISPATCH).await.unwrap();
     dispatches.create_consumer(stale).await.unwrap();
