@@ -20,6 +20,8 @@ pub struct Endpoints {
 
 /// What the banner says besides the endpoints.
 pub(super) struct BannerNotes<'a> {
+    /// How NATS keeps what it acknowledges: servers, replicas, fsync policy.
+    pub(super) nats_store: String,
     pub(super) time_scale: f64,
     pub(super) log_file: Option<PathBuf>,
     pub(super) demo: Option<(&'a crate::demo::Demo, f64)>,
@@ -33,6 +35,7 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
     if let Some(m) = &e.nats_monitor {
         out.push_str(&format!("  NATS monitoring   {m}\n"));
     }
+    out.push_str(&format!("  NATS store        {}\n", notes.nats_store));
     out.push_str(&format!(
         "  dispatcher        http://{}/metrics\n",
         e.dispatcher_metrics

@@ -26,13 +26,30 @@ use prometheus::start_prometheus;
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Use this running NATS server (JetStream enabled, 2.10+) instead of starting one.
+    /// Use this running NATS server (JetStream enabled, 2.10+) instead of starting one; or
+    /// several comma-separated, the servers of a running cluster.
     #[arg(long, env = evgrid_common::config::NATS_URL_ENV)]
     pub nats_url: Option<String>,
+    /// Number of nats-servers to start when no --nats-url is given: 1 is a single server; 3
+    /// (or 5) a cluster on loopback with routes between the nodes, every stream, the bucket and
+    /// every consumer replicated on all of them (each node's store under the data directory).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_cluster: u8,
+    /// JetStream fsync policy of the servers evgrid starts: `always` (fsync every write before
+    /// its ack: a 202 survives a power cut) or an interval such as `2m` (nats-server's default:
+    /// writes reach the OS at once, the disk within the interval). See docs/durability.md.
+    #[arg(long, default_value = DEFAULT_NATS_SYNC, value_parser = NatsSync::parse)]
+    pub nats_sync: NatsSync,
+    /// Replicas of every stream, the bucket and consumer (1..=5), as the services'
+    /// --replicas. Default: the number of servers started (--nats-cluster), or 1 with
+    /// --nats-url.
+    #[arg(long, env = evgrid_common::config::REPLICAS_ENV, value_parser = evgrid_common::config::parse_replicas)]
+    pub replicas: Option<usize>,
     /// nats-server binary to start when no --nats-url is given.
     #[arg(long, default_value = "nats-server")]
     pub nats_server_bin: PathBuf,
-    /// Client port of the NATS server evgrid starts (0 = any free port).
+    /// Client port of the NATS server evgrid starts (0 = any free port); with --nats-cluster
+    /// N, the first of N consecutive ports.
     #[arg(long, default_value_t = 4222)]
     pub nats_port: u16,
     /// Where the NATS JetStream store and Prometheus data live; kept across runs.
@@ -88,6 +105,64 @@ pub struct UpArgs {
     pub logs: bool,
 }
 
+/// Default `--nats-sync`: nats-server's own default, written out so the choice is visible (and
+/// measured, docs/benchmarks.md): a crash of the server process loses nothing acknowledged; a
+/// power cut may lose what was acknowledged in the last two minutes.
+pub const DEFAULT_NATS_SYNC: &str = "2m";
+
+/// JetStream's fsync policy (`sync_interval` of nats-server's `jetstream` block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsSync {
+    /// fsync every write before it is acknowledged.
+    Always,
+    /// fsync every so often (writes are handed to the OS at once either way).
+    Every(Duration),
+}
+
+impl NatsSync {
+    /// `always`, or a duration with a unit (`2m`, `10s`, `500ms`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("always") {
+            return Ok(Self::Always);
+        }
+        match parse_duration(s) {
+            Ok(d) if !d.is_zero() => Ok(Self::Every(d)),
+            _ => Err(format!(
+                "expected `always` or an interval such as 2m, 10s, 500ms, got {s:?}"
+            )),
+        }
+    }
+
+    /// The value of `sync_interval` in a nats-server config file.
+    pub fn conf_value(self) -> String {
+        match self {
+            Self::Always => "always".to_owned(),
+            Self::Every(d) => format!("\"{}ms\"", d.as_millis()),
+        }
+    }
+}
+
+impl std::fmt::Display for NatsSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Always => f.write_str("fsync always"),
+            Self::Every(d) => write!(f, "fsync every {}", humantime_ish(*d)),
+        }
+    }
+}
+
+/// `2m`, `10s`, `500ms`: the unit the value reads best in.
+fn humantime_ish(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// Default `--time-scale`: an hour of charging per real second (see `UpArgs::time_scale`).
 pub const DEFAULT_TIME_SCALE: f64 = 3600.0;
 
@@ -121,10 +196,34 @@ impl UpArgs {
         if let Some(url) = &self.nats_url {
             evgrid_common::config::parse_nats_url(url)
                 .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
+            if self.nats_cluster > 1 {
+                bail!(
+                    "--nats-cluster starts servers, --nats-url uses running ones: give one or the other"
+                );
+            }
+        }
+        if self.nats_url.is_none()
+            && self.nats_port != 0
+            && usize::from(self.nats_port) + usize::from(self.nats_cluster) > usize::from(u16::MAX)
+        {
+            bail!(
+                "--nats-port {} leaves no room for {} servers",
+                self.nats_port,
+                self.nats_cluster
+            );
         }
         // The services' own parsers, with a stand-in URL (the real one is known once NATS runs).
         ServiceConfigs::new(self, &capacities, evgrid_common::config::DEFAULT_NATS_URL)?;
         Ok(())
+    }
+
+    /// `--replicas`, else one per server evgrid starts (1 with --nats-url).
+    fn replicas(&self) -> usize {
+        self.replicas.unwrap_or(if self.nats_url.is_some() {
+            1
+        } else {
+            usize::from(self.nats_cluster)
+        })
     }
 
     fn capacities(&self) -> Vec<f64> {
@@ -247,17 +346,22 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
     let (nats_child, nats_url, nats_monitor) = match &args.nats_url {
         Some(url) => (None, url.clone(), None),
         None => {
-            ensure_free(
-                args.nats_port,
-                "NATS",
-                &format!(
-                    "to use that server pass --nats-url nats://127.0.0.1:{}, or pick another port with --nats-port (0: any free port)",
-                    args.nats_port
-                ),
-            )?;
-            let (child, url, monitor) =
-                or_shutdown(shutdown, start_nats(&args, &args.data_dir)).await?;
-            (Some(child), url, Some(monitor))
+            for i in 0..u16::from(args.nats_cluster) {
+                let port = if args.nats_port == 0 {
+                    0
+                } else {
+                    args.nats_port + i
+                };
+                ensure_free(
+                    port,
+                    "NATS",
+                    &format!(
+                        "to use that server pass --nats-url nats://127.0.0.1:{port}, or pick another port with --nats-port (0: any free port)"
+                    ),
+                )?;
+            }
+            let started = or_shutdown(shutdown, start_nats(&args, &args.data_dir)).await?;
+            (Some(started.children), started.urls, Some(started.monitors))
         }
     };
 
@@ -275,7 +379,7 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
         services,
     )
     .await;
-    if let Some(child) = nats_child {
+    for child in nats_child.into_iter().flatten() {
         child.stop().await;
     }
     result
@@ -290,7 +394,12 @@ struct ServiceConfigs {
 
 impl ServiceConfigs {
     fn new(args: &UpArgs, capacities: &[f64], nats_url: &str) -> Result<Self> {
-        let nats = ["--nats-url".to_owned(), nats_url.to_owned()];
+        let nats = [
+            "--nats-url".to_owned(),
+            nats_url.to_owned(),
+            "--replicas".to_owned(),
+            args.replicas().to_string(),
+        ];
         let ingest = service_config(&nats).context("ingest")?;
         let mut dispatcher_words = nats.to_vec();
         if let Some(policy) = args.policy {
@@ -395,6 +504,7 @@ async fn run_services(
         print_banner(
             &endpoints,
             &BannerNotes {
+                nats_store: nats_store(args, nats_url),
                 time_scale: args.time_scale,
                 log_file: (!args.logs).then(|| args.data_dir.join(LOG_FILE)),
                 demo: demo.as_ref().zip(demo_rate),
@@ -446,6 +556,21 @@ async fn run_services(
     }
 }
 
+/// The banner's account of durability: how many servers, how many copies, which fsync.
+fn nats_store(args: &UpArgs, nats_url: &str) -> String {
+    let replicas = args.replicas();
+    match &args.nats_url {
+        Some(_) => format!(
+            "{} server(s) given, R{replicas} (fsync as those servers are configured)",
+            nats_url.split(',').count()
+        ),
+        None => format!(
+            "{} server(s), R{replicas}, {} (docs/durability.md)",
+            args.nats_cluster, args.nats_sync
+        ),
+    }
+}
+
 async fn named(
     name: &'static str,
     service: impl std::future::Future<Output = anyhow::Result<()>>,
@@ -458,4 +583,58 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_sync_is_always_or_an_interval() {
+        assert_eq!(NatsSync::parse("always"), Ok(NatsSync::Always));
+        assert_eq!(
+            NatsSync::parse("2m"),
+            Ok(NatsSync::Every(Duration::from_secs(120)))
+        );
+        assert_eq!(NatsSync::parse("2m").unwrap().conf_value(), "\"120000ms\"");
+        assert_eq!(NatsSync::Always.conf_value(), "always");
+        assert_eq!(NatsSync::parse("2m").unwrap().to_string(), "fsync every 2m");
+        for bad in ["sometimes", "0s", "10", ""] {
+            assert!(NatsSync::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn up_args(words: &[&str]) -> UpArgs {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        Cli::try_parse_from(std::iter::once("up").chain(words.iter().copied()))
+            .unwrap()
+            .up
+    }
+
+    #[test]
+    fn replicas_follow_the_servers_started_unless_given() {
+        assert_eq!(up_args(&[]).replicas(), 1);
+        assert_eq!(up_args(&["--nats-cluster", "3"]).replicas(), 3);
+        assert_eq!(
+            up_args(&["--nats-cluster", "3", "--replicas", "1"]).replicas(),
+            1
+        );
+        assert_eq!(
+            up_args(&["--nats-url", "nats://a:4222,nats://b:4222"]).replicas(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_cluster_to_start_and_servers_to_use_exclude_each_other() {
+        let err = up_args(&["--nats-cluster", "3", "--nats-url", "nats://a:4222"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("give one or the other"), "{err}");
+        assert!(up_args(&["--nats-cluster", "3"]).validate().is_ok());
+    }
 }

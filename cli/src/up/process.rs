@@ -1,5 +1,6 @@
-//! The processes `evgrid up` starts beside its in-process services: nats-server (when no
-//! `--nats-url` is given) and, in [`super::prometheus`], Prometheus. Each is checked before it
+//! The processes `evgrid up` starts beside its in-process services: nats-server, one or a
+//! loopback cluster of them (when no `--nats-url` is given), and, in [`super::prometheus`],
+//! Prometheus. Each is checked before it
 //! starts, watched while it starts, and stopped with SIGTERM, then SIGKILL.
 
 use std::path::Path;
@@ -84,25 +85,123 @@ pub(super) async fn check_nats_server_bin(bin: &Path) -> Result<String> {
     Ok(version)
 }
 
-pub(super) async fn start_nats(
+/// The nats-servers `evgrid up` started: one, or the nodes of a loopback cluster.
+pub(super) struct StartedNats {
+    pub(super) children: Vec<ChildProcess>,
+    /// Every server's client URL, comma-separated (what `--nats-url` takes).
+    pub(super) urls: String,
+    /// Every server's monitoring URL, comma-separated.
+    pub(super) monitors: String,
+}
+
+/// Starts `--nats-cluster` nats-servers: one as before (store `nats/` in the data directory),
+/// or a cluster whose nodes route to each other on loopback (stores `nats-cluster/n1`…). Each
+/// gets a config file with the JetStream fsync policy (`--nats-sync`) and, in a cluster, its
+/// routes; ports and paths stay on the command line.
+pub(super) async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<StartedNats> {
+    check_nats_server_bin(&args.nats_server_bin).await?;
+    let size = usize::from(args.nats_cluster);
+    // Route ports are internal to the cluster: any free ones, new each run (the nodes find each
+    // other by these routes and recognise each other by server name).
+    let route_ports = if size > 1 {
+        free_ports(size)?
+    } else {
+        Vec::new()
+    };
+    let mut started = StartedNats {
+        children: Vec::new(),
+        urls: String::new(),
+        monitors: String::new(),
+    };
+    for i in 0..size {
+        match start_node(args, data_dir, i, &route_ports).await {
+            Ok((child, url, monitor)) => {
+                started.children.push(child);
+                for (list, item) in [(&mut started.urls, url), (&mut started.monitors, monitor)] {
+                    if !list.is_empty() {
+                        list.push(',');
+                    }
+                    list.push_str(&item);
+                }
+            }
+            Err(e) => {
+                for child in started.children {
+                    child.stop().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(started)
+}
+
+/// Free loopback ports, all different (each listener is held until all are picked).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<Vec<_>>>()?)
+}
+
+/// Starts node `i` of `route_ports.len()` (a single server when there are no routes); returns
+/// it with its client and monitoring URLs once it listens.
+async fn start_node(
     args: &UpArgs,
     data_dir: &Path,
+    i: usize,
+    route_ports: &[u16],
 ) -> Result<(ChildProcess, String, String)> {
-    check_nats_server_bin(&args.nats_server_bin).await?;
-    let store = data_dir.join("nats");
-    let ports_dir = data_dir.join("run");
+    let clustered = !route_ports.is_empty();
+    let (name, store, ports_dir) = if clustered {
+        let node = format!("n{}", i + 1);
+        (
+            format!("evgrid-{node}"),
+            data_dir.join("nats-cluster").join(&node),
+            data_dir.join("run").join(&node),
+        )
+    } else {
+        (
+            "evgrid-local".to_owned(),
+            data_dir.join("nats"),
+            data_dir.join("run"),
+        )
+    };
     std::fs::create_dir_all(&ports_dir)?;
     for entry in std::fs::read_dir(&ports_dir)?.flatten() {
         if entry.path().extension().is_some_and(|x| x == "ports") {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+    let mut conf = format!(
+        "# Written by `evgrid up` at every start.\njetstream {{\n  sync_interval: {}\n}}\n",
+        args.nats_sync.conf_value()
+    );
+    if clustered {
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        // Every node lists every route, its own included (nats-server skips that one).
+        conf.push_str(&format!(
+            "cluster {{\n  name: evgrid-local\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            route_ports[i],
+            routes.join(", ")
+        ));
+    }
+    let conf_path = data_dir.join("run").join(format!("{name}.conf"));
+    std::fs::write(&conf_path, conf)
+        .with_context(|| format!("cannot write {}", conf_path.display()))?;
     let port = if args.nats_port == 0 {
         "-1".to_owned()
     } else {
-        args.nats_port.to_string()
+        (args.nats_port + i as u16).to_string()
     };
     let child = Command::new(&args.nats_server_bin)
+        .arg("--config")
+        .arg(&conf_path)
         .args([
             "-js",
             "-a",
@@ -112,7 +211,7 @@ pub(super) async fn start_nats(
             "-m",
             "-1",
             "--server_name",
-            "evgrid-local",
+            &name,
         ])
         .arg("--store_dir")
         .arg(&store)
@@ -133,8 +232,7 @@ pub(super) async fn start_nats(
         if let Some(status) = child.child.try_wait()? {
             let last = child.last_stderr_line(|l| !l.trim().is_empty()).await;
             bail!(
-                "nats-server exited at start ({status}): {last} (is port {} in use? try --nats-port 0)",
-                args.nats_port
+                "nats-server {name} exited at start ({status}): {last} (is port {port} in use? try --nats-port 0)"
             );
         }
         if let Some((client, monitor)) = read_ports_file(&ports_dir) {
@@ -142,7 +240,7 @@ pub(super) async fn start_nats(
         }
         if tokio::time::Instant::now() > deadline {
             child.stop().await;
-            bail!("nats-server did not start listening within 15 s");
+            bail!("nats-server {name} did not start listening within 15 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -179,6 +179,36 @@ impl Drop for UpProcess {
     }
 }
 
+/// POSTs a small request for `vehicle` to the API and awaits its `completed` session event on
+/// `client`; returns the request id.
+async fn post_and_await_completion(
+    http: &reqwest::Client,
+    api: &str,
+    client: &async_nats::Client,
+    vehicle: &str,
+) -> String {
+    let mut completed = client.subscribe("ev.sessions.*.completed").await.unwrap();
+    client.flush().await.unwrap();
+    let response = http
+        .post(format!("{api}/v1/charge-requests"))
+        .json(&serde_json::json!({"vehicle_id": vehicle, "energy_kwh": 5, "max_power_kw": 11}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<serde_json::Value>().await.unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = tokio::time::timeout(Duration::from_secs(30), completed.next())
+        .await
+        .expect("the request completes within 30 s")
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&done.payload).unwrap();
+    assert_eq!(event["request_id"], id.as_str());
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     // Debug logs of the services, as JSON: every line about the request names it.
@@ -199,26 +229,7 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(30)).await;
 
     let client = async_nats::connect(&nats).await.unwrap();
-    let mut completed = client.subscribe("ev.sessions.*.completed").await.unwrap();
-    client.flush().await.unwrap();
-    let response = http
-        .post(format!("{api}/v1/charge-requests"))
-        .json(&serde_json::json!({"vehicle_id": "ev-up", "energy_kwh": 5, "max_power_kw": 11}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let done = tokio::time::timeout(Duration::from_secs(30), completed.next())
-        .await
-        .expect("the request completes within 30 s")
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_slice(&done.payload).unwrap();
-    assert_eq!(event["request_id"], id.as_str());
-    drop(completed);
+    let id = post_and_await_completion(&http, api, &client, "ev-up").await;
     drop(client);
 
     assert!(
@@ -247,6 +258,53 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
         assert!(
             services.contains(service),
             "no {service} log line names {id}: {services:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_3_node_cluster_replicates_everything_and_completes_a_request() {
+    let up = UpProcess::start(&["--nats-cluster", "3", "--time-scale", "3600"]).await;
+    let (api, nats) = (up.banner("API (ingest)"), up.banner("NATS"));
+    let servers: Vec<String> = nats.split(',').map(str::to_owned).collect();
+    assert_eq!(servers.len(), 3, "the banner names every server: {nats}");
+    assert_eq!(up.banner("NATS monitoring").split(',').count(), 3);
+    assert!(
+        up.banner("NATS store")
+            .starts_with("3 server(s), R3, fsync every 2m"),
+        "{}",
+        up.banner("NATS store")
+    );
+
+    let http = reqwest::Client::new();
+    crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(60)).await;
+    let client = async_nats::connect(servers).await.unwrap();
+    post_and_await_completion(&http, api, &client, "ev-r3").await;
+
+    // Everything evgrid created is on all three nodes.
+    let js = async_nats::jetstream::new(client.clone());
+    for name in ["EV_REQUESTS", "EV_DISPATCH", "KV_EV_REQUEST_STATE"] {
+        let info = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+    }
+    let requests = js.get_stream_no_info("EV_REQUESTS").await.unwrap();
+    let mut dispatcher: async_nats::jetstream::consumer::PullConsumer =
+        requests.get_consumer("dispatcher").await.unwrap();
+    assert_eq!(dispatcher.info().await.unwrap().config.num_replicas, 3);
+    drop(client);
+
+    let data = up.stop().await;
+    for node in ["n1", "n2", "n3"] {
+        assert!(
+            data.path().join("nats-cluster").join(node).exists(),
+            "node {node} keeps its store in the data dir"
         );
     }
 }
