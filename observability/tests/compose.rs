@@ -27,6 +27,8 @@ const EVGRID_IMAGE: &str = "evgrid:local";
 const PUBLISHED: &[&str] = &["ingest", "grafana", "prometheus"];
 /// Values given to the required settings when the tests resolve `${...}`; every other setting
 /// takes its default, as for a user who sets nothing else.
+/// The settings file of the `cluster` profile.
+const CLUSTER_ENV: &str = "nats/cluster.env";
 const REQUIRED_SETTINGS: &[(&str, &str)] = &[("GRAFANA_ADMIN_PASSWORD", "test-only-password")];
 /// The script users and CI run to install the test tools; it pins their versions.
 const INSTALL_SCRIPT: &str = "scripts/install-test-deps";
@@ -347,6 +349,20 @@ fn flag_of_env(help: &str, name: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // The checks.
 
+/// The settings of the `cluster` profile, as `nats/cluster.env` has them (the file users pass
+/// with `--env-file`).
+fn cluster_settings() -> Vec<(String, String)> {
+    read(CLUSTER_ENV)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("NAME=value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
 #[test]
 fn compose_accepts_the_file_with_every_profile() {
     for profiles in [&[][..], &["demo"][..]] {
@@ -354,6 +370,19 @@ fn compose_accepts_the_file_with_every_profile() {
         assert!(
             out.status.success(),
             "docker compose {profiles:?} config:\n{}",
+            text(&out)
+        );
+    }
+    // The cluster, with its settings file (which names the profile itself), alone and with
+    // the demo.
+    let cluster = cluster_settings();
+    let mut settings: Vec<(&str, &str)> = REQUIRED_SETTINGS.to_vec();
+    settings.extend(cluster.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for profiles in [&["cluster"][..], &["cluster", "demo"][..], &[][..]] {
+        let out = compose_config(profiles, &settings);
+        assert!(
+            out.status.success(),
+            "docker compose {profiles:?} config with {CLUSTER_ENV}:\n{}",
             text(&out)
         );
     }
@@ -562,12 +591,14 @@ fn prometheus_and_grafana_mount_exactly_the_asset_folders() {
 #[test]
 fn nats_keeps_its_store_in_the_volume_and_reads_the_repository_config() {
     let nats = service("nats");
-    let conf_path = nats
-        .command
-        .iter()
-        .skip_while(|a| *a != "--config")
-        .nth(1)
-        .expect("nats-server --config PATH");
+    // As a user runs it without the cluster's settings: the single server's config.
+    let conf_path = &resolve(
+        nats.command
+            .iter()
+            .skip_while(|a| *a != "--config")
+            .nth(1)
+            .expect("nats-server --config PATH"),
+    );
     let mounts = nats.bind_mounts();
     let (source, _, ro) = mounts
         .iter()
@@ -600,6 +631,98 @@ fn nats_keeps_its_store_in_the_volume_and_reads_the_repository_config() {
         nats.probe_url(),
         format!("http://127.0.0.1:{port}/healthz?js-enabled-only=true")
     );
+}
+
+#[test]
+fn the_cluster_profile_runs_three_routed_nodes_and_points_every_service_at_them() {
+    let settings: BTreeMap<String, String> = cluster_settings().into_iter().collect();
+    assert_eq!(settings["COMPOSE_PROFILES"], "cluster");
+    assert_eq!(settings["EVGRID_REPLICAS"], "3");
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let config_file = &settings["EVGRID_NATS_CONFIG"];
+    let conf = read(&format!("nats/{config_file}"));
+    for (i, node) in nodes.iter().enumerate() {
+        let s = service(node);
+        if i > 0 {
+            assert_eq!(
+                s.profiles,
+                ["cluster"],
+                "{node} starts with the profile only"
+            );
+            assert_eq!(s.image, service("nats").image, "{node}: the same server");
+        }
+        // Each node mounts the cluster config read-only and keeps its own store.
+        let mounts = s.bind_mounts();
+        assert!(
+            mounts.iter().any(
+                |(source, target, ro)| *source == format!("nats/{config_file}")
+                    && *target == format!("/etc/nats/{config_file}")
+                    && *ro
+            ),
+            "{node} does not mount nats/{config_file}: {mounts:?}"
+        );
+        let store = s
+            .volumes
+            .iter()
+            .find_map(|v| v.strip_suffix(":/data"))
+            .unwrap_or_else(|| panic!("{node} keeps no store in /data"));
+        assert!(COMPOSE.volumes.contains_key(store), "{node}: {store}");
+        assert!(s.env("NATS_SERVER_NAME").is_some(), "{node} has no name");
+        // Every node is a route of the config, and a server of the services' URL.
+        assert!(
+            conf.contains(&format!("nats-route://{node}:6222")),
+            "{config_file} has no route to {node}"
+        );
+        assert!(
+            settings["EVGRID_NATS_URL"]
+                .split(',')
+                .any(|u| u == format!("nats://{node}:4222")),
+            "EVGRID_NATS_URL misses {node}"
+        );
+    }
+    let names: BTreeSet<String> = nodes
+        .iter()
+        .map(|n| service(n).env("NATS_SERVER_NAME").unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "every node has its own name");
+    let stores: BTreeSet<&String> = nodes.iter().flat_map(|n| &service(n).volumes).collect();
+    assert_eq!(
+        stores.len(),
+        3 + 2,
+        "one store volume per node, two shared configs"
+    );
+    // The cluster's config keeps the single server's settings.
+    let single = read("nats/nats-server.conf");
+    for key in [
+        "max_file_store",
+        "max_memory_store",
+        "sync_interval",
+        "max_payload",
+        "write_deadline",
+    ] {
+        let value = |text: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(key)?.trim().strip_prefix(':'))
+                .map(|v| v.trim().to_owned())
+        };
+        assert!(value(&single).is_some(), "nats-server.conf sets no {key}");
+        assert_eq!(value(&conf), value(&single), "{key}");
+    }
+}
+
+#[test]
+fn the_pinned_nats_server_accepts_both_configs() {
+    for file in ["nats/nats-server.conf", "nats/nats-cluster.conf"] {
+        // `-t`: check the configuration and exit.
+        let out = output(
+            Command::new(evgrid_test_support::nats_server_bin())
+                .args(["-t", "--config"])
+                .arg(repo_path(file))
+                .env("NATS_SERVER_NAME", "nats-1"),
+            "nats-server -t",
+        );
+        assert!(out.status.success(), "{file}: {}", text(&out));
+    }
 }
 
 #[test]
