@@ -326,8 +326,14 @@ async fn a_failed_substations_requests_move_to_one_with_room_once() {
         let got = next_dispatch(&mut dispatches).await;
         assert_eq!(got.subject, "ev.dispatch.s1");
     }
-    // s1 took one and charged 4.5 kWh of it; then it falls silent.
-    let mut record_at_s1 = record(&app, charging).await.expect("dispatched state");
+    // s1 took one and charged 4.5 kWh of it; then it falls silent. (The dispatcher records
+    // `dispatched` just after the dispatch is stored, so wait for that first.)
+    let mut record_at_s1 =
+        evgrid_test_support::eventually(WAIT, Duration::from_millis(10), || async {
+            record(&app, charging).await
+        })
+        .await
+        .expect("dispatched state");
     record_at_s1.state = RequestState::Charging;
     record_at_s1.energy_delivered_kwh = 4.5;
     kv.put(
