@@ -327,7 +327,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-async fn dispatcher_consumer(js: &jetstream::Context) -> Result<consumer::Info, async_nats::Error> {
+pub async fn dispatcher_consumer(
+    js: &jetstream::Context,
+) -> Result<consumer::Info, async_nats::Error> {
     Ok(js
         .get_stream_no_info(streams::REQUESTS)
         .await?

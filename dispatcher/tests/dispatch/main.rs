@@ -635,6 +635,61 @@ async fn dispatching_resumes_after_a_nats_restart() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn what_a_frozen_replica_was_handed_goes_to_another_within_its_ack_wait() {
+    // A dispatcher process, frozen (SIGSTOP) with requests handed to it: its connection and
+    // pull request stay open, so only the ack wait takes them back for another replica.
+    let mut app = spawn_app_with(Policy::Headroom).await;
+    app.stop().await;
+    let mut frozen = std::process::Command::new(env!("CARGO_BIN_EXE_evgrid-dispatcher"))
+        .args(["--nats-url", app.nats.url(), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = frozen.id().to_string();
+    let signal = |sig: &str| {
+        let done = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(done.success(), "kill {sig}");
+    };
+    // Pulling (the consumer may not exist until it starts).
+    evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || async {
+        let consumer = helpers::dispatcher_consumer(&app.js).await.ok()?;
+        (consumer.num_waiting >= 1).then_some(())
+    })
+    .await
+    .expect("the replica pulls");
+    signal("-STOP");
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("s1", 1000.0).heartbeat(0.0, 0).await;
+    app.publish_requests((0..20).map(|_| request(Uuid::new_v4(), 10.0, 11.0)))
+        .await;
+    // All handed to the frozen one (the only puller).
+    evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || async {
+        (app.dispatcher_consumer().await.num_ack_pending == 20).then_some(())
+    })
+    .await
+    .expect("handed to the frozen replica");
+
+    let (_, stop, _replica) = start_dispatcher(&app.nats).await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        next_dispatch(&mut dispatches).await;
+    }
+    let all_in = started.elapsed();
+    signal("-CONT");
+    signal("-KILL");
+    frozen.wait().unwrap();
+    stop.cancel();
+    // The 30 s ack wait of old held them that long. Now each is taken back after 1 s, though
+    // the frozen replica's open pull request may take a redelivery again (a few seconds for
+    // all of them here).
+    assert!(
+        all_in < Duration::from_secs(15),
+        "all dispatched after {all_in:?}"
+    );
+}
+
 #[test]
 fn bad_config_exits_non_zero_with_one_line() {
     let bin = env!("CARGO_BIN_EXE_evgrid-dispatcher");
