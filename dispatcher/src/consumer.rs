@@ -8,6 +8,7 @@
 //! unstarted, finishes every in-flight publish and ack, and returns.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use evgrid_common::nats::{Intake, Nats, hand_back};
 use evgrid_common::streams;
@@ -25,6 +26,9 @@ pub(crate) fn max_ack_pending(max_in_flight: usize) -> i64 {
     (max_in_flight as i64).saturating_mul(4)
 }
 
+/// How long the server keeps each of the dispatcher's pull requests.
+const PULL_EXPIRY: Duration = Duration::from_secs(2);
+
 /// Runs until `shutdown`, then drains.
 pub(crate) async fn run(
     handler: Arc<Handler>,
@@ -34,13 +38,16 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let config = streams::dispatcher_consumer(max_ack_pending(max_in_flight), replicas);
+    // Short pull requests: a frozen dispatcher stops being handed requests (the ones the ack
+    // wait takes back from it included) within seconds, so another replica gets them.
     let mut intake = Intake::new(
         nats,
         streams::REQUESTS,
         config,
         "request consumer",
         max_in_flight,
-    );
+    )
+    .with_pull_expiry(PULL_EXPIRY);
     let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     loop {
         let room = max_in_flight.saturating_sub(in_flight.len());

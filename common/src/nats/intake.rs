@@ -28,7 +28,8 @@ use tokio::time::{Instant, sleep_until};
 use super::Nats;
 use crate::backoff::Backoff;
 
-/// How long the server keeps an unfulfilled pull request.
+/// How long the server keeps an unfulfilled pull request, unless [`Intake::with_pull_expiry`]
+/// says otherwise.
 const EXPIRES: Duration = Duration::from_secs(30);
 /// While a pull request waits, the server says it is alive this often.
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -51,6 +52,8 @@ pub struct Intake {
     window: usize,
     /// Ask again only once at least this much room is free: fewer, fuller pull requests.
     low_water: usize,
+    /// How long the server keeps each pull request.
+    expires: Duration,
     puller: Option<Puller>,
     backoff: Backoff,
     open_at: Instant,
@@ -79,6 +82,7 @@ impl Intake {
             what,
             window: window.max(1),
             low_water: (window / 4).max(1),
+            expires: EXPIRES,
             puller: None,
             backoff: Backoff::default(),
             open_at: now,
@@ -86,6 +90,16 @@ impl Intake {
             silence_until: now + SILENCE_LIMIT,
             connection,
         }
+    }
+
+    /// Pull requests that expire after `expires` (at least two idle heartbeats, as the server
+    /// requires) instead of 30 s. While a process is frozen its open pull request stays valid,
+    /// and the server goes on handing it messages, even the ones the ack wait took back from
+    /// it: a short expiry bounds that, for a consumer whose instances should take over from one
+    /// another within seconds.
+    pub fn with_pull_expiry(mut self, expires: Duration) -> Self {
+        self.expires = expires.max(2 * IDLE_HEARTBEAT);
+        self
     }
 
     /// Work of the caller's own is going on: the server's silence meanwhile is not a lost pull
@@ -117,7 +131,7 @@ impl Intake {
             let puller = self.puller.as_mut().expect("opened above");
             let now = Instant::now();
             if !puller.is_open() && now >= self.request_at && room >= self.low_water {
-                if let Err(e) = puller.request(room + self.window).await {
+                if let Err(e) = puller.request(room + self.window, self.expires).await {
                     self.broken(format!("cannot send a pull request: {e}"))
                         .await;
                     continue;
@@ -254,10 +268,10 @@ impl Puller {
         self.open = None;
     }
 
-    async fn request(&mut self, n: usize) -> Result<(), async_nats::Error> {
+    async fn request(&mut self, n: usize, expires: Duration) -> Result<(), async_nats::Error> {
         let batch = BatchConfig {
             batch: n,
-            expires: Some(EXPIRES),
+            expires: Some(expires),
             idle_heartbeat: IDLE_HEARTBEAT,
             ..Default::default()
         };
