@@ -580,9 +580,7 @@ async fn named(
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(process::free_ports(1)?[0])
 }
 
 #[cfg(test)]

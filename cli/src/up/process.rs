@@ -136,7 +136,7 @@ pub(super) async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<Started
 }
 
 /// Free loopback ports, all different (each listener is held until all are picked).
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+pub(super) fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()?;
