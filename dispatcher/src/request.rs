@@ -230,7 +230,7 @@ impl Handler {
             let now = Utc::now();
             let silent_s = match lock(&self.grid).get(from) {
                 Some(s) if s.is_up(now) => return Ok(None),
-                Some(s) => (s.observed().age_seconds(now) * 10.0).round() / 10.0,
+                Some(s) => s.observed().age_seconds(now),
                 None => f64::INFINITY,
             };
             let mut moved = record.moved.clone();
@@ -240,7 +240,7 @@ impl Handler {
                 state: record.state,
                 energy_delivered_kwh: record.energy_delivered_kwh,
                 moved_at: now,
-                reason: format!("no heartbeat from {from} for {silent_s} s"),
+                reason: format!("no heartbeat from {from} for {silent_s:.1} s"),
             });
             let queued = RequestRecord {
                 state: RequestState::Queued,
