@@ -1,10 +1,12 @@
 //! `evgrid-bench chaos`: the fault-tolerance suite (#10). For each scenario it starts a fresh
-//! local grid of separate processes (nats-server, ingest → dispatcher → 3 substations), drives
-//! an open loop of HTTP requests with idempotency keys, injects one fault (kill -9 with or
-//! without a restart, SIGSTOP), waits for the accepted requests to finish, and then accounts for
-//! every 202 from what NATS holds: completed exactly once, rejected with a reason, or LOST,
-//! STUCK, DOUBLED; plus heartbeats above capacity, 503s, recovery time per fault, and p99
-//! accept → completed against the no-fault run. docs/reliability.md has the latest table.
+//! local grid of separate processes (one nats-server or a 3-node cluster, ingest → dispatcher →
+//! 3 substations, with two ingests or dispatchers where one of two is killed), drives an open
+//! loop of HTTP requests with idempotency keys, injects one fault (kill -9 with or without a
+//! restart, SIGSTOP), waits for the accepted requests to finish, and then accounts for every 202
+//! from what NATS holds: completed exactly once, rejected with a reason, or LOST, STUCK, DOUBLED;
+//! plus 202s the store does not hold, heartbeats above capacity, 503s, recovery time per fault,
+//! and p99 accept → completed against the no-fault run. docs/reliability.md has the latest
+//! table.
 //!
 //! The parts: [`fault`] (scenarios as data), [`grid`] (the processes and what a fault does to
 //! them), [`drive`] (the load), [`read`] (reading NATS), [`check`] and [`recovery`] (the pure
@@ -26,7 +28,7 @@ use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use evgrid_common::streams;
 use evgrid_model::headers;
-use evgrid_model::messages::{ChargeRequest, RequestRecord, SessionReport};
+use evgrid_model::messages::{ChargeRequest, Dispatch, RequestRecord, SessionReport};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -123,7 +125,7 @@ pub async fn main(args: &ChaosArgs, logs: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Runs every scenario of `args`, one after the other, each on a fresh grid.
+/// Runs every scenario of `args`, one after the other, each on a fresh grid of its shape.
 pub async fn run(args: &ChaosArgs, logs: &Path) -> Result<ChaosReport> {
     let bins = match &args.bin_dir {
         Some(dir) => dir.clone(),
@@ -163,7 +165,8 @@ async fn run_scenario(
     scenario: Scenario,
     logs: &Path,
 ) -> Result<ScenarioResult> {
-    let mut grid = LocalGrid::start(spec, logs).await?;
+    let shape = scenario.shape();
+    let mut grid = LocalGrid::start(spec, shape, logs).await?;
     let own = setup::connect(grid.nats_url()).await?;
     let watch = HeartbeatWatch::start(&own.client).await?;
     let load = LoadSpec {
@@ -173,10 +176,10 @@ async fn run_scenario(
         max_power_kw: args.max_power_kw.clone(),
         seed: 1,
     };
-    let url = grid.ingest_url();
+    let urls = grid.ingest_urls();
     let started = Utc::now();
     let (outcome, timeline) = tokio::join!(
-        drive::drive(&url, &load),
+        drive::drive(&urls, &load),
         inject(&mut grid, &own.js, scenario, args.fault_at)
     );
     let (outcome, timeline) = (outcome?, timeline?);
@@ -186,7 +189,7 @@ async fn run_scenario(
     let found = gather(&own.js, &outcome).await?;
     let accounting = check::account(
         &outcome.accepted,
-        &found.stored,
+        &found.stored.keys().copied().collect(),
         &found.records,
         &found.events,
     );
@@ -194,6 +197,7 @@ async fn run_scenario(
     let offset = |t: Option<DateTime<Utc>>| t.map(|t| (t - started).as_seconds_f64());
     Ok(ScenarioResult {
         scenario,
+        shape,
         fault_at_s: offset(timeline.struck),
         back_at_s: offset(timeline.back),
         load: outcome,
@@ -227,7 +231,7 @@ async fn inject(
     timeline.struck = Some(Utc::now());
     match fault.blow {
         Blow::Kill { restart_after } => {
-            grid.kill(fault.target)?;
+            grid.kill(fault.target, js).await?;
             if let Some(after) = restart_after {
                 tokio::time::sleep(after).await;
                 timeline.back = Some(grid.restart(fault.target).await?);
@@ -276,31 +280,31 @@ async fn drain(
 
 /// What NATS holds about the run.
 struct Found {
-    /// Request ids in `EV_REQUESTS`.
-    stored: HashSet<Uuid>,
+    /// Request ids in `EV_REQUESTS`, and when the first copy of each was stored.
+    stored: HashMap<Uuid, DateTime<Utc>>,
     records: HashMap<Uuid, RequestRecord>,
     events: Vec<Event>,
-    /// When each message of `EV_DISPATCH` was stored.
-    dispatches: Vec<DateTime<Utc>>,
+    /// The request of each message of `EV_DISPATCH`, and when it was stored.
+    dispatches: Vec<(Uuid, DateTime<Utc>)>,
 }
 
 async fn gather(js: &async_nats::jetstream::Context, load: &LoadOutcome) -> Result<Found> {
-    let stored = read::read_stream(js, streams::REQUESTS)
-        .await?
-        .into_iter()
-        .filter_map(|m| {
-            let header = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::REQUEST_ID))
-                .and_then(|v| v.as_str().parse().ok());
-            header.or_else(|| {
-                serde_json::from_slice::<ChargeRequest>(&m.payload)
-                    .ok()?
-                    .request_id
-            })
-        })
-        .collect();
+    let mut stored = HashMap::new();
+    for m in read::read_stream(js, streams::REQUESTS).await? {
+        let header = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::REQUEST_ID))
+            .and_then(|v| v.as_str().parse().ok());
+        let id = header.or_else(|| {
+            serde_json::from_slice::<ChargeRequest>(&m.payload)
+                .ok()?
+                .request_id
+        });
+        if let Some(id) = id {
+            stored.entry(id).or_insert(m.published);
+        }
+    }
     let events = read::read_stream(js, streams::SESSIONS)
         .await?
         .into_iter()
@@ -315,7 +319,10 @@ async fn gather(js: &async_nats::jetstream::Context, load: &LoadOutcome) -> Resu
     let dispatches = read::read_stream(js, streams::DISPATCH)
         .await?
         .into_iter()
-        .map(|m| m.published)
+        .filter_map(|m| {
+            let dispatch: Dispatch = serde_json::from_slice(&m.payload).ok()?;
+            Some((dispatch.request_id, m.published))
+        })
         .collect();
     let kv = read::bucket(js).await?;
     let records = read::records(&kv, load.accepted.iter().map(|a| a.request_id)).await?;
@@ -339,51 +346,86 @@ fn measure_recovery(
         .get(VICTIM)
         .cloned()
         .unwrap_or_default();
-    if scenario == Scenario::KillSubstationForever {
-        // Never back: from the kill to the last of its requests moved elsewhere (failover,
-        // after the dispatcher's --substation-timeout).
-        let moved = found
-            .records
-            .values()
-            .flat_map(|r| &r.moved)
-            .filter(|m| m.substation_id == victim)
-            .map(|m| m.moved_at);
-        return Some(Recovery {
-            what: "last request moved off the dead substation (timeout 10 s)".into(),
-            seconds: recovery::last_after(moved, timeline.struck?),
-            sessions: None,
-        });
-    }
-    let back = timeline.back?;
-    let first = |what: &str, times: Vec<DateTime<Utc>>| Recovery {
+    let recovery = |what: &str, seconds| Recovery {
         what: what.into(),
-        seconds: recovery::first_after(times, back),
+        seconds,
         sessions: None,
     };
-    let victim_events = || {
-        found
-            .events
-            .iter()
-            .filter(|e| e.report.event.substation_id == victim)
-            .map(|e| e.stored)
-            .collect()
-    };
-    Some(match scenario {
-        Scenario::NoFault | Scenario::KillSubstationForever => return None,
-        Scenario::KillDispatcher | Scenario::KillNats => {
-            first("first dispatch after the restart", found.dispatches.clone())
+    let dispatched = || found.dispatches.iter().map(|(_, at)| *at);
+    let answered = || load.accepted.iter().map(|a| a.at);
+    // Faults nothing comes back from: measured from the blow.
+    let struck = timeline.struck?;
+    match scenario {
+        Scenario::KillSubstationForever => {
+            // From the kill to the last of its requests moved elsewhere (failover, after the
+            // dispatcher's --substation-timeout).
+            let moved = found
+                .records
+                .values()
+                .flat_map(|r| &r.moved)
+                .filter(|m| m.substation_id == victim)
+                .map(|m| m.moved_at);
+            return Some(recovery(
+                "last request moved off the dead substation (timeout 10 s)",
+                recovery::last_after(moved, struck),
+            ));
         }
-        Scenario::KillSubstation => recovery::held_sessions(
-            &found.events,
-            &victim,
-            timeline.struck?,
-            back,
-            &timeline.before,
+        Scenario::KillDispatcherOfTwo => {
+            // What the dead replica held goes to the survivor after its ack wait: the last
+            // dispatch of a request stored before the kill.
+            let held: Vec<DateTime<Utc>> = found
+                .dispatches
+                .iter()
+                .filter(|(id, at)| {
+                    *at >= struck && found.stored.get(id).is_some_and(|s| *s < struck)
+                })
+                .map(|(_, at)| *at)
+                .collect();
+            let what = format!(
+                "{} in flight at the kill, all dispatched by the other (ack wait 1 s)",
+                held.len()
+            );
+            // None in flight: nothing waited (a request never dispatched is STUCK).
+            let seconds = recovery::last_after(held, struck).or(Some(0.0));
+            return Some(recovery(&what, seconds));
+        }
+        Scenario::KillIngestOfTwo => {
+            let sent_after = load.accepted.iter().filter(|a| a.sent >= struck);
+            return Some(recovery(
+                "slowest 202 of a request sent after the kill",
+                recovery::slowest(sent_after.map(|a| (a.sent, a.at))),
+            ));
+        }
+        Scenario::KillNatsNode | Scenario::KillNatsNodeForever => {
+            let pause = [answered().collect(), dispatched().collect()]
+                .map(|times: Vec<_>| recovery::longest_pause(times, struck));
+            return Some(recovery(
+                "longest pause in 202s or dispatches after the kill",
+                pause.into_iter().flatten().reduce(f64::max),
+            ));
+        }
+        _ => {}
+    }
+    let back = timeline.back?;
+    let first =
+        |what: &str, times: Vec<DateTime<Utc>>| recovery(what, recovery::first_after(times, back));
+    Some(match scenario {
+        Scenario::KillDispatcher | Scenario::KillNats | Scenario::RestartCluster => {
+            first("first dispatch after the restart", dispatched().collect())
+        }
+        Scenario::KillSubstation => {
+            recovery::held_sessions(&found.events, &victim, struck, back, &timeline.before)
+        }
+        Scenario::StopSubstation => first(
+            "first session event after SIGCONT",
+            found
+                .events
+                .iter()
+                .filter(|e| e.report.event.substation_id == victim)
+                .map(|e| e.stored)
+                .collect(),
         ),
-        Scenario::StopSubstation => first("first session event after SIGCONT", victim_events()),
-        Scenario::KillIngest => first(
-            "first 202 after the restart",
-            load.accepted.iter().map(|a| a.at).collect(),
-        ),
+        Scenario::KillIngest => first("first 202 after the restart", answered().collect()),
+        _ => return None,
     })
 }

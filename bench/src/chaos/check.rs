@@ -8,6 +8,10 @@
 //! start, but a completion there is), LOST (unknown in both
 //! `EV_REQUESTS` and the bucket), STUCK (known, not final after the drain window), or
 //! INCONSISTENT (the bucket and the session events disagree about a final state).
+//!
+//! Apart from the verdict, a 202 whose request is not in `EV_REQUESTS` is counted as answered
+//! while the store could not persist it: ingest answers 202 only after JetStream's ack, so
+//! this finds a write the store acknowledged and then lost (a leader change, a restart).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -43,6 +47,9 @@ pub enum Verdict {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Accounting {
     pub accepted: usize,
+    /// Accepted requests `EV_REQUESTS` does not hold: 202s answered though the store did not
+    /// keep the request.
+    pub unstored: usize,
     pub counts: BTreeMap<Verdict, usize>,
     /// A few request ids per verdict other than completed once / rejected.
     pub examples: BTreeMap<Verdict, Vec<Uuid>>,
@@ -140,6 +147,9 @@ pub fn account(
     let mut latencies = Vec::new();
     for a in accepted {
         let id = a.request_id;
+        if !stored.contains(&id) {
+            out.unstored += 1;
+        }
         let (v, ms) = verdict(
             stored.contains(&id),
             records.get(&id),
@@ -229,6 +239,7 @@ mod tests {
             .iter()
             .map(|&request_id| Accepted {
                 request_id,
+                sent: t(0),
                 at: t(0),
                 attempts: 1,
             })
@@ -260,6 +271,7 @@ mod tests {
         ];
         let a = account(&accepted, &stored, &records, &events);
         assert_eq!(a.accepted, 7);
+        assert_eq!(a.unstored, 1);
         assert_eq!(a.count(Verdict::CompletedOnce), 1);
         assert_eq!(a.count(Verdict::Rejected), 1);
         assert_eq!(a.count(Verdict::Stuck), 2);

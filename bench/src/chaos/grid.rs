@@ -1,18 +1,24 @@
-//! The grid a chaos scenario runs against: one nats-server (the pinned build, via
-//! `evgrid-test-support`), ingest, the dispatcher and the substations, each a separate process
-//! of the real binaries on loopback, and what a fault does to them: kill -9, restart with the
-//! same options (and, for ingest and nats-server, the same address and store), SIGSTOP/SIGCONT.
+//! The grid a chaos scenario runs against: NATS (one nats-server, or a 3-node cluster with
+//! every stream, bucket and consumer at R3; the pinned build, via `evgrid-test-support`), one or
+//! more ingests, one or more dispatchers and the substations, each a separate process of the real
+//! binaries on loopback, and what a fault does to them: kill -9, restart with the same options
+//! (and, for ingest and NATS, the same address and store), SIGSTOP/SIGCONT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
-use evgrid_test_support::NatsServer;
+use evgrid_common::streams;
+use evgrid_test_support::{NatsCluster, NatsServer};
 
-use super::fault::Target;
+use super::fault::{Shape, Target};
 use crate::procs::{Proc, binary_in, free_addr};
 use crate::setup;
+
+/// How long a restarted cluster may take to elect its JetStream meta leader.
+const CLUSTER_ELECTION: Duration = Duration::from_secs(30);
 
 /// How the grid is built.
 #[derive(Debug, Clone)]
@@ -33,29 +39,65 @@ struct Service {
     proc: Option<Proc>,
 }
 
+/// The NATS of a grid.
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    fn start(nodes: usize) -> Result<Self> {
+        Ok(if nodes > 1 {
+            Nats::Cluster(NatsCluster::start(nodes)?)
+        } else {
+            Nats::Single(NatsServer::start()?)
+        })
+    }
+
+    /// What `--nats-url` takes: one URL, or every node's, comma-separated.
+    fn url(&self) -> String {
+        match self {
+            Nats::Single(s) => s.url().to_owned(),
+            Nats::Cluster(c) => c.urls(),
+        }
+    }
+
+    fn cluster(&mut self) -> Result<&mut NatsCluster> {
+        match self {
+            Nats::Cluster(c) => Ok(c),
+            Nats::Single(_) => anyhow::bail!("the grid runs a single nats-server, not a cluster"),
+        }
+    }
+}
+
 /// A running grid. Every process is killed when it drops.
 pub struct LocalGrid {
-    pub nats: NatsServer,
+    nats: Nats,
+    url: String,
     bins: PathBuf,
     logs: PathBuf,
-    ingest: Service,
-    dispatcher: Service,
+    ingests: Vec<Service>,
+    dispatchers: Vec<Service>,
     substations: Vec<Service>,
+    /// The cluster nodes killed by the last blow, to restart.
+    killed_nodes: Vec<usize>,
 }
 
 impl LocalGrid {
-    /// Starts nats-server, the substations (and waits for a heartbeat of each, so the
-    /// dispatcher sees the whole grid at once), the dispatcher and ingest.
-    pub async fn start(spec: &GridSpec, logs: &Path) -> Result<Self> {
-        let nats = NatsServer::start()?;
-        let url = nats.url().to_owned();
-        let service = |name: &str, binary: &'static str, extra: Vec<String>| -> Result<Service> {
-            let mut args = vec!["--nats-url".to_owned(), url.clone()];
-            args.extend(extra);
+    /// Starts NATS, the substations (and waits for a heartbeat of each, so the dispatchers see
+    /// the whole grid at once), the dispatchers and the ingests.
+    pub async fn start(spec: &GridSpec, shape: Shape, logs: &Path) -> Result<Self> {
+        let nats = Nats::start(shape.nats_nodes)?;
+        let url = nats.url();
+        let mut common = vec!["--nats-url".to_owned(), url.clone()];
+        if shape.is_cluster() {
+            common.extend(["--replicas".into(), shape.nats_nodes.to_string()]);
+        }
+        let service = |name: String, binary: &'static str, extra: Vec<String>| -> Result<Service> {
             Ok(Service {
-                name: name.to_owned(),
+                name,
                 binary,
-                args,
+                args: common.iter().cloned().chain(extra).collect(),
                 addr: free_addr()?,
                 proc: None,
             })
@@ -71,33 +113,65 @@ impl LocalGrid {
                 "--time-scale".into(),
                 spec.time_scale.to_string(),
             ];
-            substations.push(service(&id, "evgrid-substation", extra)?);
+            substations.push(service(id, "evgrid-substation", extra)?);
         }
+        // One of one keeps its plain name, as in the single-replica scenarios' logs.
+        let numbered = |role: &str, n: usize, i: usize| {
+            if n == 1 {
+                role.to_owned()
+            } else {
+                format!("{role}-{}", i + 1)
+            }
+        };
+        let ingests = (0..shape.ingests)
+            .map(|i| {
+                service(
+                    numbered("ingest", shape.ingests, i),
+                    "evgrid-ingest",
+                    vec![],
+                )
+            })
+            .collect::<Result<_>>()?;
+        let dispatchers = (0..shape.dispatchers)
+            .map(|i| {
+                let name = numbered("dispatcher", shape.dispatchers, i);
+                service(name, "evgrid-dispatcher", vec![])
+            })
+            .collect::<Result<_>>()?;
         let mut grid = Self {
-            ingest: service("ingest", "evgrid-ingest", vec![])?,
-            dispatcher: service("dispatcher", "evgrid-dispatcher", vec![])?,
             nats,
+            url,
             bins: spec.bins.clone(),
             logs: logs.to_path_buf(),
+            ingests,
+            dispatchers,
             substations,
+            killed_nodes: Vec::new(),
         };
         for i in 0..grid.substations.len() {
             grid.start_service(Target::Substation(i)).await?;
         }
-        let own = setup::connect(&url).await?;
+        let own = setup::connect(&grid.url).await?;
         setup::await_heartbeats(&own.js, grid.substations.len()).await?;
-        grid.start_service(Target::Dispatcher).await?;
-        grid.start_service(Target::Ingest).await?;
+        for i in 0..grid.dispatchers.len() {
+            grid.start_service(Target::Dispatcher(i)).await?;
+        }
+        for i in 0..grid.ingests.len() {
+            grid.start_service(Target::Ingest(i)).await?;
+        }
         Ok(grid)
     }
 
-    /// Ingest's base URL; the same across its restarts.
-    pub fn ingest_url(&self) -> String {
-        format!("http://{}", self.ingest.addr)
+    /// Every ingest's base URL; each the same across its restarts.
+    pub fn ingest_urls(&self) -> Vec<String> {
+        self.ingests
+            .iter()
+            .map(|s| format!("http://{}", s.addr))
+            .collect()
     }
 
     pub fn nats_url(&self) -> &str {
-        self.nats.url()
+        &self.url
     }
 
     /// Substation ids, in order.
@@ -107,10 +181,12 @@ impl LocalGrid {
 
     fn service(&mut self, target: Target) -> &mut Service {
         match target {
-            Target::Ingest => &mut self.ingest,
-            Target::Dispatcher => &mut self.dispatcher,
+            Target::Ingest(i) => &mut self.ingests[i],
+            Target::Dispatcher(i) => &mut self.dispatchers[i],
             Target::Substation(i) => &mut self.substations[i],
-            Target::Nats => unreachable!("nats-server is not a service"),
+            Target::Nats | Target::RequestsLeader | Target::Cluster => {
+                unreachable!("NATS is not a service")
+            }
         }
     }
 
@@ -125,29 +201,66 @@ impl LocalGrid {
         Ok(())
     }
 
-    /// kill -9.
-    pub fn kill(&mut self, target: Target) -> Result<()> {
-        if target == Target::Nats {
-            self.nats.stop();
-            return Ok(());
+    /// kill -9. `js` finds the node leading `EV_REQUESTS` for [`Target::RequestsLeader`].
+    pub async fn kill(
+        &mut self,
+        target: Target,
+        js: &async_nats::jetstream::Context,
+    ) -> Result<()> {
+        match target {
+            Target::Nats => match &mut self.nats {
+                Nats::Single(s) => s.stop(),
+                Nats::Cluster(_) => anyhow::bail!("the grid runs a cluster: kill a node"),
+            },
+            Target::RequestsLeader => {
+                let leader = requests_leader(js).await?;
+                let cluster = self.nats.cluster()?;
+                let node = (0..cluster.size())
+                    .find(|i| cluster.name(*i) == leader)
+                    .with_context(|| format!("no node named {leader}"))?;
+                cluster.kill(node);
+                self.killed_nodes = vec![node];
+            }
+            Target::Cluster => {
+                let cluster = self.nats.cluster()?;
+                for i in 0..cluster.size() {
+                    cluster.kill(i);
+                }
+                self.killed_nodes = (0..cluster.size()).collect();
+            }
+            _ => {
+                let s = self.service(target);
+                let mut proc = s
+                    .proc
+                    .take()
+                    .with_context(|| format!("{} is not running", s.name))?;
+                proc.kill()?;
+            }
         }
-        let s = self.service(target);
-        let mut proc = s
-            .proc
-            .take()
-            .with_context(|| format!("{} is not running", s.name))?;
-        proc.kill()
+        Ok(())
     }
 
     /// Starts a killed component again, as it was. Returns when it was started (the moment its
     /// recovery counts from); a service is also ready by the time this returns.
     pub async fn restart(&mut self, target: Target) -> Result<DateTime<Utc>> {
-        if target == Target::Nats {
-            self.nats.restart()?;
-            return Ok(Utc::now());
-        }
         let started = Utc::now();
-        self.start_service(target).await?;
+        match target {
+            Target::Nats => match &mut self.nats {
+                Nats::Single(s) => s.restart()?,
+                Nats::Cluster(_) => anyhow::bail!("the grid runs a cluster: restart a node"),
+            },
+            Target::RequestsLeader | Target::Cluster => {
+                let nodes = std::mem::take(&mut self.killed_nodes);
+                let cluster = self.nats.cluster()?;
+                for i in nodes {
+                    cluster.restart(i)?;
+                }
+                // Blocking, but nothing else of the suite runs meanwhile but the load, which
+                // has its own tasks.
+                tokio::task::block_in_place(|| cluster.wait_for_meta_leader(CLUSTER_ELECTION))?;
+            }
+            _ => self.start_service(target).await?,
+        }
         Ok(started)
     }
 
@@ -163,8 +276,10 @@ impl LocalGrid {
 
     /// Fails when a service that should run has died (a crash the scenario did not cause).
     pub fn check_alive(&mut self) -> Result<()> {
-        let services = std::iter::once(&mut self.ingest)
-            .chain(std::iter::once(&mut self.dispatcher))
+        let services = self
+            .ingests
+            .iter_mut()
+            .chain(self.dispatchers.iter_mut())
             .chain(self.substations.iter_mut());
         for s in services {
             if let Some(p) = s.proc.as_mut() {
@@ -173,4 +288,14 @@ impl LocalGrid {
         }
         Ok(())
     }
+}
+
+/// The server name of the cluster node leading `EV_REQUESTS`.
+async fn requests_leader(js: &async_nats::jetstream::Context) -> Result<String> {
+    let mut stream = js.get_stream(streams::REQUESTS).await?;
+    let info = stream.info().await?;
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .context("EV_REQUESTS has no leader")
 }

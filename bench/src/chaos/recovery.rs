@@ -1,8 +1,9 @@
 //! How long the grid took to work again after a fault, from the times NATS stored things (pure,
-//! over what [`super::read`] gathered): the first dispatch after the dispatcher's or the
-//! nats-server's return, the resumption of a restarted substation's held sessions (and how many
-//! restarted from 0 kWh though the bucket had recorded energy), the first 202 after ingest's
-//! return, the first session event of a substation after SIGCONT.
+//! over what [`super::read`] gathered): the first dispatch after the dispatcher's or NATS's
+//! return, the resumption of a restarted substation's held sessions (and how many restarted
+//! from 0 kWh though the bucket had recorded energy), the first 202 after ingest's return, the
+//! first session event of a substation after SIGCONT; for faults nothing returns from, the
+//! last request moved or dispatched after the blow, the slowest answer, the longest pause.
 
 use std::collections::HashMap;
 
@@ -64,6 +65,24 @@ pub fn last_after(
         .filter(|t| *t >= from)
         .max()
         .map(|t| seconds(from, t))
+}
+
+/// The longest wait of `(sent, answered)` pairs, in seconds (`None` without any).
+pub fn slowest(pairs: impl IntoIterator<Item = (DateTime<Utc>, DateTime<Utc>)>) -> Option<f64> {
+    pairs
+        .into_iter()
+        .map(|(sent, answered)| seconds(sent, answered))
+        .reduce(f64::max)
+}
+
+/// The longest stretch without any of `times` from `from` to the last of them: how long a
+/// steady flow (202s, dispatches) stopped after a fault. `None` when nothing came after `from`.
+pub fn longest_pause(mut times: Vec<DateTime<Utc>>, from: DateTime<Utc>) -> Option<f64> {
+    times.retain(|t| *t >= from);
+    times.sort();
+    let first = *times.first()?;
+    let gaps = times.windows(2).map(|w| seconds(w[0], w[1]));
+    Some(gaps.fold(seconds(from, first), f64::max))
 }
 
 /// The sessions substation `victim` held when it was killed at `killed` (accepted there, not
@@ -141,6 +160,17 @@ mod tests {
     fn first_event_after_the_return() {
         assert_eq!(first_after([t(100), t(2500), t(1500)], t(1000)), Some(0.5));
         assert_eq!(first_after([t(100)], t(1000)), None);
+    }
+
+    #[test]
+    fn pauses_and_slowest_answers() {
+        let times = vec![t(900), t(1100), t(1200), t(2700), t(2800)];
+        assert_eq!(longest_pause(times.clone(), t(1000)), Some(1.5));
+        // The wait from the blow to the first counts too.
+        assert_eq!(longest_pause(times, t(-1000)), Some(1.9));
+        assert_eq!(longest_pause(vec![t(100)], t(1000)), None);
+        assert_eq!(slowest([(t(0), t(100)), (t(50), t(400))]), Some(0.35));
+        assert_eq!(slowest([]), None);
     }
 
     #[test]

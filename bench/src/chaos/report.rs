@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use super::ChaosArgs;
 use super::check::{Accounting, Verdict};
 use super::drive::LoadOutcome;
-use super::fault::Scenario;
+use super::fault::{Scenario, Shape};
 use super::read::HeartbeatCheck;
 use super::recovery::Recovery;
 
@@ -17,6 +17,7 @@ use super::recovery::Recovery;
 #[derive(Debug, serde::Serialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
+    pub shape: Shape,
     /// Seconds after the load started when the fault struck, and when its target was back.
     pub fault_at_s: Option<f64>,
     pub back_at_s: Option<f64>,
@@ -34,11 +35,14 @@ pub struct ScenarioResult {
 }
 
 impl ScenarioResult {
-    /// Why this scenario fails the run (lost, stuck, doubled, inconsistent, above capacity,
-    /// crashed).
+    /// Why this scenario fails the run (lost, stuck, doubled, inconsistent, a 202 not stored,
+    /// above capacity, crashed).
     pub fn failures(&self) -> Vec<String> {
         let a = &self.accounting;
         let mut out = Vec::new();
+        if a.unstored > 0 {
+            out.push(format!("{} accepted but not in EV_REQUESTS", a.unstored));
+        }
         for v in [
             Verdict::Lost,
             Verdict::Stuck,
@@ -93,12 +97,13 @@ impl ChaosReport {
         }
     }
 
-    /// Adds a scenario's result, its p99 compared with the `none` run's when there is one.
+    /// Adds a scenario's result, its p99 compared with its reference's (`none` or
+    /// `none-cluster`) when that ran.
     pub fn push(&mut self, mut result: ScenarioResult) {
         let reference = self
             .scenarios
             .iter()
-            .find(|r| r.scenario == Scenario::NoFault)
+            .find(|r| r.scenario == result.scenario.reference())
             .and_then(|r| r.accounting.p99_ms);
         if let (Some(p99), Some(reference)) = (result.accounting.p99_ms, reference) {
             result.p99_ratio = Some(p99 / reference);
@@ -120,7 +125,7 @@ impl ChaosReport {
 
     pub fn markdown(&self) -> String {
         let mut out = format!(
-            "\n### Chaos: every 202 accounted for\n\n{} req/s for {} s ({} kWh at {} kW), one fault {} s in, drain window {} s; 3 substations of {} kW at time scale {}.\n\n",
+            "\n### Chaos: every 202 accounted for\n\n{} req/s for {} s ({} kWh at {} kW), one fault {} s in, drain window {} s; 3 substations of {} kW at time scale {}. Each scenario runs on a fresh grid: one nats-server, or a 3-node cluster at R3 (`none-cluster` and after), and one ingest and one dispatcher, or two where the scenario kills one of two.\n\n",
             self.rate,
             self.duration_s,
             self.energy_kwh,
@@ -145,15 +150,18 @@ impl ChaosReport {
             }
             out.push('\n');
         }
-        out.push_str("\n| scenario | fault at s | back at s | connection errors | unanswered | all final after s | p50 / p99 / max accept → completed, s | heartbeats |\n|---|---:|---:|---:|---:|---:|---|---:|\n");
+        out.push_str("\n| scenario | NATS nodes / ingests / dispatchers | fault at s | back at s | connection errors | unanswered | all final after s | p50 / p99 / max accept → completed, s | heartbeats |\n|---|---|---:|---:|---:|---:|---:|---|---:|\n");
         for r in &self.scenarios {
             let a = &r.accounting;
             let s = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.2}"));
             let ms = |x: Option<f64>| s(x.map(|x| x / 1e3));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
+                "| {} | {} / {} / {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
                 r.scenario.name(),
+                r.shape.nats_nodes,
+                r.shape.ingests,
+                r.shape.dispatchers,
                 s(r.fault_at_s),
                 s(r.back_at_s),
                 r.load.connection_errors,
@@ -191,9 +199,10 @@ fn recovery_cell(r: Option<&Recovery>) -> String {
 }
 
 /// The columns of the main table.
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 12] = [
     "scenario",
     "accepted",
+    "202 not stored",
     "completed once",
     "rejected",
     "lost",
@@ -206,7 +215,7 @@ const COLUMNS: [&str; 11] = [
 ];
 
 /// A scenario's cells of the main table, in [`COLUMNS`] order.
-fn row(r: &ScenarioResult) -> [String; 11] {
+fn row(r: &ScenarioResult) -> [String; 12] {
     let a = &r.accounting;
     let stuck = a.count(Verdict::Stuck).to_string();
     let mut doubled = a.count(Verdict::Doubled).to_string();
@@ -220,6 +229,7 @@ fn row(r: &ScenarioResult) -> [String; 11] {
     [
         r.scenario.name().to_owned(),
         a.accepted.to_string(),
+        a.unstored.to_string(),
         a.count(Verdict::CompletedOnce).to_string(),
         a.count(Verdict::Rejected).to_string(),
         a.count(Verdict::Lost).to_string(),
