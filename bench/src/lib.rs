@@ -20,4 +20,5 @@ pub mod load;
 pub mod measure;
 pub mod minimal;
 pub mod procs;
+pub mod replicas;
 pub mod setup;

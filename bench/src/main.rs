@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use evgrid_bench::{chaos, dispatch, e2e, forwarder, ingest, minimal};
+use evgrid_bench::{chaos, dispatch, e2e, forwarder, ingest, minimal, replicas};
 use evgrid_common::config::LogArgs;
 
 #[derive(Parser, Debug)]
@@ -45,6 +45,8 @@ enum Benchmark {
     Memory(e2e::MemoryArgs),
     /// 5. The original design's 100-concurrent test with a 1 s charging hold.
     Original(e2e::OriginalArgs),
+    /// 6. A burst of cars through 1, 2 and 3 dispatcher replicas: herd factor and throughput.
+    Replicas(replicas::Args),
     /// Every benchmark, with its defaults, one after the other.
     All,
     /// The fault-tolerance suite: faults under load, every accepted request accounted for
@@ -95,6 +97,7 @@ async fn run(benchmark: Benchmark) -> anyhow::Result<()> {
         Benchmark::E2e(args) => e2e::e2e(&args, path).await,
         Benchmark::Memory(args) => e2e::memory(&args, path).await,
         Benchmark::Original(args) => e2e::original(&args, path).await,
+        Benchmark::Replicas(args) => replicas::run(&args, path).await,
         Benchmark::All => all(path).await,
         Benchmark::Chaos(args) => chaos::main(&args, path).await,
     };
@@ -124,5 +127,6 @@ async fn all(logs: &std::path::Path) -> anyhow::Result<String> {
     out += &e2e::e2e(&defaults(), logs).await?;
     out += &e2e::memory(&defaults(), logs).await?;
     out += &e2e::original(&defaults(), logs).await?;
+    out += &replicas::run(&defaults(), logs).await?;
     Ok(out)
 }

@@ -183,17 +183,28 @@ impl Grid {
     }
 }
 
-/// A whole pipeline on a fresh nats-server: substations, a router, a front door, each a
-/// separate process.
+/// A whole pipeline on a fresh nats-server: substations, a router (or several evgrid
+/// dispatchers sharing the work), a front door, each a separate process.
 pub struct Pipeline {
     pub nats: Nats,
     pub front: Proc,
-    pub router: Proc,
+    pub routers: Vec<Proc>,
     pub substations: Vec<Proc>,
 }
 
 impl Pipeline {
     pub async fn start(kind: Kind, grid: &Grid, logs: &Path) -> Result<Self> {
+        Self::start_with(kind, grid, 1, logs).await
+    }
+
+    /// [`Pipeline::start`] with `dispatchers` replicas of evgrid-dispatcher (the reference
+    /// pipeline has one forwarder whatever this says).
+    pub async fn start_with(
+        kind: Kind,
+        grid: &Grid,
+        dispatchers: usize,
+        logs: &Path,
+    ) -> Result<Self> {
         let nats = Nats::start()?;
         let url = nats.url().to_owned();
         let nats_arg = || vec!["--nats-url".to_owned(), url.clone()];
@@ -213,11 +224,25 @@ impl Pipeline {
         let own = connect(&url).await?;
         await_heartbeats(&own.js, substations.len()).await?;
         let this = std::env::current_exe()?;
-        let (router, front) = match kind {
-            Kind::Evgrid => (
-                Proc::service("dispatcher", "evgrid-dispatcher", nats_arg(), logs).await?,
-                Proc::service("ingest", "evgrid-ingest", nats_arg(), logs).await?,
-            ),
+        let (routers, front) = match kind {
+            Kind::Evgrid => {
+                let mut routers = Vec::new();
+                let n = dispatchers.max(1);
+                for i in 1..=n {
+                    // One keeps the plain name the other benchmarks' tables show.
+                    let name = if n == 1 {
+                        "dispatcher".to_owned()
+                    } else {
+                        format!("dispatcher-{i}")
+                    };
+                    routers
+                        .push(Proc::service(&name, "evgrid-dispatcher", nats_arg(), logs).await?);
+                }
+                (
+                    routers,
+                    Proc::service("ingest", "evgrid-ingest", nats_arg(), logs).await?,
+                )
+            }
             Kind::Reference => {
                 let mut forward = vec!["forwarder".to_owned()];
                 forward.extend(nats_arg());
@@ -225,7 +250,7 @@ impl Pipeline {
                 let mut minimal = vec!["minimal-ingest".to_owned(), "--headers".into()];
                 minimal.extend(nats_arg());
                 (
-                    Proc::spawn("forwarder", &this, &forward, logs)?,
+                    vec![Proc::spawn("forwarder", &this, &forward, logs)?],
                     Proc::spawn_http("minimal", &this, minimal, "/readyz", logs).await?,
                 )
             }
@@ -233,7 +258,7 @@ impl Pipeline {
         Ok(Self {
             nats,
             front,
-            router,
+            routers,
             substations,
         })
     }
@@ -246,7 +271,7 @@ impl Pipeline {
     /// Every process of the pipeline, front first.
     pub fn procs(&mut self) -> impl Iterator<Item = &mut Proc> {
         std::iter::once(&mut self.front)
-            .chain(std::iter::once(&mut self.router))
+            .chain(self.routers.iter_mut())
             .chain(self.substations.iter_mut())
     }
 
