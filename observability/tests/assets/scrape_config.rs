@@ -47,7 +47,8 @@ fn compose_config_scrapes_every_component() {
             .map(|t| t.as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(targets(jobs::INGEST), ["ingest:8080"]);
+    // Each replica by itself: through the balancer a scrape would reach either at random.
+    assert_eq!(targets(jobs::INGEST), ["ingest:8080", "ingest-2:8080"]);
     assert_eq!(targets(jobs::DISPATCHER), ["dispatcher:9101"]);
     assert_eq!(
         targets(jobs::SUBSTATION),
