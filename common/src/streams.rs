@@ -148,6 +148,47 @@ pub fn request_state_config(r: &Retention) -> kv::Config {
     }
 }
 
+/// The latest entry of `key` in the request-state bucket, never older than a write already
+/// acknowledged: what every read before a compare-and-set, or that takes a missing record to
+/// mean something, needs.
+///
+/// The bucket's own reads are direct gets, which on a replicated bucket any replica may answer,
+/// including a follower that has not yet applied the latest write: it can return an older
+/// revision, or nothing for a record just created. The chaos suite saw exactly that on a
+/// 3-node cluster (a substation took a record it could not see for one moved away, and stopped
+/// charging it). So a replicated bucket is read from its stream leader through the JetStream
+/// API; a single replica is current by construction and keeps the cheaper direct get.
+pub async fn read_latest(kv: &kv::Store, key: &str) -> Result<Option<kv::Entry>, kv::EntryError> {
+    if kv.stream.cached_info().config.num_replicas <= 1 {
+        return kv.entry(key).await;
+    }
+    let subject = format!("{}{key}", kv.prefix);
+    let message = match kv.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(kv::EntryError::with_source(kv::EntryErrorKind::Other, e)),
+    };
+    let operation = match message.headers.get("KV-Operation") {
+        Some(op) => op
+            .as_str()
+            .parse()
+            .map_err(|e| kv::EntryError::with_source(kv::EntryErrorKind::Other, e))?,
+        None => kv::Operation::Put,
+    };
+    Ok(Some(kv::Entry {
+        bucket: kv.name.clone(),
+        key: key.to_owned(),
+        value: message.payload,
+        revision: message.sequence,
+        delta: 0,
+        created: message.time,
+        operation,
+        seen_current: false,
+    }))
+}
+
 /// Requests a dispatcher holds un-acked at once (across all its instances), by default.
 pub const DEFAULT_DISPATCHER_MAX_ACK_PENDING: i64 = 10_000;
 

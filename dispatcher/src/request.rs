@@ -211,7 +211,7 @@ impl Handler {
         let key = request_id.to_string();
         // Each lost compare-and-set means the state moved on: look again.
         for _ in 0..TAKE_OVER_ATTEMPTS {
-            let Some(entry) = self.kv.entry(&key).await? else {
+            let Some(entry) = streams::read_latest(&self.kv, &key).await? else {
                 return Ok(None);
             };
             let Ok(record) = serde_json::from_slice::<RequestRecord>(&entry.value) else {
@@ -505,10 +505,13 @@ impl Handler {
         &self,
         request_id: Uuid,
     ) -> Result<Option<RequestState>, kv::EntryError> {
-        let Some(value) = self.kv.get(request_id.to_string()).await? else {
+        let Some(entry) = streams::read_latest(&self.kv, &request_id.to_string()).await? else {
             return Ok(None);
         };
-        Ok(serde_json::from_slice::<RequestRecord>(&value)
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice::<RequestRecord>(&entry.value)
             .ok()
             .map(|record| record.state)
             .filter(|state| *state != RequestState::Queued))
@@ -595,7 +598,7 @@ impl Handler {
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
         }
-        let Some(entry) = self.kv.entry(&key).await? else {
+        let Some(entry) = streams::read_latest(&self.kv, &key).await? else {
             return Ok(());
         };
         let current = serde_json::from_slice::<RequestRecord>(&entry.value).ok();

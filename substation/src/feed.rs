@@ -115,7 +115,7 @@ async fn read_state(kv: kv::Store, key: Option<String>) -> StateRead {
     let Some(key) = key else {
         return Ok((None, 0));
     };
-    Ok(match kv.entry(key).await? {
+    Ok(match streams::read_latest(&kv, &key).await? {
         Some(entry) if entry.operation == kv::Operation::Put => (Some(entry.value), entry.revision),
         Some(deleted) => (None, deleted.revision),
         None => (None, 0),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
 use tokio_util::sync::CancellationToken;
 
 use evgrid_common::nats::{self, consumer};
@@ -217,4 +217,42 @@ async fn a_list_of_servers_connects_to_any_and_reconnects_to_another() {
     .await
     .unwrap();
     assert_eq!(ack.stream, streams::REQUESTS);
+}
+
+#[tokio::test]
+async fn a_replicated_bucket_reads_every_acknowledged_write_back_from_any_node() {
+    let cluster = NatsCluster::start(3).unwrap();
+    let writer = connect(&cluster.url(0)).await;
+    let kv = ensure(&writer.js, 3).await;
+    // The reader sits on another node: a direct get there may be answered by a follower that
+    // has not applied the write yet.
+    let reader = connect(&cluster.url(2)).await;
+    let read_kv = reader
+        .js
+        .get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        let key = format!("r{i}");
+        let created = kv.create(&key, "queued".into()).await.unwrap();
+        let updated = kv.update(&key, "dispatched".into(), created).await.unwrap();
+        let entry = streams::read_latest(&read_kv, &key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key}: acknowledged, then not found"));
+        assert_eq!(
+            (entry.revision, entry.value.as_ref(), entry.operation),
+            (updated, b"dispatched".as_ref(), kv::Operation::Put),
+            "{key}"
+        );
+    }
+    kv.delete("r0").await.unwrap();
+    let deleted = streams::read_latest(&read_kv, "r0").await.unwrap().unwrap();
+    assert_eq!(deleted.operation, kv::Operation::Delete);
+    assert!(
+        streams::read_latest(&read_kv, "never-written")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

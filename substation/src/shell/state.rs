@@ -16,6 +16,7 @@
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
+use evgrid_common::streams;
 use evgrid_model::messages::{RequestRecord, SessionEventKind};
 use futures::FutureExt;
 use uuid::Uuid;
@@ -145,7 +146,7 @@ impl Shell {
     /// A write was refused: the state is not at the revision the session knew. Reads it to see
     /// whose the request is now.
     async fn on_refused(&mut self, id: Uuid, refused: StateWrite) {
-        let stored = match self.kv.entry(id.to_string()).await {
+        let stored = match streams::read_latest(&self.kv, &id.to_string()).await {
             Ok(entry) => entry,
             Err(e) => {
                 // NATS is away: try the same write again (the writer waits for it to return).
