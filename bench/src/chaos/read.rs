@@ -31,8 +31,30 @@ pub struct Stored {
     pub published: DateTime<Utc>,
 }
 
-/// Every message `stream` holds, oldest first, through an ordered consumer.
+/// Attempts at reading a whole stream: a cluster that just lost a node may time out a request
+/// or two while it elects new leaders.
+const READ_ATTEMPTS: u32 = 5;
+/// Pause between two attempts.
+const READ_RETRY: Duration = Duration::from_secs(2);
+
+/// Every message `stream` holds, oldest first, through an ordered consumer; tried again (a few
+/// times) when the read fails.
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Result<Vec<Stored>> {
+    let mut attempt = 1;
+    loop {
+        match read_stream_once(js, stream).await {
+            Ok(messages) => return Ok(messages),
+            Err(e) if attempt < READ_ATTEMPTS => {
+                tracing::warn!(stream, attempt, error = %format!("{e:#}"), "cannot read; trying again");
+                attempt += 1;
+                tokio::time::sleep(READ_RETRY).await;
+            }
+            Err(e) => return Err(e.context(format!("{READ_ATTEMPTS} attempts"))),
+        }
+    }
+}
+
+async fn read_stream_once(js: &jetstream::Context, stream: &str) -> Result<Vec<Stored>> {
     let mut handle = js
         .get_stream(stream)
         .await
