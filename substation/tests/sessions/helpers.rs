@@ -92,13 +92,15 @@ impl Grid {
     }
 
     pub async fn record(&self, request_id: Uuid) -> RequestRecord {
-        let value = self
-            .kv
-            .get(request_id.to_string())
+        self.try_record(request_id)
             .await
-            .unwrap()
-            .expect("request state exists");
-        serde_json::from_slice(&value).unwrap()
+            .expect("request state exists")
+    }
+
+    /// The request's state, if written yet.
+    pub async fn try_record(&self, request_id: Uuid) -> Option<RequestRecord> {
+        let value = self.kv.get(request_id.to_string()).await.unwrap()?;
+        Some(serde_json::from_slice(&value).unwrap())
     }
 
     pub async fn subscribe<T: DeserializeOwned>(&self, subject: String) -> Messages<T> {
@@ -224,6 +226,7 @@ pub fn dispatch(substation_id: &str, energy_kwh: f64, max_power_kw: f64) -> Disp
         substation_id: substation_id.to_owned(),
         vehicle_id: format!("ev-{}", &Uuid::new_v4().to_string()[..8]),
         energy_kwh,
+        energy_expected_kwh: None,
         max_power_kw,
         departure: Some(now + chrono::Duration::hours(8)),
         accepted_at: now,

@@ -278,9 +278,10 @@ async fn a_crashed_substation_gets_its_sessions_back_at_once_from_their_recorded
     let d = dispatch("s1", 10.0, 10.0);
     grid.dispatch(&d).await;
     events.until(|e| e.event == SessionEventKind::Started).await;
-    // The energy so far, checkpointed while the session charges.
+    // The energy so far, checkpointed while the session charges (the `started` event may
+    // come before the first state write is stored).
     let recorded = evgrid_test_support::eventually(WAIT, Duration::from_millis(20), || async {
-        let record = grid.record(d.request_id).await;
+        let record = grid.try_record(d.request_id).await?;
         (record.state == RequestState::Charging && record.energy_delivered_kwh > 0.0)
             .then_some(record.energy_delivered_kwh)
     })
