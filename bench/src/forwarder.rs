@@ -117,6 +117,7 @@ async fn forward(js: jetstream::Context, msg: Message, substation: Arc<str>) {
         substation_id: substation.to_string(),
         vehicle_id: request.vehicle_id,
         energy_kwh: request.energy_kwh,
+        energy_expected_kwh: None,
         max_power_kw: request.max_power_kw,
         departure: request.departure,
         accepted_at,

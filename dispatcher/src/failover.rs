@@ -146,6 +146,7 @@ fn offer(dispatch: &Dispatch, from: &str, seq: u64) -> PublishMessage {
         energy_kwh: dispatch.energy_kwh,
         max_power_kw: dispatch.max_power_kw,
         departure: dispatch.departure,
+        all_or_nothing: false,
     };
     PublishMessage::build()
         .payload(

@@ -22,8 +22,8 @@ use evgrid_common::error::chain;
 use evgrid_common::streams;
 use evgrid_model::headers;
 use evgrid_model::messages::{
-    ChargeRequest, Dispatch, Move, RejectReason, RequestRecord, RequestState, SessionEvent,
-    SessionEventKind, SessionReport, request_id_from_sequence,
+    ChargeRequest, Dispatch, MIN_BEST_EFFORT_KWH, Move, RejectReason, RequestRecord, RequestState,
+    SessionEvent, SessionEventKind, SessionReport, expected_energy_kwh, request_id_from_sequence,
 };
 use evgrid_model::subjects;
 use evgrid_model::validate::{RequestError, parse_charge_request};
@@ -37,6 +37,9 @@ use evgrid_model::decision::{Decision, DeferReason, Demand, GridView, Policy, Ti
 
 /// Compare-and-set attempts of one move before it is retried later.
 const TAKE_OVER_ATTEMPTS: usize = 5;
+/// A best-effort demand is this fraction of what fits before the departure: float rounding can
+/// then never make it undeliverable in `decide`.
+const BEST_EFFORT_MARGIN: f64 = 1.0 - 1e-9;
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -335,9 +338,28 @@ impl Handler {
         let request_id = request.request_id.unwrap_or(fallback_id);
 
         let mut demand = Demand::from(&request);
-        if let Some(m) = moving {
+        let prior_kwh = moving.map_or(0.0, |m| m.prior_kwh);
+        if moving.is_some() {
             // Only what it has not had yet; never nothing, or it would count as no demand.
-            demand.energy_kwh = (request.energy_kwh - m.prior_kwh).max(f64::EPSILON);
+            demand.energy_kwh = (request.energy_kwh - prior_kwh).max(f64::EPSILON);
+        }
+        // Best effort: a car leaving before its energy fits is charged what it can take, as a
+        // real charger would, unless the request asked for all or nothing. Nearly nothing is
+        // still nothing: `decide` rejects it as undeliverable.
+        let expected_kwh = if request.all_or_nothing {
+            None
+        } else {
+            expected_energy_kwh(
+                demand.energy_kwh,
+                demand.max_power_kw,
+                demand.departure,
+                now,
+            )
+            .filter(|e| *e >= MIN_BEST_EFFORT_KWH)
+        };
+        if let Some(e) = expected_kwh {
+            // Just under what fits, so rounding never makes it undeliverable in `decide`.
+            demand.energy_kwh = e * BEST_EFFORT_MARGIN;
         }
         let (decision, ticket) = {
             let mut grid = lock(&self.grid);
@@ -372,6 +394,7 @@ impl Handler {
                         substation_id: substation_id.to_string(),
                         vehicle_id: request.vehicle_id,
                         energy_kwh: request.energy_kwh,
+                        energy_expected_kwh: expected_kwh.map(|_| prior_kwh + demand.energy_kwh),
                         max_power_kw: request.max_power_kw,
                         departure: request.departure,
                         accepted_at,

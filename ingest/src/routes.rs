@@ -13,7 +13,7 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 use bytes::{Buf, Bytes};
 use chrono::{DateTime, SecondsFormat, Utc};
 use evgrid_common::http::{Readiness, ops_routes};
-use evgrid_model::messages::RequestRecord;
+use evgrid_model::messages::{RequestRecord, expected_energy_kwh};
 use evgrid_model::{headers, subjects, validate};
 use futures::Stream;
 use prometheus::Registry;
@@ -82,6 +82,10 @@ pub(crate) fn routes(
 struct Queued {
     request_id: Uuid,
     state: &'static str,
+    /// Best effort: what the car can take at its max power before its departure, when that
+    /// is less than it asked for (the GET shows the figure the dispatcher settled on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    energy_expected_kwh: Option<f64>,
 }
 
 async fn post_charge_request<S, B>(
@@ -104,12 +108,13 @@ where
     )
     .await;
     match accepted {
-        Ok(request_id) => {
+        Ok((request_id, energy_expected_kwh)) => {
             let mut response = json_response(
                 StatusCode::ACCEPTED,
                 &Queued {
                     request_id,
                     state: "queued",
+                    energy_expected_kwh,
                 },
             );
             let location = format!("/v1/charge-requests/{request_id}");
@@ -128,14 +133,15 @@ where
     }
 }
 
-/// Checks, validates and stores one charge request; its id once JetStream has it.
+/// Checks, validates and stores one charge request; its id once JetStream has it, and the
+/// energy it can expect when that is less than it asked for (best effort).
 async fn accept<S, B>(
     state: &AppState,
     content_type: Option<&str>,
     idempotency_key: Option<&str>,
     content_length: Option<u64>,
     body: S,
-) -> Result<Uuid, ApiError>
+) -> Result<(Uuid, Option<f64>), ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -156,7 +162,17 @@ where
     state.recent.insert(request_id, ack.sequence);
     state.metrics.accepted(ack.duplicate);
     tracing::debug!(%request_id, duplicate = ack.duplicate, "charge request stored");
-    Ok(request_id)
+    let expected = if charge.all_or_nothing {
+        None
+    } else {
+        expected_energy_kwh(
+            charge.energy_kwh,
+            charge.max_power_kw,
+            charge.departure,
+            now,
+        )
+    };
+    Ok((request_id, expected))
 }
 
 /// Publishes the request to `ev.requests` and awaits the PubAck.

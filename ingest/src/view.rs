@@ -25,6 +25,7 @@ pub(crate) struct RequestView {
 impl From<RequestRecord> for RequestView {
     fn from(mut record: RequestRecord) -> Self {
         record.energy_kwh = round3(record.energy_kwh);
+        record.energy_expected_kwh = record.energy_expected_kwh.map(round3);
         record.max_power_kw = round3(record.max_power_kw);
         record.energy_delivered_kwh = round3(record.energy_delivered_kwh);
         for m in &mut record.moved {
@@ -32,9 +33,12 @@ impl From<RequestRecord> for RequestView {
         }
         let (fully_charged, energy_shortfall_kwh) = if record.state == RequestState::Completed {
             let shortfall = round3((record.energy_kwh - record.energy_delivered_kwh).max(0.0));
-            // The substation's word when it gave one; the energies otherwise.
+            // The substation's word when it gave one; the energies otherwise. A best-effort
+            // request "delivered" what it could expect, not what it asked for.
             let full = match record.reason.as_deref() {
-                Some(r) if r == SessionOutcome::Delivered.as_str() => true,
+                Some(r) if r == SessionOutcome::Delivered.as_str() => {
+                    record.energy_expected_kwh.is_none()
+                }
                 Some(r) if r == SessionOutcome::Departed.as_str() => false,
                 _ => shortfall == 0.0,
             };
@@ -66,6 +70,7 @@ mod tests {
             energy_kwh: 30.0,
             max_power_kw: 11.0,
             departure: None,
+            all_or_nothing: false,
         };
         let mut r = RequestRecord::new(Uuid::from_u128(1), state, &request, at, at);
         r.energy_delivered_kwh = delivered;
@@ -97,6 +102,14 @@ mod tests {
         assert_eq!(v["fully_charged"], true);
         assert_eq!(v["energy_delivered_kwh"], 30.0);
         assert_eq!(v["energy_shortfall_kwh"], 0.0);
+
+        // Best effort: it delivered what it could expect, not what it asked for.
+        let mut best_effort = record(RequestState::Completed, 9.9, Some("delivered"));
+        best_effort.energy_expected_kwh = Some(9.900_000_1);
+        let v = json(best_effort);
+        assert_eq!(v["fully_charged"], false);
+        assert_eq!(v["energy_expected_kwh"], 9.9);
+        assert_eq!(v["energy_shortfall_kwh"], 20.1);
 
         // A record without a reason (an older writer) is judged by its energies.
         let v = json(record(RequestState::Completed, 0.0, None));

@@ -15,6 +15,34 @@ pub struct ChargeRequest {
     pub max_power_kw: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub departure: Option<DateTime<Utc>>,
+    /// Reject the request unless all of `energy_kwh` can be delivered before `departure`. By
+    /// default a request that cannot be filled before its departure is charged as far as it
+    /// can be (best effort, [`expected_energy_kwh`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub all_or_nothing: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Below this, a best-effort request gets nothing worth a session: it is rejected as
+/// `undeliverable` instead (a car leaving within seconds).
+pub const MIN_BEST_EFFORT_KWH: f64 = 0.1;
+
+/// What a request can expect to receive when its car leaves before `energy_kwh` fits: what the
+/// car takes at `max_power_kw` from `now` to `departure` (best effort). `None` when the whole
+/// energy fits, or there is no departure.
+pub fn expected_energy_kwh(
+    energy_kwh: f64,
+    max_power_kw: f64,
+    departure: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<f64> {
+    let hours_left =
+        (departure? - now).num_milliseconds() as f64 / 1000.0 / crate::SECONDS_PER_HOUR;
+    let most = max_power_kw * hours_left.max(0.0);
+    (most < energy_kwh).then_some(most)
 }
 
 /// Namespace for request ids derived from something else (a stream sequence, an idempotency
@@ -164,6 +192,10 @@ pub struct Dispatch {
     pub substation_id: String,
     pub vehicle_id: String,
     pub energy_kwh: f64,
+    /// Best effort: the energy the car can take before its departure, when that is less than
+    /// `energy_kwh` ([`expected_energy_kwh`]); the session charges this much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_expected_kwh: Option<f64>,
     pub max_power_kw: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub departure: Option<DateTime<Utc>>,
@@ -171,6 +203,15 @@ pub struct Dispatch {
     pub dispatched_at: DateTime<Utc>,
     /// Sequence of the request in `EV_REQUESTS` (for replay and tracing).
     pub request_seq: u64,
+}
+
+impl Dispatch {
+    /// The energy the session charges: the expected energy of a best-effort request, else the
+    /// whole request.
+    pub fn energy_target_kwh(&self) -> f64 {
+        self.energy_expected_kwh
+            .map_or(self.energy_kwh, |e| e.min(self.energy_kwh))
+    }
 }
 
 /// Kinds of session events, the last token of `ev.sessions.<substation_id>.<event>`.
@@ -273,6 +314,10 @@ pub struct RequestRecord {
     pub state: RequestState,
     pub vehicle_id: String,
     pub energy_kwh: f64,
+    /// Best effort: what the car can take before its departure when that is less than
+    /// `energy_kwh` (set when the request is dispatched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_expected_kwh: Option<f64>,
     pub max_power_kw: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub departure: Option<DateTime<Utc>>,
@@ -329,6 +374,7 @@ impl RequestRecord {
             state,
             vehicle_id: request.vehicle_id.clone(),
             energy_kwh: request.energy_kwh,
+            energy_expected_kwh: None,
             max_power_kw: request.max_power_kw,
             departure: request.departure,
             substation_id: None,
@@ -358,6 +404,7 @@ impl RequestRecord {
             state,
             vehicle_id: d.vehicle_id.clone(),
             energy_kwh: d.energy_kwh,
+            energy_expected_kwh: d.energy_expected_kwh,
             max_power_kw: d.max_power_kw,
             departure: d.departure,
             substation_id: Some(d.substation_id.clone()),
@@ -410,6 +457,23 @@ impl RejectReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_car_leaving_early_can_expect_what_fits() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let in_90_min = Some(now + chrono::Duration::minutes(90));
+        // 6.6 kW for 1.5 h is 9.9 kWh.
+        let e = expected_energy_kwh(26.0, 6.6, in_90_min, now).unwrap();
+        assert!((e - 9.9).abs() < 1e-9, "{e}");
+        assert_eq!(expected_energy_kwh(9.0, 6.6, in_90_min, now), None, "fits");
+        assert_eq!(
+            expected_energy_kwh(26.0, 6.6, None, now),
+            None,
+            "no departure"
+        );
+        let gone = Some(now - chrono::Duration::minutes(1));
+        assert_eq!(expected_energy_kwh(26.0, 6.6, gone, now), Some(0.0));
+    }
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {

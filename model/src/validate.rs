@@ -78,6 +78,8 @@ struct Fields<'a> {
     departure: Option<&'a str>,
     #[serde(default, borrow)]
     request_id: Option<&'a str>,
+    #[serde(default)]
+    all_or_nothing: Option<bool>,
 }
 
 /// The request when `body` is a valid one by the rules of [`validate_object`], else `None`
@@ -119,6 +121,7 @@ fn parse_valid(body: &[u8], now: DateTime<Utc>) -> Option<ChargeRequest> {
         energy_kwh: f.energy_kwh,
         max_power_kw: f.max_power_kw,
         departure,
+        all_or_nothing: f.all_or_nothing.unwrap_or(false),
     })
 }
 
@@ -150,7 +153,12 @@ fn validate_object(
     for key in map.keys() {
         if !matches!(
             key.as_str(),
-            "vehicle_id" | "energy_kwh" | "max_power_kw" | "departure" | "request_id"
+            "vehicle_id"
+                | "energy_kwh"
+                | "max_power_kw"
+                | "departure"
+                | "request_id"
+                | "all_or_nothing"
         ) {
             fail(key, "unknown field".into());
         }
@@ -232,6 +240,18 @@ fn validate_object(
         }
     };
 
+    let all_or_nothing = match map.get("all_or_nothing") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            fail(
+                "all_or_nothing",
+                format!("must be true or false, got {}", kind(other)),
+            );
+            false
+        }
+    };
+
     if !errors.is_empty() {
         return Err(RequestError::Invalid(errors));
     }
@@ -241,6 +261,7 @@ fn validate_object(
         energy_kwh: energy_kwh.expect("validated"),
         max_power_kw: max_power_kw.expect("validated"),
         departure,
+        all_or_nothing,
     })
 }
 
@@ -323,6 +344,9 @@ mod tests {
             br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"departure":"tomorrow"}"#,
             br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"request_id":"x"}"#,
             br#"{"vehicle_id":"ev-1","energy_kwh":1e400,"max_power_kw":11}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":true}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":null}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":"yes"}"#,
             br#"{"vehicle_id":"ev-1"} trailing"#,
             b"{not json",
             b"",
@@ -368,6 +392,30 @@ mod tests {
             "2026-01-01T01:00:00+00:00"
         );
         assert!(r.request_id.is_some());
+    }
+
+    #[test]
+    fn all_or_nothing_is_a_boolean_and_false_by_default() {
+        let parse = |extra: &str| {
+            parse_charge_request(
+                format!(r#"{{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11{extra}}}"#)
+                    .as_bytes(),
+                now(),
+            )
+        };
+        assert!(!parse("").unwrap().all_or_nothing);
+        assert!(!parse(r#","all_or_nothing":null"#).unwrap().all_or_nothing);
+        assert!(!parse(r#","all_or_nothing":false"#).unwrap().all_or_nothing);
+        assert!(parse(r#","all_or_nothing":true"#).unwrap().all_or_nothing);
+        let Err(RequestError::Invalid(errors)) = parse(r#","all_or_nothing":1"#) else {
+            panic!("a number is not a boolean");
+        };
+        assert_eq!(errors[0].field, "all_or_nothing");
+        assert!(
+            errors[0].detail.contains("true or false"),
+            "{}",
+            errors[0].detail
+        );
     }
 
     #[test]

@@ -54,10 +54,14 @@ pub(crate) enum InvalidDispatch {
 /// A dispatch body the model can charge.
 pub(crate) fn parse_dispatch(payload: &[u8]) -> Result<Dispatch, InvalidDispatch> {
     let d: Dispatch = serde_json::from_slice(payload).map_err(InvalidDispatch::NotADispatch)?;
+    let expected = d.energy_expected_kwh.map(|e| ("energy_expected_kwh", e));
     for (field, value) in [
         ("energy_kwh", d.energy_kwh),
         ("max_power_kw", d.max_power_kw),
-    ] {
+    ]
+    .into_iter()
+    .chain(expected)
+    {
         if !(value.is_finite() && value > 0.0) {
             return Err(InvalidDispatch::NotPositive { field, value });
         }
@@ -176,7 +180,8 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
     };
     Plan::Accept(Accept {
         prior_kwh: record.map_or(0.0, |r| {
-            r.energy_delivered_kwh.clamp(0.0, dispatch.energy_kwh)
+            r.energy_delivered_kwh
+                .clamp(0.0, dispatch.energy_target_kwh())
         }),
         charging_started_at: record.and_then(|r| r.charging_started_at),
         moved: record.map(|r| r.moved.clone()).unwrap_or_default(),
@@ -242,6 +247,7 @@ mod tests {
             substation_id: "s1".into(),
             vehicle_id: "ev".into(),
             energy_kwh: 30.0,
+            energy_expected_kwh: None,
             max_power_kw: 11.0,
             departure: Some(at(7200)),
             accepted_at: at(0),
@@ -267,6 +273,7 @@ mod tests {
             state,
             vehicle_id: "ev".into(),
             energy_kwh: 30.0,
+            energy_expected_kwh: None,
             max_power_kw: 11.0,
             departure: Some(at(7200)),
             substation_id: substation.map(str::to_owned),

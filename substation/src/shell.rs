@@ -382,7 +382,7 @@ impl Shell {
         let car = Arrival {
             id: request_id,
             max_power_kw: live.dispatch.max_power_kw,
-            energy_kwh: live.dispatch.energy_kwh - prior_kwh,
+            energy_kwh: live.dispatch.energy_target_kwh() - prior_kwh,
             departure: stay_left_s.map(|s| now + s),
         };
         if prior_kwh > 0.0 {
@@ -459,11 +459,11 @@ impl Shell {
         let energy = match outcome {
             SessionOutcome::Delivered => {
                 self.metrics.sessions_completed.inc();
-                live.dispatch.energy_kwh
+                live.dispatch.energy_target_kwh()
             }
             SessionOutcome::Departed => {
                 self.metrics.sessions_departed.inc();
-                (live.prior_kwh + event.delivered_kwh).min(live.dispatch.energy_kwh)
+                (live.prior_kwh + event.delivered_kwh).min(live.dispatch.energy_target_kwh())
             }
         };
         let live = &self.sessions[&id];

@@ -219,6 +219,7 @@ pub(crate) mod fixtures {
             energy_kwh: 10.0,
             max_power_kw: 11.0,
             departure: None,
+            all_or_nothing: false,
         };
         let mut r = RequestRecord::new(id, state, &request, t(0), t(0));
         r.reason = reason.map(str::to_owned);

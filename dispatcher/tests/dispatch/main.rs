@@ -127,11 +127,11 @@ async fn invalid_requests_are_rejected_and_the_pipeline_keeps_going() {
             )
             .into_bytes(),
         ),
-        // 100 kWh at 11 kW is 9 h; the car leaves in 1 h.
+        // 100 kWh at 11 kW is 9 h; the car leaves in 1 h, and wants all or nothing.
         (
             "undeliverable",
             format!(
-                r#"{{"request_id":"{late_id}","vehicle_id":"ev-u","energy_kwh":100,"max_power_kw":11,"departure":"{in_an_hour}"}}"#
+                r#"{{"request_id":"{late_id}","vehicle_id":"ev-u","energy_kwh":100,"max_power_kw":11,"departure":"{in_an_hour}","all_or_nothing":true}}"#
             )
             .into_bytes(),
         ),
@@ -210,6 +210,35 @@ async fn invalid_requests_are_rejected_and_the_pipeline_keeps_going() {
         ))
         .await;
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_car_leaving_before_its_energy_fits_gets_what_fits() {
+    let mut app = spawn_app().await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.substation("s1", 50.0).heartbeat(0.0, 0).await;
+    let id = Uuid::new_v4();
+    let in_an_hour = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    // 100 kWh at 11 kW is 9 h; in the hour it has the car takes 11 kWh.
+    app.publish_request(format!(
+        r#"{{"request_id":"{id}","vehicle_id":"ev-b","energy_kwh":100,"max_power_kw":11,"departure":"{in_an_hour}"}}"#
+    ))
+    .await;
+
+    let got = next_dispatch(&mut dispatches).await.dispatch;
+    assert_eq!(got.request_id, id);
+    assert_eq!(got.energy_kwh, 100.0, "the request as asked");
+    let expected = got.energy_expected_kwh.expect("best effort");
+    assert!((10.9..11.0).contains(&expected), "{expected}");
+    assert_eq!(got.energy_target_kwh(), expected);
+    app.wait_until_all_settled().await;
+    let r = record(&app, id).await.expect("dispatched state recorded");
+    assert_eq!(r.state, RequestState::Dispatched);
+    assert_eq!(
+        (r.energy_kwh, r.energy_expected_kwh),
+        (100.0, Some(expected))
+    );
     app.stop().await;
 }
 

@@ -1,6 +1,6 @@
 //! `POST /v1/charge-requests`: what is stored, what is deduplicated, what is refused.
 
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use evgrid_test_support::NatsServer;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -39,6 +39,36 @@ async fn a_valid_request_is_stored_with_its_headers_before_the_202() {
                "departure": "2100-01-01T16:00:00Z"})
     );
     assert_eq!(stored_requests(&js).await, 1);
+}
+
+#[tokio::test]
+async fn a_car_leaving_before_its_energy_fits_is_told_what_it_can_expect() {
+    let nats = NatsServer::start().unwrap();
+    let app = spawn_app(&nats).await;
+    let in_90_min = (Utc::now() + chrono::Duration::minutes(90)).to_rfc3339();
+    let mut body = valid_request();
+    body["energy_kwh"] = json!(26.0);
+    body["max_power_kw"] = json!(6.6);
+    body["departure"] = json!(in_90_min);
+
+    // 6.6 kW for 1.5 h: about 9.9 kWh of the 26 asked for.
+    let reply = app.post(&body).await;
+    reply.accepted_id();
+    let expected = reply.json()["energy_expected_kwh"]
+        .as_f64()
+        .expect("best effort");
+    assert!((9.8..=9.9).contains(&expected), "{expected}");
+
+    // All or nothing: no expectation (the dispatcher rejects it); nor when it fits.
+    body["all_or_nothing"] = json!(true);
+    let reply = app.post(&body).await;
+    reply.accepted_id();
+    assert!(reply.json().get("energy_expected_kwh").is_none());
+    body["all_or_nothing"] = json!(false);
+    body["energy_kwh"] = json!(5.0);
+    let reply = app.post(&body).await;
+    reply.accepted_id();
+    assert!(reply.json().get("energy_expected_kwh").is_none());
 }
 
 #[tokio::test]

@@ -36,6 +36,7 @@ async fn a_request_is_queued_right_after_its_202_then_follows_the_bucket() {
         state: RequestState::Charging,
         vehicle_id: "ev-1".into(),
         energy_kwh: 30.0,
+        energy_expected_kwh: None,
         max_power_kw: 11.0,
         departure: None,
         substation_id: Some("s1".into()),

@@ -429,6 +429,7 @@ async fn a_request_another_substation_took_is_not_charged_here() {
                 energy_kwh: twice.energy_kwh,
                 max_power_kw: twice.max_power_kw,
                 departure: None,
+                all_or_nothing: false,
             },
             twice.accepted_at,
             twice.accepted_at,
@@ -554,6 +555,39 @@ async fn a_car_leaves_at_its_departure_with_the_energy_it_got() {
         sample(&page, "evgrid_substation_sessions_completed_total", "s1"),
         Some(1.0)
     );
+    substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_best_effort_session_charges_its_expected_energy_and_completes_delivered() {
+    let grid = Grid::start().await;
+    let mut completed = grid
+        .subscribe::<SessionReport>("ev.sessions.s1.completed".into())
+        .await;
+    let substation = Running::start(grid.config("s1", 20.0)).await;
+    // 20 kWh asked at 10 kW, leaving in two simulated hours; the dispatcher expects 15 kWh (as
+    // if it had waited half an hour): the session charges 15 and is done before the departure.
+    let mut best_effort = dispatch("s1", 20.0, 10.0);
+    best_effort.departure = Some(best_effort.accepted_at + chrono::Duration::hours(2));
+    best_effort.energy_expected_kwh = Some(15.0);
+    grid.dispatch(&best_effort).await;
+
+    let done = completed.next().await;
+    assert_eq!(done.event.request_id, best_effort.request_id);
+    assert_eq!(done.outcome, Some(SessionOutcome::Delivered));
+    assert!((done.event.energy_delivered_kwh - 15.0).abs() < 1e-6);
+    assert_eq!(done.event.energy_kwh, 20.0, "the request as asked");
+    let record = grid.record(best_effort.request_id).await;
+    assert_eq!(
+        (
+            record.state,
+            record.reason.as_deref(),
+            record.energy_expected_kwh
+        ),
+        (RequestState::Completed, Some("delivered"), Some(15.0))
+    );
+    assert!((record.energy_delivered_kwh - 15.0).abs() < 1e-6);
+    grid.all_acked("s1").await;
     substation.stop().await.unwrap();
 }
 
