@@ -44,8 +44,8 @@ pub struct Demo {
 }
 
 impl Demo {
-    /// The built-in ACN sessions a car at 6.6 kW can be given before it leaves (the others
-    /// would only be rejected as undeliverable); a synthetic mix if the trace cannot be read.
+    /// The built-in ACN sessions (those asking more than a car at 6.6 kW can take before it
+    /// leaves are charged what fits, best effort); a synthetic mix if the trace cannot be read.
     pub fn load() -> Demo {
         let gz = flate2::read::MultiGzDecoder::new(TRACE);
         let samples: Vec<Sample> = match evgrid_sim::trace::parse(gz, Path::new(TRACE_NAME)) {
@@ -56,7 +56,6 @@ impl Demo {
                     energy_kwh: s.energy_kwh.min(evgrid_model::validate::ENERGY_KWH_MAX),
                     stay: s.departure - s.arrival,
                 })
-                .filter(|s| s.energy_kwh <= ACN_MAX_KW * hours(s.stay))
                 .collect(),
             Err(e) => {
                 tracing::warn!(error = %evgrid_common::error::chain(&e), "no ACN trace; the demo uses a synthetic mix");
@@ -115,6 +114,7 @@ impl Demo {
                 energy_kwh: sample.energy_kwh,
                 max_power_kw: ACN_MAX_KW,
                 departure: Some(Utc::now() + sample.stay),
+                all_or_nothing: false,
             };
             let payload = serde_json::to_vec(&request).expect("serialisable").into();
             let publish = PublishMessage::build().payload(payload);
@@ -124,10 +124,6 @@ impl Demo {
             }
         }
     }
-}
-
-fn hours(d: chrono::Duration) -> f64 {
-    d.num_milliseconds() as f64 / 3_600_000.0
 }
 
 #[cfg(test)]
