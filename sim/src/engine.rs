@@ -115,6 +115,7 @@ struct Sub {
 
 /// Runs `requests` (sorted by time) through the grid of `setup`.
 pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
+    let started = Instant::now();
     let n = setup.capacities.len();
     assert!(n > 0, "a grid needs at least one substation");
     let width = n.to_string().len();
@@ -254,7 +255,8 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
     }
 
     let rejected = fates.iter().filter(|f| f.rejected).count();
-    let metrics = measure(requests, &fates, &subs, setup, &dispatches, timed, deciding);
+    let mut metrics = measure(requests, &fates, &subs, setup, &dispatches, timed, deciding);
+    metrics.sim_seconds = started.elapsed().as_secs_f64();
     Run {
         metrics,
         ids: subs.iter().map(|s| s.id.clone()).collect(),
@@ -396,6 +398,7 @@ fn measure(
         herd_factor: herd_factor(dispatches, &setup.capacities),
         wait_p95_s: percentile(&waits, 0.95),
         decisions_per_s: ratio(timed_decisions as f64, deciding.as_secs_f64()),
+        sim_seconds: 0.0,
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Decisions per second of the decision function in this run (wall clock; the only field
     /// that is not deterministic).
     pub decisions_per_s: f64,
+    /// Wall-clock seconds this simulation took (not deterministic either).
+    pub sim_seconds: f64,
 }
 
 /// One row of the results: the policies and their metrics.
@@ -47,7 +49,7 @@ pub struct Report {
     pub pooled_reference: Row,
 }
 
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 12] = [
     "policy",
     "allocation",
     "energy_requested_kwh",
@@ -59,10 +61,11 @@ const COLUMNS: [&str; 11] = [
     "herd_factor",
     "wait_p95_s",
     "decisions_per_s",
+    "sim_seconds",
 ];
 
 impl Row {
-    fn cells(&self) -> [String; 11] {
+    fn cells(&self) -> [String; 12] {
         let m = &self.metrics;
         [
             self.policy.clone(),
@@ -77,6 +80,7 @@ impl Row {
                 .map_or_else(|| "null".to_owned(), |h| format!("{h:.2}")),
             format!("{:.0}", m.wait_p95_s),
             format!("{:.0}", m.decisions_per_s),
+            format!("{:.2}", m.sim_seconds),
         ]
     }
 }
@@ -84,7 +88,7 @@ impl Row {
 impl Report {
     /// A plain-text table: one line per result, then the pooled reference.
     pub fn table(&self) -> String {
-        let rows: Vec<[String; 11]> = self
+        let rows: Vec<[String; 12]> = self
             .results
             .iter()
             .chain(std::iter::once(&self.pooled_reference))
@@ -142,6 +146,7 @@ mod tests {
                 herd_factor: herd,
                 wait_p95_s: 12.0,
                 decisions_per_s: 5e6,
+                sim_seconds: 0.2,
             },
         }
     }

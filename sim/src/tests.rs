@@ -48,6 +48,7 @@ fn row(report: &Report, policy: Policy, allocation: Allocation) -> &Metrics {
 fn deterministic(m: &Metrics) -> Metrics {
     Metrics {
         decisions_per_s: 0.0,
+        sim_seconds: 0.0,
         ..m.clone()
     }
 }
