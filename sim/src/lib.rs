@@ -5,8 +5,9 @@
 //! routing could reach if the grid were one bus). docs/dispatch.md has the results and the
 //! commands that reproduce them.
 //!
-//! [`trace`] reads ACN charging sessions, [`workload`](mod@workload) builds the requests, [`engine`] simulates, [`report`] prints, [`plot`] draws.
+//! [`trace`] reads ACN charging sessions, [`workload`](mod@workload) builds the requests, [`engine`] simulates, [`bound`] computes the exact optimum of the pooled energy, [`report`] prints, [`plot`] draws.
 
+pub mod bound;
 pub mod engine;
 pub mod plot;
 pub mod report;
@@ -115,7 +116,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = Choices(vec![Allocation::default()]), value_name = "NAME|all")]
     pub allocation: Allocations,
 
-    /// Print one JSON object ({"results": [...], "pooled_reference": {...}}) instead of a table.
+    /// Print one JSON object ({"results": [...], "pooled_reference": {...},
+    /// "energy_upper_bound_kwh": ..., ...}) instead of a table.
     #[arg(long)]
     pub json: bool,
 
@@ -293,6 +295,7 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
             });
         }
     }
+    // Last, so its run is the last one.
     jobs.push(Job {
         setup: Setup {
             capacities: vec![capacities.iter().sum()],
@@ -305,7 +308,15 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
         pooled: true,
     });
 
+    let pooled_capacity_kw: f64 = capacities.iter().sum();
     let runs = run_all(&jobs, requests);
+    let bound_started = std::time::Instant::now();
+    let upper_bound_kwh = bound::energy_upper_bound_kwh(requests, pooled_capacity_kw);
+    let upper_bound_seconds = bound_started.elapsed().as_secs_f64();
+    let pooled_kwh = runs
+        .last()
+        .map_or(0.0, |run| run.metrics.energy_delivered_kwh);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let mut results = Vec::new();
     let mut pooled = None;
     let mut plotted = None;
@@ -318,6 +329,8 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
             },
             allocation: job.setup.allocation.as_str().to_owned(),
             metrics: run.metrics.clone(),
+            energy_of_pooled_ratio: ratio(run.metrics.energy_delivered_kwh, pooled_kwh),
+            energy_upper_bound_ratio: ratio(run.metrics.energy_delivered_kwh, upper_bound_kwh),
         };
         if job.pooled {
             pooled = Some(row);
@@ -335,6 +348,8 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
     let report = Report {
         results,
         pooled_reference: pooled.expect("the pooled reference ran"),
+        energy_upper_bound_kwh: upper_bound_kwh,
+        energy_upper_bound_seconds: upper_bound_seconds,
     };
     (report, plotted.expect("the plotted run is one of the jobs"))
 }

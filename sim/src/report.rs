@@ -40,21 +40,32 @@ pub struct Row {
     pub allocation: String,
     #[serde(flatten)]
     pub metrics: Metrics,
+    /// Energy delivered ÷ the pooled reference's.
+    pub energy_of_pooled_ratio: f64,
+    /// Energy delivered ÷ [`Report::energy_upper_bound_kwh`].
+    pub energy_upper_bound_ratio: f64,
 }
 
-/// `--json`: `{"results": [...], "pooled_reference": {...}}`.
+/// `--json`: `{"results": [...], "pooled_reference": {...}, "energy_upper_bound_kwh": ...,
+/// "energy_upper_bound_seconds": ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     pub results: Vec<Row>,
     pub pooled_reference: Row,
+    /// The most energy any allocation could deliver on the pooled grid (`crate::bound`).
+    pub energy_upper_bound_kwh: f64,
+    /// Wall-clock seconds computing it took.
+    pub energy_upper_bound_seconds: f64,
 }
 
-const COLUMNS: [&str; 12] = [
+const COLUMNS: [&str; 14] = [
     "policy",
     "allocation",
     "energy_requested_kwh",
     "energy_delivered_kwh",
     "energy_delivered_ratio",
+    "energy_of_pooled_ratio",
+    "energy_upper_bound_ratio",
     "sessions_fully_served_ratio",
     "capacity_violations",
     "peak_utilization",
@@ -65,7 +76,7 @@ const COLUMNS: [&str; 12] = [
 ];
 
 impl Row {
-    fn cells(&self) -> [String; 12] {
+    fn cells(&self) -> [String; 14] {
         let m = &self.metrics;
         [
             self.policy.clone(),
@@ -73,6 +84,8 @@ impl Row {
             format!("{:.1}", m.energy_requested_kwh),
             format!("{:.1}", m.energy_delivered_kwh),
             format!("{:.4}", m.energy_delivered_ratio),
+            format!("{:.4}", self.energy_of_pooled_ratio),
+            format!("{:.4}", self.energy_upper_bound_ratio),
             format!("{:.4}", m.sessions_fully_served_ratio),
             m.capacity_violations.to_string(),
             format!("{:.3}", m.peak_utilization),
@@ -88,7 +101,7 @@ impl Row {
 impl Report {
     /// A plain-text table: one line per result, then the pooled reference.
     pub fn table(&self) -> String {
-        let rows: Vec<[String; 12]> = self
+        let rows: Vec<[String; 14]> = self
             .results
             .iter()
             .chain(std::iter::once(&self.pooled_reference))
@@ -116,6 +129,11 @@ impl Report {
             }
             out.push('\n');
         };
+        let _ = writeln!(
+            out,
+            "exact upper bound of the pooled energy: {:.1} kWh (max flow over time slots, {:.2} s)",
+            self.energy_upper_bound_kwh, self.energy_upper_bound_seconds
+        );
         line(&mut out, &COLUMNS);
         for (i, row) in rows.iter().enumerate() {
             if i == self.results.len() {
@@ -148,6 +166,8 @@ mod tests {
                 decisions_per_s: 5e6,
                 sim_seconds: 0.2,
             },
+            energy_of_pooled_ratio: 1.0,
+            energy_upper_bound_ratio: 0.99,
         }
     }
 
@@ -156,6 +176,8 @@ mod tests {
         let report = Report {
             results: vec![row("predictive", Some(1.1))],
             pooled_reference: row("pooled", None),
+            energy_upper_bound_kwh: 96.0,
+            energy_upper_bound_seconds: 0.01,
         };
         let json = serde_json::to_value(&report).unwrap();
         let result = &json["results"][0];
@@ -171,6 +193,8 @@ mod tests {
             serde_json::Value::Null
         );
         assert_eq!(result.as_object().unwrap().len(), COLUMNS.len());
+        assert_eq!(json["energy_upper_bound_kwh"], 96.0);
+        assert!(json["energy_upper_bound_seconds"].is_number());
     }
 
     #[test]
@@ -178,10 +202,14 @@ mod tests {
         let report = Report {
             results: vec![row("predictive", Some(1.1)), row("round-robin", None)],
             pooled_reference: row("pooled", None),
+            energy_upper_bound_kwh: 96.0,
+            energy_upper_bound_seconds: 0.01,
         };
         let table = report.table();
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 5);
+        assert_eq!(lines.len(), 6);
+        assert!(lines[0].starts_with("exact upper bound") && lines[0].contains("96.0 kWh"));
+        let lines = &lines[1..];
         assert!(lines[0].starts_with("policy"));
         assert!(lines[2].starts_with("round-robin") && lines[2].contains("null"));
         assert_eq!(lines[1].len(), lines[0].len());
