@@ -112,7 +112,7 @@ pub struct SimArgs {
     pub policy: Policies,
 
     /// Power allocation policies: a name, a comma-separated list, or `all` (equal-share, edf,
-    /// llf, fcfs).
+    /// llf, fcfs, triage).
     #[arg(long, default_value_t = Choices(vec![Allocation::default()]), value_name = "NAME|all")]
     pub allocation: Allocations,
 
