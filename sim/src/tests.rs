@@ -80,9 +80,15 @@ fn tight_week(policies: &str, allocations: &str) -> Report {
 
 #[test]
 fn the_default_delivers_nearly_the_pooled_energy_and_beats_the_baselines() {
-    let report = tight_week("round-robin,least-loaded,predictive", "llf");
+    let report = tight_week(
+        "round-robin,least-loaded,predictive",
+        Allocation::default().as_str(),
+    );
     let pooled = &report.pooled_reference.metrics;
-    assert_eq!(report.pooled_reference.allocation, "llf");
+    assert_eq!(
+        report.pooled_reference.allocation,
+        Allocation::default().as_str()
+    );
     let default = row(&report, Policy::default(), Allocation::default());
     // Demand exceeds supply: even the pooled grid leaves energy undelivered.
     assert!(pooled.energy_delivered_ratio < 0.95, "{pooled:?}");
@@ -99,6 +105,34 @@ fn the_default_delivers_nearly_the_pooled_energy_and_beats_the_baselines() {
     }
     for r in report.results.iter().chain([&report.pooled_reference]) {
         assert_eq!(r.metrics.capacity_violations, 0, "{r:?}");
+    }
+}
+
+#[test]
+fn triage_fills_more_cars_than_llf_at_nearly_its_energy_and_nothing_beats_the_bound() {
+    let report = tight_week("predictive", "llf,edf,triage");
+    let [llf, edf, triage] = [Allocation::Llf, Allocation::Edf, Allocation::Triage]
+        .map(|allocation| row(&report, Policy::Predictive, allocation));
+    assert!(
+        triage.sessions_fully_served_ratio >= llf.sessions_fully_served_ratio + 0.2,
+        "triage {triage:?} vs llf {llf:?}"
+    );
+    assert!(
+        triage.sessions_fully_served_ratio >= edf.sessions_fully_served_ratio,
+        "triage {triage:?} vs edf {edf:?}"
+    );
+    assert!(
+        triage.energy_delivered_kwh >= 0.99 * llf.energy_delivered_kwh
+            && triage.energy_delivered_kwh > edf.energy_delivered_kwh,
+        "triage {triage:?} vs llf {llf:?} and edf {edf:?}"
+    );
+    // No allocation, split or pooled, delivers more than the pooled optimum.
+    for r in report.results.iter().chain([&report.pooled_reference]) {
+        assert!(
+            r.metrics.energy_delivered_kwh <= report.energy_upper_bound_kwh * (1.0 + 1e-9),
+            "{r:?} above the bound {}",
+            report.energy_upper_bound_kwh
+        );
     }
 }
 
@@ -224,7 +258,7 @@ fn skipping_futile_offers_changes_nothing() {
 #[test]
 fn runs_are_deterministic_and_the_plot_has_every_substation() {
     let mut a = args(
-        "--poisson 200 --duration 2h --burst 100@30m --capacities 50,80 --policy all --allocation edf,llf --plot x.svg",
+        "--poisson 200 --duration 2h --burst 100@30m --capacities 50,80 --policy all --allocation edf,triage --plot x.svg",
     );
     a.seed = 9;
     let (requests, _) = super::workload(&a).unwrap();

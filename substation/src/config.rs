@@ -86,7 +86,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
 
     /// How the capacity is shared when the cars want more than it (docs/substation.md;
-    /// llf by default: it delivers the most energy in `evgrid sim`, docs/dispatch.md).
+    /// triage by default: nearly the most energy and the most cars full in `evgrid sim`,
+    /// docs/dispatch.md).
     #[arg(long, env = ALLOCATION_ENV, value_enum, default_value_t = Allocation::default())]
     pub allocation: Allocation,
 }

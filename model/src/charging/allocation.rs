@@ -22,8 +22,8 @@ pub enum Allocation {
     /// arrival order) each get min(max power, capacity left).
     Edf,
     /// Least laxity first: like `edf`, ordered by laxity = time left − remaining energy ÷ max
-    /// power (how long the car can still wait and be full at departure).
-    #[default]
+    /// power (how long the car can still wait and be full at departure). The most energy, but
+    /// it spreads a shortfall over many cars, so most leave just short of full.
     Llf,
     /// First come, first served: cars in arrival order each get min(max power, capacity left);
     /// a car offered nothing waits (queued) and starts when power frees up.
@@ -34,7 +34,9 @@ pub enum Allocation {
     /// departure (Moore–Hodgson on the whole capacity); the dropped ones, and those that cannot
     /// be full even alone, are written off. Admitted cars get the power they need to stay
     /// feasible, then written-off cars share what is left by departure, then admitted cars take
-    /// the rest by least laxity.
+    /// the rest by least laxity. The default: within 0.5 % of `llf`'s energy, and as many cars
+    /// full as `edf` (docs/dispatch.md).
+    #[default]
     Triage,
 }
 

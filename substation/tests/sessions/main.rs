@@ -814,7 +814,7 @@ mod cli {
             "default: 1s",
             "--allocation",
             "EVGRID_ALLOCATION",
-            "default: llf",
+            "default: triage",
             "equal-share",
             "fcfs",
             "--listen",
