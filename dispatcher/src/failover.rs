@@ -76,13 +76,16 @@ pub(crate) async fn watch(
 
 /// The substations silent for longer than `timeout` (and out: a substation that heartbeats
 /// less often than that is not failed between two heartbeats): id, last heartbeat seq, silence
-/// in s.
+/// in s. Silence counts only while the grid was heard ([`Hearing`]): when NATS was away, every
+/// substation was silent, and none of them failed.
+///
+/// [`Hearing`]: evgrid_model::liveness::Hearing
 fn failed(grid: &Mutex<GridView>, timeout: Duration) -> Vec<(String, u64, f64)> {
     let now = Utc::now();
     let grid = lock(grid);
     grid.substations()
         .filter_map(|s| {
-            let age = s.observed().age_seconds(now);
+            let age = grid.hearing().silence_seconds(s.observed(), now);
             (age > timeout.as_secs_f64() && !s.is_up(now)).then(|| {
                 (
                     s.id().to_owned(),

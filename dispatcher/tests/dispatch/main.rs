@@ -439,6 +439,74 @@ async fn a_failed_substations_requests_move_to_one_with_room_once() {
 }
 
 #[tokio::test]
+async fn a_grid_silent_as_a_whole_fails_nobody_and_one_silent_alone_fails() {
+    // Every heartbeat stops at once, as when NATS is away (a cluster restarted whole): that
+    // silence is not the substations', and moving their cars would be for nothing.
+    let timeout = Duration::from_secs(1);
+    let mut app = spawn_app_configured(|c| c.substation_timeout = timeout).await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let mut grid = [app.substation("s1", 100.0), app.substation("s2", 100.0)];
+    for s in &mut grid {
+        s.interval_ms = 200;
+        s.heartbeat(0.0, 0).await;
+    }
+    let id = Uuid::new_v4();
+    app.publish_request(request(id, 20.0, 11.0)).await;
+    let first = next_dispatch(&mut dispatches).await;
+    let (held, other) = if first.subject == "ev.dispatch.s1" {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    evgrid_test_support::eventually(WAIT, Duration::from_millis(10), || async {
+        record(&app, id)
+            .await
+            .filter(|r| r.state == RequestState::Dispatched)
+    })
+    .await
+    .expect("dispatched state");
+    // The outage: twice the timeout without any heartbeat (the fault under test is time
+    // passing, not a wait for an event).
+    tokio::time::sleep(2 * timeout).await;
+    // Back: both heartbeat again, for longer than the timeout.
+    let back = tokio::time::Instant::now();
+    while back.elapsed() < timeout + Duration::from_millis(500) {
+        for s in &mut grid {
+            s.heartbeat(0.0, 0).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = record(&app, id).await.unwrap();
+    assert!(
+        now.moved.is_empty(),
+        "moved after a silence of all: {now:?}"
+    );
+    assert!(
+        dispatches.next().now_or_never().is_none(),
+        "dispatched again"
+    );
+
+    // The same substation silent alone, while the other is heard: failed, its request moved.
+    let moved = loop {
+        grid[other].heartbeat(0.0, 0).await;
+        if let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(200), dispatches.next()).await
+        {
+            break msg;
+        }
+        assert!(back.elapsed() < WAIT * 2, "never moved");
+    };
+    assert_eq!(
+        moved.subject.as_str(),
+        format!("ev.dispatch.s{}", other + 1)
+    );
+    let now = record(&app, id).await.unwrap();
+    assert_eq!(now.moved.len(), 1, "{now:?}");
+    assert_eq!(now.moved[0].substation_id, format!("s{}", held + 1));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_burst_is_spread_and_the_excess_waits_for_room() {
     const REQUESTS: usize = 300;
     // Headroom judges room, and defers when there is none.

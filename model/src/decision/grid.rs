@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Demand, HORIZONS};
 use crate::SECONDS_PER_HOUR;
-use crate::liveness::{Observed, stale_after};
+use crate::liveness::{Hearing, Observed, stale_after};
 use crate::messages::{PROJECTION_HORIZONS_S, Projection};
 
 /// An assignment sent to a substation whose effect is not in its heartbeats yet.
@@ -312,6 +312,7 @@ pub struct GridView {
     pub(crate) next_ticket: u64,
     /// Where round-robin looks first: the position after the last assignment.
     pub(crate) round_robin_next: usize,
+    pub(crate) hearing: Hearing,
 }
 
 impl GridView {
@@ -325,6 +326,12 @@ impl GridView {
             .iter()
             .zip(&self.loads)
             .map(|(entry, load)| SubstationView { entry, load })
+    }
+
+    /// How long the grid's heartbeats have been heard: what a substation's silence is judged
+    /// over (failover).
+    pub fn hearing(&self) -> &Hearing {
+        &self.hearing
     }
 
     pub fn get(&self, substation_id: &str) -> Option<SubstationView<'_>> {
@@ -359,6 +366,7 @@ impl GridView {
     /// The pending assignments the heartbeat echoes (`EV_DISPATCH` sequence ≤ its `dispatch_seq`)
     /// are dropped: they are in its load and projection now.
     pub fn observe_with(&mut self, observed: Observed, projection: Option<Projection>) -> bool {
+        self.hearing.heard(&observed);
         match self.position(&observed.heartbeat.substation_id) {
             Ok(i) => {
                 let entry = &mut self.entries[i];
