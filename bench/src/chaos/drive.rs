@@ -32,7 +32,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long after the load phase a request still unanswered is retried: past the longest
 /// outage of the suite (a NATS leader election after a kill -9 takes 4–9 s, a restarted cluster
 /// a few more), so a fault near the end of the load shows as a late 202, not a lost request.
-const RETRY_GRACE: Duration = Duration::from_secs(20);
+pub const RETRY_GRACE: Duration = Duration::from_secs(20);
 
 /// What the load sends.
 #[derive(Debug, Clone)]
