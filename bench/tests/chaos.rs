@@ -1,13 +1,15 @@
-//! The short chaos suite: `none`, `kill-dispatcher`, `kill-dispatcher-of-two`,
-//! `kill-substation`, `kill-ingest-of-two` and `kill-nats-node` (the leader of `EV_REQUESTS` in
-//! a 3-node cluster) at a few seconds of load each, on the debug binaries of the workspace
+//! The short chaos suite: `none`, `kill-dispatcher-of-two`, `kill-substation` and
+//! `kill-nats-node` (the leader of `EV_REQUESTS` in a 3-node cluster) at a few seconds of load
+//! each, on the debug binaries of the workspace
 //! (ingest → dispatcher → substations as separate processes, real nats-servers), asserting that
 //! every accepted request ends completed once or rejected, and nothing is lost, doubled, left
 //! unstored or above capacity. The full run is `evgrid-bench chaos --scenario all`
 //! (docs/reliability.md).
 //!
-//! The other scenarios are left to the full run: their faults last longer than this test's load
-//! (a 10 s freeze, a substation that never returns, 3 s without any NATS).
+//! One scenario per kind of component and fault that no other test covers end to end: the other
+//! scenarios are left to the full run, to keep CI short (a frozen dispatcher replica's requests
+//! and a client's retries to another ingest are tested in their crates), or last longer than this test's load (a 10 s
+//! freeze, a substation that never returns, 3 s without any NATS, a whole cluster restarted).
 
 use std::path::Path;
 use std::time::Duration;
@@ -29,10 +31,8 @@ async fn every_accepted_request_is_accounted_for_under_faults() {
     let args = ChaosArgs {
         scenarios: vec![vec![
             Scenario::NoFault,
-            Scenario::KillDispatcher,
             Scenario::KillDispatcherOfTwo,
             Scenario::KillSubstation,
-            Scenario::KillIngestOfTwo,
             Scenario::KillNatsNode,
         ]],
         rate: 100.0,
@@ -53,7 +53,7 @@ async fn every_accepted_request_is_accounted_for_under_faults() {
         panic!("{e:#} (process logs in {})", kept.display())
     });
     let table = report.markdown();
-    assert_eq!(report.scenarios.len(), 6, "{table}");
+    assert_eq!(report.scenarios.len(), 4, "{table}");
     for r in &report.scenarios {
         let name = r.scenario.name();
         let a = &r.accounting;
