@@ -146,6 +146,8 @@ struct Observations {
     interrupted: u64,
     /// Completions whose car left at its departure before it was fully charged.
     left_short: u64,
+    /// Energy the completed sessions delivered, kWh.
+    energy_delivered_kwh: f64,
     first_rejection: Option<String>,
 }
 
@@ -160,6 +162,7 @@ impl Observations {
             heartbeats: Vec::new(),
             interrupted: 0,
             left_short: 0,
+            energy_delivered_kwh: 0.0,
             first_rejection: None,
         }
     }
@@ -268,6 +271,7 @@ impl Follower {
             incomplete,
             interrupted_events: o.interrupted,
             left_short: o.left_short,
+            energy_delivered_kwh: o.energy_delivered_kwh,
             dispatch_latency_ms: Latency::of(&o.dispatch),
             charging_start_latency_ms: Latency::of(&o.charging_start),
             per_substation: o.per_substation.clone(),
@@ -316,6 +320,7 @@ fn on_session(tracker: &Tracker, observations: &Mutex<Observations>, msg: &jetst
         SessionEventKind::Completed => {
             if tracker.settle(event.request_id, COMPLETED) {
                 tracker.completed.fetch_add(1, Ordering::Relaxed);
+                o.energy_delivered_kwh += event.energy_delivered_kwh;
                 if outcome == Some(SessionOutcome::Departed) {
                     o.left_short += 1;
                 }

@@ -266,6 +266,9 @@ pub struct Completion {
     /// Of `completed`, the cars that left at their departure before they were fully charged
     /// (the event's `outcome` is `departed`).
     pub left_short: u64,
+    /// Energy the completed sessions delivered, kWh (what `evgrid sim` reports as
+    /// `energy_delivered_kwh` for the same workload).
+    pub energy_delivered_kwh: f64,
     /// accepted_at → dispatched_at.
     pub dispatch_latency_ms: Option<Latency>,
     /// accepted_at → the `started` event.
@@ -379,6 +382,11 @@ impl Report {
                 c.rejected,
                 c.incomplete,
                 c.interrupted_events
+            );
+            let _ = writeln!(
+                w,
+                "  energy        {:.1} kWh delivered",
+                c.energy_delivered_kwh
             );
             latency_line(w, "dispatch", c.dispatch_latency_ms);
             latency_line(w, "charge start", c.charging_start_latency_ms);
