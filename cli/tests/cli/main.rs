@@ -2,6 +2,7 @@
 //! against stand-ins and against the live pipeline, the pipeline end to end (HTTP and raw NATS
 //! requests to `completed`), and `evgrid up`. One test binary, so the crate links once.
 
+mod agreement;
 mod e2e;
 mod helpers;
 mod load;
