@@ -4,7 +4,7 @@
 //! streams: the [`Intake`] of a durable pull consumer (work to do and ack: the dispatcher's
 //! requests, a substation's dispatches) and the self-healing [`OrderedFeed`] (what is only
 //! followed: heartbeats, limits, events). Durable consumers are kept as the code defines them by
-//! [`consumer::ensure`].
+//! [`consumer::ensure`]. Tools that look back at what was recorded read it once with [`read`].
 
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub mod consumer;
 pub mod intake;
 pub mod ordered;
+pub mod read;
 
 pub use intake::{Intake, hand_back};
 pub use ordered::{OrderedFeed, follow_ordered};

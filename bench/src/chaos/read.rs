@@ -7,29 +7,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use async_nats::jetstream::{self, consumer::pull, kv};
-use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use evgrid_common::streams;
+use anyhow::Result;
+use async_nats::jetstream::{self, kv};
+use evgrid_common::nats::read;
 use evgrid_model::messages::{Heartbeat, RequestRecord};
 use futures::StreamExt;
 use uuid::Uuid;
 
-/// Bound on waiting for the next stored message of a stream being read.
-const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bucket reads in flight at once.
-const READS_IN_FLIGHT: usize = 64;
-
-/// One stored message.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub subject: String,
-    pub payload: Bytes,
-    pub headers: Option<async_nats::HeaderMap>,
-    /// When the server stored it.
-    pub published: DateTime<Utc>,
-}
+pub use evgrid_common::nats::read::Stored;
 
 /// Attempts at reading a whole stream: a cluster that just lost a node may time out a request
 /// or two while it elects new leaders.
@@ -42,62 +27,23 @@ const READ_RETRY: Duration = Duration::from_secs(2);
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Result<Vec<Stored>> {
     let mut attempt = 1;
     loop {
-        match read_stream_once(js, stream).await {
+        match read::read_stream(js, stream, read::Start::All).await {
             Ok(messages) => return Ok(messages),
             Err(e) if attempt < READ_ATTEMPTS => {
-                tracing::warn!(stream, attempt, error = %format!("{e:#}"), "cannot read; trying again");
+                tracing::warn!(stream, attempt, error = %format!("{:#}", anyhow::Error::from(e)), "cannot read; trying again");
                 attempt += 1;
                 tokio::time::sleep(READ_RETRY).await;
             }
-            Err(e) => return Err(e.context(format!("{READ_ATTEMPTS} attempts"))),
-        }
-    }
-}
-
-async fn read_stream_once(js: &jetstream::Context, stream: &str) -> Result<Vec<Stored>> {
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("no stream {stream}"))?;
-    let last = handle.info().await?.state.last_sequence;
-    let mut out = Vec::new();
-    if handle.cached_info().state.messages == 0 {
-        return Ok(out);
-    }
-    let consumer = handle
-        .create_consumer(pull::OrderedConfig::default())
-        .await
-        .with_context(|| format!("cannot read {stream}"))?;
-    let mut messages = consumer.messages().await?;
-    loop {
-        let Ok(next) = tokio::time::timeout(NEXT_TIMEOUT, messages.next()).await else {
-            bail!(
-                "{stream}: no message within {NEXT_TIMEOUT:?} after {} of it",
-                out.len()
-            );
-        };
-        let message = next.with_context(|| format!("{stream} ended"))??;
-        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        let published =
-            DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
-        out.push(Stored {
-            subject: message.subject.to_string(),
-            payload: message.payload.clone(),
-            headers: message.headers.clone(),
-            published,
-        });
-        if sequence >= last || pending == 0 {
-            return Ok(out);
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!("{READ_ATTEMPTS} attempts")));
+            }
         }
     }
 }
 
 /// The request-state bucket.
 pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store> {
-    js.get_key_value(streams::REQUEST_STATE_BUCKET)
-        .await
-        .context("no request-state bucket")
+    Ok(read::bucket(js).await?)
 }
 
 /// The records of `ids` in the bucket (absent ids are left out).
@@ -105,23 +51,7 @@ pub async fn records(
     kv: &kv::Store,
     ids: impl IntoIterator<Item = Uuid>,
 ) -> Result<HashMap<Uuid, RequestRecord>> {
-    let reads = futures::stream::iter(ids)
-        .map(|id| async move {
-            let value = kv.get(id.to_string()).await;
-            (id, value)
-        })
-        .buffer_unordered(READS_IN_FLIGHT);
-    let mut out = HashMap::new();
-    let mut reads = std::pin::pin!(reads);
-    while let Some((id, value)) = reads.next().await {
-        let value = value.with_context(|| format!("cannot read the state of {id}"))?;
-        if let Some(bytes) = value {
-            let record: RequestRecord = serde_json::from_slice(&bytes)
-                .with_context(|| format!("the state of {id} is not a request record"))?;
-            out.insert(id, record);
-        }
-    }
-    Ok(out)
+    Ok(read::records(kv, ids).await?)
 }
 
 /// Every record in the bucket.
