@@ -3,5 +3,6 @@
 
 mod demo;
 pub mod load;
+pub mod replay;
 mod status;
 pub mod up;

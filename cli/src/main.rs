@@ -1,7 +1,7 @@
 //! `evgrid`: the command line around the pipeline. `evgrid up` runs the whole grid locally;
 //! `evgrid load` drives charge requests at an ingest API or straight at NATS and measures what
 //! comes back; `evgrid sim` runs the routing and charging model in simulated time
-//! (`evgrid-sim`).
+//! (`evgrid-sim`); `evgrid replay` runs what a live grid recorded through it.
 
 use clap::{Parser, Subcommand};
 use evgrid_common::config::LogArgs;
@@ -27,6 +27,8 @@ enum Command {
     Load(Box<evgrid::load::LoadArgs>),
     /// Simulate routing and power allocation policies on real or synthetic workloads.
     Sim(Box<evgrid_sim::SimArgs>),
+    /// Replay what a live grid recorded through the simulator, beside what it actually did.
+    Replay(Box<evgrid::replay::ReplayArgs>),
 }
 
 #[tokio::main]
@@ -42,6 +44,7 @@ async fn main() -> std::process::ExitCode {
             .map(|()| std::process::ExitCode::SUCCESS),
         Command::Load(args) => evgrid::load::main(*args).await,
         Command::Sim(args) => evgrid_sim::main(*args),
+        Command::Replay(args) => evgrid::replay::main(*args).await,
     };
     match result {
         Ok(code) => code,

@@ -428,7 +428,7 @@ pub fn herd_factor(dispatches: &[(i64, usize)], capacities: &[f64]) -> Option<f6
 }
 
 /// Nearest-rank percentile of sorted values (0 when there are none).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -128,7 +128,7 @@ pub struct SimArgs {
 }
 
 /// `--plot` writes SVG: a file named otherwise (`.png`) would hold SVG under the wrong name.
-fn parse_svg_path(s: &str) -> Result<PathBuf, String> {
+pub fn parse_svg_path(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
     match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("svg") => Ok(path),
@@ -380,6 +380,14 @@ fn run_all(jobs: &[Job], requests: &[Request]) -> Vec<Run> {
         .collect()
 }
 
+/// Draws `plotted` (`--plot`) into `path`, and says where on stderr.
+pub fn write_plot(path: &std::path::Path, title: &str, plotted: &Plotted) -> anyhow::Result<()> {
+    let svg = plot::svg(title, &plotted.run.ids, &plotted.run.load);
+    std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("plot: {}", path.display());
+    Ok(())
+}
+
 /// `evgrid sim`.
 pub fn main(args: SimArgs) -> anyhow::Result<ExitCode> {
     let (requests, skipped) = workload(&args)?;
@@ -417,9 +425,7 @@ pub fn main(args: SimArgs) -> anyhow::Result<ExitCode> {
             requests.len(),
             args.heartbeat
         );
-        let svg = plot::svg(&title, &plotted.run.ids, &plotted.run.load);
-        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("plot: {}", path.display());
+        write_plot(path, &title, &plotted)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -101,9 +101,16 @@ impl Row {
 impl Report {
     /// A plain-text table: one line per result, then the pooled reference.
     pub fn table(&self) -> String {
-        let rows: Vec<[String; 14]> = self
-            .results
+        self.table_after(&[])
+    }
+
+    /// [`Report::table`] with `recorded` rows first (what a live grid did, beside the
+    /// simulations of the same requests: `evgrid replay`).
+    pub fn table_after(&self, recorded: &[&Row]) -> String {
+        let rows: Vec<[String; 14]> = recorded
             .iter()
+            .copied()
+            .chain(&self.results)
             .chain(std::iter::once(&self.pooled_reference))
             .map(Row::cells)
             .collect();
@@ -136,7 +143,10 @@ impl Report {
         );
         line(&mut out, &COLUMNS);
         for (i, row) in rows.iter().enumerate() {
-            if i == self.results.len() {
+            if !recorded.is_empty() && i == recorded.len() {
+                out.push_str("simulated on the same requests:\n");
+            }
+            if i == recorded.len() + self.results.len() {
                 out.push_str("pooled reference (one substation holding the combined capacity):\n");
             }
             let cells: Vec<&str> = row.iter().map(String::as_str).collect();

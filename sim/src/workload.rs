@@ -144,7 +144,7 @@ impl Synthetic {
 
 /// The request for `energy_kwh`, capped at what the car can take before it leaves and at the
 /// contract's maximum.
-fn feasible(at: f64, energy_kwh: f64, max_power_kw: f64, departure: Option<f64>) -> Request {
+pub fn feasible(at: f64, energy_kwh: f64, max_power_kw: f64, departure: Option<f64>) -> Request {
     let deliverable = departure.map_or(f64::INFINITY, |d| {
         max_power_kw * (d - at) / SECONDS_PER_HOUR * FEASIBLE_MARGIN
     });
@@ -237,7 +237,8 @@ pub fn sort(requests: &mut [Request]) {
     requests.sort_by(|a, b| a.at.total_cmp(&b.at));
 }
 
-fn monday_before(t: DateTime<Utc>) -> DateTime<Utc> {
+/// 00:00 UTC of the Monday on or before `t`: where an unfolded trace's simulated clock starts.
+pub fn monday_before(t: DateTime<Utc>) -> DateTime<Utc> {
     let days = i64::from(t.weekday().num_days_from_monday());
     (t.date_naive() - Duration::days(days))
         .and_time(NaiveTime::MIN)

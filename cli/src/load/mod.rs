@@ -396,7 +396,11 @@ async fn connect(
     Ok((target, name, args.wait_complete.then_some(nats)))
 }
 
-async fn connect_nats(url: &str, shutdown: &CancellationToken) -> anyhow::Result<nats::Nats> {
+/// Connects to NATS at `url` as the `evgrid` tools do, giving up after [`CONNECT_TIMEOUT`].
+pub(crate) async fn connect_nats(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<nats::Nats> {
     let attempt = shutdown.child_token();
     let connecting = nats::connect(url, "evgrid-load", &attempt);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {

@@ -1,0 +1,437 @@
+//! `evgrid replay`: looks back at what a live grid did. It reads a window of the request log at
+//! the front of ingest → dispatcher → substation (`EV_REQUESTS`, each original request arriving
+//! when it was stored), the substations, their capacities and the grid-operator limits in force,
+//! and runs those requests through the simulator of `evgrid sim` (the same dispatch and
+//! allocation code), side by side with what the live grid actually delivered, read from the far
+//! end (`EV_REQUEST_STATE`, `EV_SESSIONS`).
+//!
+//! [`read`] fetches the window from NATS; [`window`] is the pure part (the simulator's requests
+//! and clock, the live grid's figures).
+
+pub mod read;
+pub mod window;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use chrono::{DateTime, Utc};
+use evgrid_common::config::{DEFAULT_NATS_URL, NATS_URL_ENV, parse_nats_url};
+use evgrid_common::nats::read::Start;
+use evgrid_model::charging::Allocation;
+use evgrid_model::decision::Policy;
+use evgrid_model::units::{parse_duration, parse_positive};
+use evgrid_sim::report::{Report, Row};
+use evgrid_sim::{Allocations, Choices, Policies, SimArgs, Stay};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use self::read::{LeftOut, Point, Recorded};
+use self::window::{Clock, Outcomes, Record, Substation, SubstationFigures};
+
+/// Options of `evgrid replay`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The NATS server (or cluster, comma-separated) of the live grid.
+    #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "nats://HOST:PORT",
+          value_parser = parse_nats_url, help_heading = "Window")]
+    pub nats_url: String,
+
+    /// Replay the requests stored within this long before now: 30m, 24h, 7d.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "from",
+          help_heading = "Window")]
+    pub since: Option<Duration>,
+
+    /// Replay from this time (RFC 3339) or stream sequence of EV_REQUESTS on (default: the
+    /// oldest request it holds).
+    #[arg(long, value_name = "TIME|SEQ", help_heading = "Window")]
+    pub from: Option<Point>,
+
+    /// Replay up to this time (RFC 3339) or stream sequence, inclusive (default: the last request
+    /// stored when the replay starts).
+    #[arg(long, value_name = "TIME|SEQ", help_heading = "Window")]
+    pub until: Option<Point>,
+
+    /// The live substations' --time-scale (simulated seconds per real second; `evgrid up` runs
+    /// 3600): arrivals keep their distance stretched by it, as the live grid saw them.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_positive, help_heading = "Simulation")]
+    pub time_scale: f64,
+
+    /// Heartbeat interval of the simulated substations, simulated time (default: the live
+    /// substations' interval × --time-scale, so the simulated dispatcher's view is as stale as
+    /// the live one's).
+    #[arg(long, value_parser = parse_duration, help_heading = "Simulation")]
+    pub heartbeat: Option<Duration>,
+
+    /// Routing policies to simulate: a name, a comma-separated list, or `all`.
+    #[arg(long, default_value_t = Choices(vec![Policy::default()]), value_name = "NAME|all",
+          help_heading = "Simulation")]
+    pub policy: Policies,
+
+    /// Power allocation policies to simulate: a name, a comma-separated list, or `all`.
+    #[arg(long, default_value_t = Choices(vec![Allocation::default()]), value_name = "NAME|all",
+          help_heading = "Simulation")]
+    pub allocation: Allocations,
+
+    /// Print one JSON object (as `evgrid sim --json`, with `window`, `arrivals` and `recorded`)
+    /// instead of tables.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+
+    /// Draw the simulated load vs capacity per substation (SVG), as `evgrid sim --plot`.
+    #[arg(long, value_name = "FILE.svg", value_parser = evgrid_sim::parse_svg_path,
+          help_heading = "Output")]
+    pub plot: Option<PathBuf>,
+}
+
+impl ReplayArgs {
+    /// Where the window starts, at time `now`.
+    fn start(&self, now: DateTime<Utc>) -> Start {
+        match (self.since, self.from) {
+            (Some(since), _) => Start::Time(
+                now - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX),
+            ),
+            (None, Some(Point::Time(t))) => Start::Time(t),
+            (None, Some(Point::Sequence(s))) => Start::Sequence(s),
+            (None, None) => Start::All,
+        }
+    }
+
+    /// `--from` after `--until` (both times or both sequences) is a mistake, not an empty window.
+    fn check(&self) -> anyhow::Result<()> {
+        match (self.from, self.until) {
+            (Some(Point::Time(a)), Some(Point::Time(b))) if a > b => {
+                bail!(
+                    "--from {} is after --until {}",
+                    a.to_rfc3339(),
+                    b.to_rfc3339()
+                )
+            }
+            (Some(Point::Sequence(a)), Some(Point::Sequence(b))) if a > b => {
+                bail!("--from sequence {a} is after --until sequence {b}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The window that was replayed.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowInfo {
+    /// Stored times of the first and last request.
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// When the request states were read (open requests have waited until then).
+    pub read_at: DateTime<Utc>,
+    pub time_scale: f64,
+    /// The simulated substations' heartbeat interval (simulated seconds).
+    pub heartbeat_s: f64,
+    pub substations: Vec<Substation>,
+    /// Grid-operator limit messages of these substations (all of `EV_LIMITS`).
+    pub limit_messages: usize,
+}
+
+/// The requests that arrived in the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Arrivals {
+    pub count: usize,
+    /// What they asked for, as stored (kWh).
+    pub energy_kwh: f64,
+    /// Requests of the window that are not arrivals.
+    pub left_out: LeftOut,
+}
+
+/// The live grid's figures: the fields of every simulated result, then how it got there.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedRow {
+    #[serde(flatten)]
+    pub row: Row,
+    pub outcomes: Outcomes,
+    pub per_substation: Vec<SubstationFigures>,
+}
+
+/// `evgrid replay --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    pub window: WindowInfo,
+    pub arrivals: Arrivals,
+    #[serde(flatten)]
+    pub report: Report,
+    pub recorded: RecordedRow,
+    /// Readable reasons the live grid differs from the simulations.
+    pub differences: Vec<String>,
+}
+
+/// `evgrid replay` from the command line.
+pub async fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let output = run(&args, evgrid_common::shutdown::on_signals()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&output)?);
+    } else {
+        print!("{}", output.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the window of `args` and simulates it.
+pub async fn run(args: &ReplayArgs, shutdown: CancellationToken) -> anyhow::Result<Output> {
+    args.check()?;
+    let nats = crate::load::connect_nats(&args.nats_url, &shutdown).await?;
+    let recorded = read::window(&nats, args.start(Utc::now()), args.until).await?;
+    let (output, plotted) = simulate(args, &recorded);
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "evgrid replay: {} routing, {} allocation, {} recorded requests, heartbeat {:.1} s",
+            plotted.policy.as_str(),
+            plotted.allocation.as_str(),
+            output.arrivals.count,
+            output.window.heartbeat_s
+        );
+        evgrid_sim::write_plot(path, &title, &plotted)?;
+    }
+    Ok(output)
+}
+
+/// Simulates the recorded requests and measures the live grid on them.
+pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::Plotted) {
+    let first = &recorded.originals[0];
+    let clock = Clock::new(first.stored_at, args.time_scale);
+    let requests: Vec<_> = recorded
+        .originals
+        .iter()
+        .map(|o| window::to_sim(o, &clock))
+        .collect();
+    let interval_ms = recorded
+        .substations
+        .iter()
+        .map(|s| s.interval_ms)
+        .max()
+        .unwrap_or(1000);
+    let heartbeat = args
+        .heartbeat
+        .unwrap_or_else(|| Duration::from_secs_f64(interval_ms as f64 / 1e3 * args.time_scale));
+    let steps = window::capacity_steps(&recorded.substations, &recorded.limits, &clock);
+    let sim = sim_args(args, &recorded.substations, heartbeat);
+    let (report, plotted) = evgrid_sim::compare(&sim, &requests);
+    let live = window::measure(Record {
+        originals: &recorded.originals,
+        requests: &requests,
+        states: &recorded.states,
+        sessions: &recorded.sessions,
+        substations: &recorded.substations,
+        capacity_steps: &steps,
+        clock,
+        read_at: recorded.read_at,
+    });
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let delivered = live.metrics.energy_delivered_kwh;
+    let row = Row {
+        policy: "recorded".to_owned(),
+        allocation: "live".to_owned(),
+        energy_of_pooled_ratio: ratio(
+            delivered,
+            report.pooled_reference.metrics.energy_delivered_kwh,
+        ),
+        energy_upper_bound_ratio: ratio(delivered, report.energy_upper_bound_kwh),
+        metrics: live.metrics,
+    };
+    let last = &recorded.originals[recorded.originals.len() - 1];
+    let output = Output {
+        window: WindowInfo {
+            first: first.stored_at,
+            last: last.stored_at,
+            first_sequence: recorded.sequences.0,
+            last_sequence: recorded.sequences.1,
+            read_at: recorded.read_at,
+            time_scale: args.time_scale,
+            heartbeat_s: heartbeat.as_secs_f64(),
+            substations: recorded.substations.clone(),
+            limit_messages: recorded.limits.len(),
+        },
+        arrivals: Arrivals {
+            count: recorded.originals.len(),
+            energy_kwh: recorded
+                .originals
+                .iter()
+                .map(|o| o.request.energy_kwh)
+                .sum(),
+            left_out: recorded.left_out,
+        },
+        differences: Vec::new(),
+        recorded: RecordedRow {
+            row,
+            outcomes: live.outcomes,
+            per_substation: live.per_substation,
+        },
+        report,
+    };
+    let differences = differences(&output);
+    (
+        Output {
+            differences,
+            ..output
+        },
+        plotted,
+    )
+}
+
+/// `evgrid sim`'s options for this grid: its substations' capacities, the heartbeat, and the
+/// policies asked for (the workload options are unused: the requests are the recorded ones).
+fn sim_args(args: &ReplayArgs, substations: &[Substation], heartbeat: Duration) -> SimArgs {
+    SimArgs {
+        traces: Vec::new(),
+        fold: evgrid_sim::workload::Fold::None,
+        vehicle_max_kw: evgrid_sim::DEFAULT_VEHICLE_MAX_KW,
+        poisson: None,
+        duration: 0.0,
+        bursts: Vec::new(),
+        energy: evgrid_sim::workload::Range { min: 1.0, max: 1.0 },
+        stay: Stay(None),
+        seed: 1,
+        substations: substations.len() as u32,
+        capacity_kw: substations[0].capacity_kw,
+        capacities: substations.iter().map(|s| s.capacity_kw).collect(),
+        heartbeat,
+        defer_delay: None,
+        policy: args.policy.clone(),
+        allocation: args.allocation.clone(),
+        json: args.json,
+        plot: args.plot.clone(),
+    }
+}
+
+/// Where the live grid's figures part from the simulations', in words.
+fn differences(o: &Output) -> Vec<String> {
+    let mut out = Vec::new();
+    let live = &o.recorded.row.metrics;
+    for r in &o.report.results {
+        let m = &r.metrics;
+        out.push(format!(
+            "{} + {}: the live grid delivered {:.1} kWh less than simulated ({:.2} % of it), {:+.1} points of sessions fully served",
+            r.policy,
+            r.allocation,
+            m.energy_delivered_kwh - live.energy_delivered_kwh,
+            100.0 * live.energy_delivered_kwh / m.energy_delivered_kwh.max(f64::MIN_POSITIVE),
+            100.0 * (live.sessions_fully_served_ratio - m.sessions_fully_served_ratio),
+        ));
+    }
+    out.push(format!(
+        "pooled reference: the live grid reached {:.2} % of its energy, {:.2} % of the exact upper bound",
+        100.0 * o.recorded.row.energy_of_pooled_ratio,
+        100.0 * o.recorded.row.energy_upper_bound_ratio
+    ));
+    out.push(format!(
+        "heartbeat staleness: the simulated dispatcher sees heartbeats every {:.1} simulated s (the live interval × time scale {})",
+        o.window.heartbeat_s, o.window.time_scale
+    ));
+    let c = &o.recorded.outcomes;
+    if c.open + c.without_state > 0 {
+        out.push(format!(
+            "{} requests were not finished when read ({} without a state yet): their energy is still to come, the simulations count it",
+            c.open + c.without_state,
+            c.without_state
+        ));
+    }
+    for s in &o.recorded.per_substation {
+        if s.interruptions + s.resumed + s.moved_away > 0 {
+            out.push(format!(
+                "{}: {} sessions interrupted, {} resumed after a restart, {} moved away (failover)",
+                s.substation_id, s.interruptions, s.resumed, s.moved_away
+            ));
+        }
+    }
+    if o.window.limit_messages > 0 {
+        out.push(format!(
+            "{} grid-operator limit messages: the live substations ran below (or above) their configured capacity for a while",
+            o.window.limit_messages
+        ));
+    }
+    out
+}
+
+impl Output {
+    /// The report for people: the window, the live grid beside the simulations, per substation,
+    /// and the differences.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let w = &self.window;
+        let a = &self.arrivals;
+        let _ = writeln!(
+            out,
+            "window: {} requests ({:.1} kWh asked) stored {} .. {} (EV_REQUESTS {}..{}), time scale {}, simulated heartbeat {:.1} s",
+            a.count,
+            a.energy_kwh,
+            w.first.to_rfc3339(),
+            w.last.to_rfc3339(),
+            w.first_sequence,
+            w.last_sequence,
+            w.time_scale,
+            w.heartbeat_s
+        );
+        let l = &a.left_out;
+        if l.moves + l.repeats + l.invalid > 0 {
+            let _ = writeln!(
+                out,
+                "left out: {} move offers (failover), {} repeated ids, {} invalid",
+                l.moves, l.repeats, l.invalid
+            );
+        }
+        let grid: Vec<String> = w
+            .substations
+            .iter()
+            .map(|s| format!("{} {} kW", s.id, s.capacity_kw))
+            .collect();
+        let _ = writeln!(
+            out,
+            "grid: {}; {} limit messages",
+            grid.join(", "),
+            w.limit_messages
+        );
+        out.push_str("as recorded (the live grid):\n");
+        out.push_str(&self.report.table_after(&[&self.recorded.row]));
+        let c = &self.recorded.outcomes;
+        let _ = writeln!(
+            out,
+            "\nrecorded outcomes: {} delivered, {} departed with less, {} rejected, {} open, {} without a state, {} moves",
+            c.delivered, c.departed, c.rejected, c.open, c.without_state, c.moves
+        );
+        out.push_str("per substation (as recorded):\n");
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9} {:>8} {:>12} {:>11} {:>9} {:>11} {:>7} {:>6}",
+            "substation",
+            "capacity",
+            "requests",
+            "energy_kwh",
+            "fully_served",
+            "peak_util",
+            "interrupted",
+            "resumed",
+            "moved"
+        );
+        for s in &self.recorded.per_substation {
+            let _ = writeln!(
+                out,
+                "{:<12} {:>9.1} {:>8} {:>12.1} {:>11} {:>9.3} {:>11} {:>7} {:>6}",
+                s.substation_id,
+                s.capacity_kw,
+                s.requests,
+                s.energy_delivered_kwh,
+                s.sessions_fully_served,
+                s.peak_utilization,
+                s.interruptions,
+                s.resumed,
+                s.moved_away
+            );
+        }
+        out.push_str("\ndifferences:\n");
+        for d in &self.differences {
+            let _ = writeln!(out, "- {d}");
+        }
+        out
+    }
+}

@@ -1,0 +1,214 @@
+//! `evgrid replay` on a live grid: a real pipeline records a few seconds of load, then the built
+//! binary reads it back. The replay must find exactly the recorded arrivals (count, stored
+//! times, energies), and its as-recorded figures must be the request states'.
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use evgrid_common::streams;
+use evgrid_model::messages::{RequestRecord, RequestState};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{WAIT, evgrid};
+use crate::pipeline::{Options, Pipeline};
+
+/// Each recorded request: its stored time, energy asked and state.
+struct Stored {
+    at: DateTime<Utc>,
+    energy_kwh: f64,
+    state: RequestRecord,
+}
+
+async fn recorded(js: &jetstream::Context) -> Vec<Stored> {
+    let stream = js.get_stream(streams::REQUESTS).await.unwrap();
+    let kv = js
+        .get_key_value(streams::REQUEST_STATE_BUCKET)
+        .await
+        .unwrap();
+    let n = crate::helpers::stored(js, streams::REQUESTS).await;
+    let mut out = Vec::new();
+    for seq in 1..=n {
+        let msg = stream.get_raw_message(seq).await.unwrap();
+        let body: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let id = body["request_id"].as_str().unwrap();
+        let state = kv
+            .get(id)
+            .await
+            .unwrap()
+            .expect("every request has a state");
+        out.push(Stored {
+            at: DateTime::from_timestamp_nanos(msg.time.unix_timestamp_nanos() as i64),
+            energy_kwh: body["energy_kwh"].as_f64().unwrap(),
+            state: serde_json::from_slice(&state).unwrap(),
+        });
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().unwrap())
+        .unwrap()
+        .to_utc()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_back_what_the_live_grid_recorded() {
+    let pipeline = Pipeline::start(Options {
+        capacities: &[50.0, 100.0, 150.0],
+        time_scale: 3600.0,
+        heartbeat_interval: "200ms",
+        dispatcher_args: &["--defer-delay", "200ms"],
+    })
+    .await;
+    let url = pipeline.nats.url().to_owned();
+    let ingest = pipeline.url("");
+    let args = crate::helpers::args(&[
+        "--url",
+        &ingest,
+        "--events-nats-url",
+        &url,
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+        "--energy-kwh",
+        "uniform:5..30",
+        "--max-power-kw",
+        "11",
+        "--departure-hours",
+        "uniform:1..5",
+        "--seed",
+        "7",
+        "--wait-complete",
+        "--complete-timeout",
+        "15s",
+    ]);
+    let load = tokio::time::timeout(WAIT, evgrid::load::run(args, CancellationToken::new()))
+        .await
+        .expect("the load ends in time")
+        .expect("the load runs");
+    assert_eq!((load.accepted, load.errors.total), (40, 0));
+
+    let js = jetstream::new(pipeline.nats.client().await.unwrap());
+    let stored = recorded(&js).await;
+    assert_eq!(stored.len(), 40);
+    assert!(stored.iter().all(|s| s.state.state.is_final()));
+
+    let (ok, out, err) = evgrid(&[
+        "replay",
+        "--nats-url",
+        &url,
+        "--time-scale",
+        "3600",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+
+    // The arrivals, exactly as recorded.
+    assert_eq!(r["arrivals"]["count"], 40);
+    let asked: f64 = stored.iter().map(|s| s.energy_kwh).sum();
+    assert!(close(r["arrivals"]["energy_kwh"].as_f64().unwrap(), asked));
+    assert_eq!(time(&r["window"]["first"]), stored[0].at);
+    assert_eq!(time(&r["window"]["last"]), stored[39].at);
+    assert_eq!(
+        (
+            &r["window"]["first_sequence"],
+            &r["window"]["last_sequence"]
+        ),
+        (&Value::from(1), &Value::from(40))
+    );
+    let ids: Vec<&str> = r["window"]["substations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["s1", "s2", "s3"]);
+    // 200 ms of real time at 3600× is 720 simulated seconds.
+    assert!(close(r["window"]["heartbeat_s"].as_f64().unwrap(), 720.0));
+
+    // As recorded = the request states.
+    let rec = &r["recorded"];
+    let delivered: f64 = stored.iter().map(|s| s.state.energy_delivered_kwh).sum();
+    assert!(close(
+        rec["energy_delivered_kwh"].as_f64().unwrap(),
+        delivered
+    ));
+    let full = stored
+        .iter()
+        .filter(|s| {
+            s.state.state == RequestState::Completed
+                && s.state.reason.as_deref() == Some("delivered")
+        })
+        .count();
+    assert!(close(
+        rec["sessions_fully_served_ratio"].as_f64().unwrap(),
+        full as f64 / 40.0
+    ));
+    assert_eq!(rec["outcomes"]["delivered"], full);
+    assert_eq!(rec["outcomes"]["departed"], 40 - full);
+    let per: Vec<&Value> = rec["per_substation"].as_array().unwrap().iter().collect();
+    let requests: u64 = per.iter().map(|s| s["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 40);
+    let per_energy: f64 = per
+        .iter()
+        .map(|s| s["energy_delivered_kwh"].as_f64().unwrap())
+        .sum();
+    assert!(close(per_energy, delivered));
+    let peak = rec["peak_utilization"].as_f64().unwrap();
+    assert!(peak > 0.0, "{rec}");
+    // Every field of a simulated result is in `recorded`, and the simulation ran.
+    let sim = r["results"][0].as_object().unwrap();
+    for field in sim.keys() {
+        assert!(rec.get(field).is_some(), "recorded lacks {field}");
+    }
+    assert_eq!(r["results"][0]["capacity_violations"], 0);
+    assert!(r["results"][0]["energy_delivered_kwh"].as_f64().unwrap() > 0.0);
+    assert!(r["pooled_reference"].is_object());
+
+    // The text report says the same.
+    let (ok, text, err) = evgrid(&["replay", "--nats-url", &url, "--time-scale", "3600"]).await;
+    assert!(ok, "{err}");
+    assert!(text.contains("as recorded (the live grid)"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("recorded "))
+        .expect("a recorded row");
+    assert!(row.contains(" live "), "{text}");
+
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_without_requests_or_upside_down_is_refused() {
+    let (server, _js) = crate::helpers::nats_with_streams().await;
+    let url = server.url();
+    let (ok, _, err) = evgrid(&["replay", "--nats-url", url]).await;
+    assert!(!ok);
+    assert!(err.contains("no charge request in the window"), "{err}");
+    let (ok, _, err) = evgrid(&[
+        "replay",
+        "--nats-url",
+        url,
+        "--from",
+        "2026-12-05T10:00:00Z",
+        "--until",
+        "2026-12-05T09:00:00Z",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("is after --until"), "{err}");
+    let (ok, _, err) = evgrid(&["replay", "--nats-url", url, "--from", "yesterday"]).await;
+    assert!(!ok);
+    assert!(err.contains("RFC 3339"), "{err}");
+    // Nothing listens on port 1.
+    let (ok, _, err) = evgrid(&["replay", "--nats-url", "nats://127.0.0.1:1"]).await;
+    assert!(!ok);
+    assert!(err.contains("cannot reach NATS"), "{err}");
+}
