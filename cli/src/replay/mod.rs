@@ -6,8 +6,9 @@
 //! end (`EV_REQUEST_STATE`, `EV_SESSIONS`).
 //!
 //! [`read`] fetches the window from NATS; [`window`] is the pure part (the simulator's requests
-//! and clock, the live grid's figures).
+//! and clock, the live grid's figures); [`export`] writes the requests as a trace.
 
+pub mod export;
 pub mod read;
 pub mod window;
 
@@ -83,6 +84,11 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "FILE.svg", value_parser = evgrid_sim::parse_svg_path,
           help_heading = "Output")]
     pub plot: Option<PathBuf>,
+
+    /// Write the recorded requests as an ACN CSV trace (.csv, or .csv.gz gzipped) that
+    /// `evgrid sim --trace` and `evgrid load --trace` read, times on the simulated clock.
+    #[arg(long, value_name = "FILE.csv", help_heading = "Output")]
+    pub export: Option<PathBuf>,
 }
 
 impl ReplayArgs {
@@ -163,6 +169,9 @@ pub struct Output {
     pub recorded: RecordedRow,
     /// Readable reasons the live grid differs from the simulations.
     pub differences: Vec<String>,
+    /// What `--export` wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<export::Exported>,
 }
 
 /// `evgrid replay` from the command line.
@@ -181,7 +190,25 @@ pub async fn run(args: &ReplayArgs, shutdown: CancellationToken) -> anyhow::Resu
     args.check()?;
     let nats = crate::load::connect_nats(&args.nats_url, &shutdown).await?;
     let recorded = read::window(&nats, args.start(Utc::now()), args.until).await?;
-    let (output, plotted) = simulate(args, &recorded);
+    let (mut output, plotted) = simulate(args, &recorded);
+    if let Some(path) = &args.export {
+        let clock = Clock::new(recorded.originals[0].stored_at, args.time_scale);
+        let exported = export::write(path, &recorded.originals, &clock)?;
+        eprintln!(
+            "export: {} requests to {}{}",
+            exported.rows,
+            path.display(),
+            if exported.left_out > 0 {
+                format!(
+                    " ({} left out: no departure, which ACN rows need, or one already passed)",
+                    exported.left_out
+                )
+            } else {
+                String::new()
+            }
+        );
+        output.export = Some(exported);
+    }
     if let Some(path) = &args.plot {
         let title = format!(
             "evgrid replay: {} routing, {} allocation, {} recorded requests, heartbeat {:.1} s",
@@ -212,7 +239,7 @@ pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::
         .unwrap_or(1000);
     let heartbeat = args
         .heartbeat
-        .unwrap_or_else(|| Duration::from_secs_f64(interval_ms as f64 / 1e3 * args.time_scale));
+        .unwrap_or_else(|| Duration::from_secs_f64(interval_ms as f64 * args.time_scale / 1e3));
     let steps = window::capacity_steps(&recorded.substations, &recorded.limits, &clock);
     let sim = sim_args(args, &recorded.substations, heartbeat);
     let (report, plotted) = evgrid_sim::compare(&sim, &requests);
@@ -261,6 +288,7 @@ pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::
             left_out: recorded.left_out,
         },
         differences: Vec::new(),
+        export: None,
         recorded: RecordedRow {
             row,
             outcomes: live.outcomes,

@@ -98,6 +98,9 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
     assert_eq!(stored.len(), 40);
     assert!(stored.iter().all(|s| s.state.state.is_final()));
 
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("day.csv");
+    let csv = csv.to_str().unwrap();
     let (ok, out, err) = evgrid(&[
         "replay",
         "--nats-url",
@@ -105,6 +108,8 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
         "--time-scale",
         "3600",
         "--json",
+        "--export",
+        csv,
     ])
     .await;
     assert!(ok, "{err}");
@@ -181,6 +186,57 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
         .find(|l| l.starts_with("recorded "))
         .expect("a recorded row");
     assert!(row.contains(" live "), "{text}");
+
+    // The export is a trace that simulates exactly as the replay did.
+    assert_eq!(r["export"]["rows"], 40);
+    let sessions = evgrid_sim::trace::read(csv).unwrap();
+    assert_eq!(sessions.len(), 40);
+    for (s, rec) in sessions.iter().zip(&stored) {
+        // On the simulated clock: an hour per real second since the first arrival.
+        let real_ms = (rec.at - stored[0].at).num_microseconds().unwrap() as f64 / 1e3;
+        let sim_ms = (s.arrival - sessions[0].arrival).num_milliseconds() as f64;
+        assert!(
+            (sim_ms - real_ms * 3600.0).abs() <= 1.0,
+            "{sim_ms} vs {real_ms}"
+        );
+        assert_eq!(s.energy_kwh, rec.energy_kwh);
+    }
+    let (ok, out, err) = evgrid(&[
+        "sim",
+        "--trace",
+        csv,
+        "--vehicle-max-kw",
+        "11",
+        "--capacities",
+        "50,100,150",
+        "--heartbeat",
+        "720s",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let offline: Value = serde_json::from_str(&out).unwrap();
+    for field in [
+        "energy_requested_kwh",
+        "energy_delivered_kwh",
+        "sessions_fully_served_ratio",
+        "peak_utilization",
+        "wait_p95_s",
+        "capacity_violations",
+    ] {
+        assert_eq!(
+            offline["results"][0][field], r["results"][0][field],
+            "{field}"
+        );
+        assert_eq!(
+            offline["pooled_reference"][field], r["pooled_reference"][field],
+            "{field}"
+        );
+    }
+    assert_eq!(
+        offline["energy_upper_bound_kwh"],
+        r["energy_upper_bound_kwh"]
+    );
 
     pipeline.stop().await;
 }
