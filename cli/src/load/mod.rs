@@ -201,6 +201,19 @@ pub async fn main(args: LoadArgs) -> anyhow::Result<ExitCode> {
 /// finished and reported).
 pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<Report> {
     let (mix, schedule, trace_skipped) = plan(&args)?;
+    run_plan(args, mix, schedule, trace_skipped, shutdown).await
+}
+
+/// Runs a load planned elsewhere (`evgrid replay --to-url` plans it from a recorded window):
+/// `mix` and `schedule` instead of those `args` describe, everything else as `args` say.
+/// `trace_skipped` is reported as the trace's left-out sessions.
+pub async fn run_plan(
+    args: LoadArgs,
+    mix: Mix,
+    schedule: Schedule,
+    trace_skipped: Option<u64>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Report> {
     if args.wait_complete && schedule.requests() > MAX_TRACKED {
         bail!(
             "--wait-complete tracks every request (a byte each): at most {MAX_TRACKED} requests, this run plans {}",
@@ -412,7 +425,7 @@ pub(crate) async fn connect_nats(
     }
 }
 
-fn parse_http_url(s: &str) -> Result<reqwest::Url, String> {
+pub(crate) fn parse_http_url(s: &str) -> Result<reqwest::Url, String> {
     let mut url = reqwest::Url::parse(s)
         .map_err(|e| format!("expected a URL such as http://127.0.0.1:8080 ({e})"))?;
     if url.scheme() != "http" {

@@ -22,6 +22,8 @@ pub struct RequestSpec {
     pub max_power_kw: f64,
     /// Departure as a duration after sending, if any.
     pub departure_after: Option<Duration>,
+    /// Ask for all of the energy or nothing (`all_or_nothing`); best effort otherwise.
+    pub all_or_nothing: bool,
 }
 
 /// Where request parameters come from.
@@ -55,6 +57,7 @@ impl Mix {
                     max_power_kw: round3(max_power_kw.sample(&mut rng)),
                     departure_after: departure_hours
                         .map(|d| Duration::from_secs_f64(d.sample(&mut rng) * 3600.0)),
+                    all_or_nothing: false,
                 }
             }
             Mix::Trace(specs) => specs[i as usize],
@@ -147,6 +150,7 @@ impl TracePlan {
                 energy_kwh: s.energy_kwh.min(energy_max_kwh),
                 max_power_kw: vehicle_max_kw,
                 departure_after: Some((s.departure - s.arrival).to_std().unwrap_or_default()),
+                all_or_nothing: false,
             });
         }
         plan
@@ -208,6 +212,9 @@ pub fn encode(buf: &mut Vec<u8>, id: Uuid, i: u64, spec: &RequestSpec, now: Date
             departure.to_rfc3339_opts(SecondsFormat::Millis, true)
         );
     }
+    if spec.all_or_nothing {
+        buf.extend_from_slice(br#","all_or_nothing":true"#);
+    }
     buf.push(b'}');
 }
 
@@ -262,9 +269,11 @@ mod tests {
             energy_kwh: 30.0,
             max_power_kw: 11.0,
             departure_after: None,
+            all_or_nothing: true,
         };
         encode(&mut buf, ids.id(0), 0, &plain, now);
-        assert!(parse_charge_request(&buf, now).unwrap().departure.is_none());
+        let plain = parse_charge_request(&buf, now).unwrap();
+        assert!(plain.departure.is_none() && plain.all_or_nothing);
     }
 
     #[test]

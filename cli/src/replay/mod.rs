@@ -6,9 +6,11 @@
 //! end (`EV_REQUEST_STATE`, `EV_SESSIONS`).
 //!
 //! [`read`] fetches the window from NATS; [`window`] is the pure part (the simulator's requests
-//! and clock, the live grid's figures); [`export`] writes the requests as a trace.
+//! and clock, the live grid's figures); [`export`] writes the requests as a trace; [`inject`]
+//! sends them again into another grid.
 
 pub mod export;
+pub mod inject;
 pub mod read;
 pub mod window;
 
@@ -89,6 +91,32 @@ pub struct ReplayArgs {
     /// `evgrid sim --trace` and `evgrid load --trace` read, times on the simulated clock.
     #[arg(long, value_name = "FILE.csv", help_heading = "Output")]
     pub export: Option<PathBuf>,
+
+    /// Instead of simulating, send the window's requests again, with new ids, to this ingest
+    /// (e.g. a staging grid), and report as `evgrid load` does.
+    #[arg(long, value_name = "http://HOST:PORT", value_parser = crate::load::parse_http_url,
+          conflicts_with = "to_nats_url", help_heading = "Re-inject")]
+    pub to_url: Option<reqwest::Url>,
+
+    /// Instead of simulating, publish the window's requests again, with new ids, to
+    /// `ev.requests` on this NATS server (a JetStream publish awaiting each PubAck).
+    #[arg(long, value_name = "nats://HOST:PORT", value_parser = parse_nats_url,
+          help_heading = "Re-inject")]
+    pub to_nats_url: Option<String>,
+
+    /// Re-injection pace: request i is sent at (its stored time − the first's) ÷ SPEED. Run
+    /// the target's substations at --time-scale × SPEED for the cars' stays to match.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_positive, help_heading = "Re-inject")]
+    pub speed: f64,
+
+    /// Follow every re-injected request to `completed`, as `evgrid load --wait-complete`.
+    #[arg(long, help_heading = "Re-inject")]
+    pub wait_complete: bool,
+
+    /// With --to-url --wait-complete: the target grid's NATS, where its session events are.
+    #[arg(long, value_name = "nats://HOST:PORT", value_parser = parse_nats_url,
+          help_heading = "Re-inject")]
+    pub to_events_nats_url: Option<String>,
 }
 
 impl ReplayArgs {
@@ -176,7 +204,21 @@ pub struct Output {
 
 /// `evgrid replay` from the command line.
 pub async fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let output = run(&args, evgrid_common::shutdown::on_signals()).await?;
+    let shutdown = evgrid_common::shutdown::on_signals();
+    if args.to_url.is_some() || args.to_nats_url.is_some() {
+        let report = reinject(&args, shutdown).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.to_text());
+        }
+        return Ok(if report.errors.total == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let output = run(&args, shutdown).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {
@@ -187,28 +229,9 @@ pub async fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 
 /// Reads the window of `args` and simulates it.
 pub async fn run(args: &ReplayArgs, shutdown: CancellationToken) -> anyhow::Result<Output> {
-    args.check()?;
-    let nats = crate::load::connect_nats(&args.nats_url, &shutdown).await?;
-    let recorded = read::window(&nats, args.start(Utc::now()), args.until).await?;
+    let recorded = read_window(args, &shutdown).await?;
     let (mut output, plotted) = simulate(args, &recorded);
-    if let Some(path) = &args.export {
-        let clock = Clock::new(recorded.originals[0].stored_at, args.time_scale);
-        let exported = export::write(path, &recorded.originals, &clock)?;
-        eprintln!(
-            "export: {} requests to {}{}",
-            exported.rows,
-            path.display(),
-            if exported.left_out > 0 {
-                format!(
-                    " ({} left out: no departure, which ACN rows need, or one already passed)",
-                    exported.left_out
-                )
-            } else {
-                String::new()
-            }
-        );
-        output.export = Some(exported);
-    }
+    output.export = export_if_asked(args, &recorded)?;
     if let Some(path) = &args.plot {
         let title = format!(
             "evgrid replay: {} routing, {} allocation, {} recorded requests, heartbeat {:.1} s",
@@ -220,6 +243,65 @@ pub async fn run(args: &ReplayArgs, shutdown: CancellationToken) -> anyhow::Resu
         evgrid_sim::write_plot(path, &title, &plotted)?;
     }
     Ok(output)
+}
+
+/// Reads the window of `args` and sends its requests again to `--to-url` or `--to-nats-url`.
+pub async fn reinject(
+    args: &ReplayArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<crate::load::stats::Report> {
+    let recorded = read_window(args, &shutdown).await?;
+    export_if_asked(args, &recorded)?;
+    let url = args.to_url.as_ref().map(|u| u.to_string());
+    let target = match (&url, &args.to_nats_url) {
+        (Some(url), _) => ("--url", url.as_str()),
+        (None, Some(nats)) => ("--nats-url", nats.as_str()),
+        (None, None) => bail!("nowhere to send: give --to-url or --to-nats-url"),
+    };
+    if args.wait_complete && url.is_some() && args.to_events_nats_url.is_none() {
+        bail!(
+            "--to-url --wait-complete follows session events on the target's NATS: give --to-events-nats-url"
+        );
+    }
+    let how = inject::Injection {
+        target,
+        wait_complete: args.wait_complete,
+        events_nats_url: args.to_events_nats_url.as_deref(),
+        quiet: args.json,
+    };
+    inject::run(&recorded.originals, args.speed, how, shutdown).await
+}
+
+async fn read_window(args: &ReplayArgs, shutdown: &CancellationToken) -> anyhow::Result<Recorded> {
+    args.check()?;
+    let nats = crate::load::connect_nats(&args.nats_url, shutdown).await?;
+    Ok(read::window(&nats, args.start(Utc::now()), args.until).await?)
+}
+
+/// Writes `--export`, if asked, and says so on stderr.
+fn export_if_asked(
+    args: &ReplayArgs,
+    recorded: &Recorded,
+) -> anyhow::Result<Option<export::Exported>> {
+    let Some(path) = &args.export else {
+        return Ok(None);
+    };
+    let clock = Clock::new(recorded.originals[0].stored_at, args.time_scale);
+    let exported = export::write(path, &recorded.originals, &clock)?;
+    let left_out = if exported.left_out > 0 {
+        format!(
+            " ({} left out: no departure, which ACN rows need, or one already passed)",
+            exported.left_out
+        )
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "export: {} requests to {}{left_out}",
+        exported.rows,
+        path.display()
+    );
+    Ok(Some(exported))
 }
 
 /// Simulates the recorded requests and measures the live grid on them.

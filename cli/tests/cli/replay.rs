@@ -45,6 +45,16 @@ async fn recorded(js: &jetstream::Context) -> Vec<Stored> {
     out
 }
 
+/// Three substations at 3600× (a real second is a simulated hour), heartbeats every 200 ms.
+fn grid() -> Options<'static> {
+    Options {
+        capacities: &[50.0, 100.0, 150.0],
+        time_scale: 3600.0,
+        heartbeat_interval: "200ms",
+        dispatcher_args: &["--defer-delay", "200ms"],
+    }
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
 }
@@ -57,13 +67,7 @@ fn time(v: &Value) -> DateTime<Utc> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reads_back_what_the_live_grid_recorded() {
-    let pipeline = Pipeline::start(Options {
-        capacities: &[50.0, 100.0, 150.0],
-        time_scale: 3600.0,
-        heartbeat_interval: "200ms",
-        dispatcher_args: &["--defer-delay", "200ms"],
-    })
-    .await;
+    let pipeline = Pipeline::start(grid()).await;
     let url = pipeline.nats.url().to_owned();
     let ingest = pipeline.url("");
     let args = crate::helpers::args(&[
@@ -237,6 +241,53 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
         offline["energy_upper_bound_kwh"],
         r["energy_upper_bound_kwh"]
     );
+
+    // Sent again into a staging grid: the same requests at the same pace, with new ids.
+    let staging = Pipeline::start(grid()).await;
+    let staging_nats = staging.nats.url().to_owned();
+    let (ok, out, err) = evgrid(&[
+        "replay",
+        "--nats-url",
+        &url,
+        "--to-url",
+        &staging.url(""),
+        "--wait-complete",
+        "--to-events-nats-url",
+        &staging_nats,
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let load: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&load["mode"], &load["accepted"], &load["completed"]),
+        (&Value::from("trace"), &Value::from(40), &Value::from(40)),
+        "{load}"
+    );
+    let js2 = jetstream::new(staging.nats.client().await.unwrap());
+    let again = recorded(&js2).await;
+    assert_eq!(again.len(), 40);
+    for (a, b) in again.iter().zip(&stored) {
+        assert_eq!(a.energy_kwh, b.energy_kwh);
+        assert_ne!(a.state.request_id, b.state.request_id);
+        let stay =
+            |s: &Stored| (s.state.departure.unwrap() - s.state.accepted_at).num_milliseconds();
+        assert!(
+            (stay(a) - stay(b)).abs() < 1000,
+            "{} vs {}",
+            stay(a),
+            stay(b)
+        );
+    }
+    // The recorded pace (20 a second), give or take a scheduler's hiccup.
+    let span = |s: &[Stored]| (s[39].at - s[0].at).num_milliseconds();
+    assert!(
+        (span(&again) - span(&stored)).abs() < 500,
+        "{} ms vs {} ms",
+        span(&again),
+        span(&stored)
+    );
+    staging.stop().await;
 
     pipeline.stop().await;
 }
