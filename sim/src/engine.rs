@@ -18,6 +18,9 @@
 //! or one echoing an assignment) or the request can be rejected, every offer would defer again.
 //! It resumes at the first of its offers (every `defer_delay_s` from its deferral) after that.
 //! Results are the same as if every heartbeat and offer were computed.
+//!
+//! Grid-operator limits change a substation's capacity at given times (`capacity_changes`): the
+//! station is advanced to each change and re-allocates at once, as the live substation does.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -56,6 +59,10 @@ fn wall(t: f64) -> DateTime<Utc> {
 pub struct Setup {
     /// kW, one per substation.
     pub capacities: Vec<f64>,
+    /// Grid-operator limits: for substation `i`, `(time, kW)` steps in time order, each the
+    /// capacity in force from then on. Empty (or shorter than `capacities`): `capacities[i]`
+    /// throughout.
+    pub capacity_changes: Vec<Vec<(f64, f64)>>,
     pub policy: Policy,
     pub allocation: Allocation,
     /// Simulated seconds between a substation's heartbeats.
@@ -111,6 +118,33 @@ struct Sub {
     /// Assignments taken and not yet echoed by a heartbeat: (when, `EV_DISPATCH` sequence).
     taken: VecDeque<(f64, u64)>,
     echoed: u64,
+    /// Capacity changes still to come: (time, kW).
+    changes: VecDeque<(f64, f64)>,
+}
+
+impl Sub {
+    /// Advances the station to `t`, applying the capacity changes due by then in order.
+    fn advance(&mut self, t: f64, fates: &mut [Fate]) {
+        while let Some(&(at, kw)) = self.changes.front() {
+            if at > t {
+                break;
+            }
+            self.changes.pop_front();
+            let at = at.max(self.station.now());
+            record(&self.station.advance_to(at), fates);
+            record(&self.station.set_capacity(kw), fates);
+        }
+        record(&self.station.advance_to(t), fates);
+    }
+
+    /// When the station next changes on its own or by a limit.
+    fn next_change(&self) -> Option<f64> {
+        let limit = self.changes.front().map(|&(at, _)| at);
+        match (self.station.next_event_time(), limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Runs `requests` (sorted by time) through the grid of `setup`.
@@ -138,6 +172,10 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
                 heartbeat_seq: 0,
                 taken: VecDeque::new(),
                 echoed: 0,
+                changes: setup
+                    .capacity_changes
+                    .get(i)
+                    .map_or_else(VecDeque::new, |c| c.iter().copied().collect()),
             }
         })
         .collect();
@@ -165,7 +203,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
         setup.policy,
         Policy::LeastLoaded | Policy::P2c | Policy::Headroom
     );
-    let largest_capacity_kw = setup.capacities.iter().copied().fold(0.0, f64::max);
+    let largest_capacity_kw = least_largest_capacity(setup);
 
     while let Some(Reverse((Time(t), r))) = offers.pop() {
         for sub in &mut subs {
@@ -211,6 +249,9 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
                 grid.record_assignment(&substation_id, dispatch_seq, power_kw, &demand);
                 let sub = &mut subs[i];
                 sub.taken.push_back((t, dispatch_seq));
+                if sub.changes.front().is_some_and(|&(at, _)| at <= t) {
+                    sub.advance(t, &mut fates);
+                }
                 let events = sub.station.arrive(
                     t,
                     Arrival {
@@ -248,9 +289,8 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
         }
     }
     for sub in &mut subs {
-        while let Some(t) = sub.station.next_event_time() {
-            let events = sub.station.advance_to(t);
-            record(&events, &mut fates);
+        while let Some(t) = sub.next_change() {
+            sub.advance(t, &mut fates);
         }
     }
 
@@ -269,8 +309,8 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
 /// The earliest time after `t` at which a heartbeat could show the dispatcher something new
 /// about room: before it, every substation's heartbeats repeat what the dispatcher saw at `t`.
 /// Room is judged on capacity and demand (a heartbeat's `max(load, demand)` is its demand: no
-/// car draws above its max), which change only when a car arrives or leaves, or when a heartbeat
-/// echoes an assignment. Conservative (one heartbeat early), so float rounding can only skip
+/// car draws above its max), which change only when a car arrives or leaves, when a limit
+/// changes the capacity, or when a heartbeat echoes an assignment. Conservative (one heartbeat early), so float rounding can only skip
 /// less.
 fn next_view_change(subs: &[Sub], t: f64, heartbeat_s: f64) -> f64 {
     subs.iter()
@@ -281,13 +321,51 @@ fn next_view_change(subs: &[Sub], t: f64, heartbeat_s: f64) -> f64 {
                 // The next heartbeat echoes an assignment.
                 return beat(seen + 1.0);
             }
-            match sub.station.earliest_end() {
+            let limit = sub.changes.front().map(|&(at, _)| at);
+            match (sub.station.earliest_end(), limit) {
+                (None, None) => f64::INFINITY,
                 // The heartbeat before the first one at or after the event.
-                Some(e) => beat(((e - sub.phase_s) / heartbeat_s).ceil() - 1.0),
-                None => f64::INFINITY,
+                (e, l) => {
+                    let e = e.unwrap_or(f64::INFINITY).min(l.unwrap_or(f64::INFINITY));
+                    beat(((e - sub.phase_s) / heartbeat_s).ceil() - 1.0)
+                }
             }
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The capacity in force at `t` on a substation configured with `configured` kW and limited by
+/// the `(time, kW)` steps of `changes`.
+pub fn capacity_at(configured: f64, changes: Option<&[(f64, f64)]>, t: f64) -> f64 {
+    changes
+        .and_then(|c| c.iter().take_while(|&&(at, _)| at <= t).last())
+        .map_or(configured, |&(_, kw)| kw)
+}
+
+/// The grid's largest capacity at its lowest over time: a request is undeliverable once even
+/// the largest substation cannot fill it, and under limits that can be any time the largest is
+/// smaller, so skipping offers must count with the smallest it gets.
+fn least_largest_capacity(setup: &Setup) -> f64 {
+    let largest_at = |t: f64| {
+        setup
+            .capacities
+            .iter()
+            .enumerate()
+            .map(|(i, &configured)| {
+                capacity_at(
+                    configured,
+                    setup.capacity_changes.get(i).map(Vec::as_slice),
+                    t,
+                )
+            })
+            .fold(0.0, f64::max)
+    };
+    setup
+        .capacity_changes
+        .iter()
+        .flatten()
+        .map(|&(at, _)| largest_at(at))
+        .fold(largest_at(f64::NEG_INFINITY), f64::min)
 }
 
 /// From when `request` may be rejected (undeliverable or departed), with a second of margin for
@@ -314,8 +392,7 @@ fn heartbeat_due(
     }
     // The station has seen nothing after `h` yet: every arrival since the previous heartbeat
     // the dispatcher saw happened before `h` (decisions come in time order).
-    let events = sub.station.advance_to(h);
-    record(&events, fates);
+    sub.advance(h, fates);
     while let Some(&(at, seq)) = sub.taken.front() {
         if at >= h {
             break;

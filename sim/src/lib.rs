@@ -125,6 +125,11 @@ pub struct SimArgs {
     /// allocation, or the first ones asked for.
     #[arg(long, value_name = "FILE.svg", value_parser = parse_svg_path)]
     pub plot: Option<PathBuf>,
+
+    /// Grid-operator limits over simulated time, per substation of the grid (`engine::Setup`):
+    /// not an option; `evgrid replay` sets them from the limits a live grid recorded.
+    #[arg(skip)]
+    pub capacity_changes: Vec<Vec<(f64, f64)>>,
 }
 
 /// `--plot` writes SVG: a file named otherwise (`.png`) would hold SVG under the wrong name.
@@ -258,6 +263,7 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
     let heartbeat_s = args.heartbeat.as_secs_f64();
     let base = Setup {
         capacities: capacities.clone(),
+        capacity_changes: args.capacity_changes.clone(),
         policy: Policy::default(),
         allocation: Allocation::default(),
         heartbeat_s,
@@ -299,6 +305,7 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
     jobs.push(Job {
         setup: Setup {
             capacities: vec![capacities.iter().sum()],
+            capacity_changes: vec![pooled_changes(&capacities, &args.capacity_changes)],
             // With one substation every policy sends every request there; round-robin never
             // defers, so each car is at the bus the moment it asks.
             policy: Policy::RoundRobin,
@@ -308,7 +315,11 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
         pooled: true,
     });
 
-    let pooled_capacity_kw: f64 = capacities.iter().sum();
+    // Under limits, the most the pooled grid ever had: the bound stays a bound (a looser one).
+    let pooled_capacity_kw: f64 = pooled_changes(&capacities, &args.capacity_changes)
+        .iter()
+        .map(|&(_, kw)| kw)
+        .fold(capacities.iter().sum(), f64::max);
     let runs = run_all(&jobs, requests);
     let bound_started = std::time::Instant::now();
     let upper_bound_kwh = bound::energy_upper_bound_kwh(requests, pooled_capacity_kw);
@@ -352,6 +363,27 @@ pub fn compare(args: &SimArgs, requests: &[Request]) -> (Report, Plotted) {
         energy_upper_bound_seconds: upper_bound_seconds,
     };
     (report, plotted.expect("the plotted run is one of the jobs"))
+}
+
+/// The pooled substation's capacity steps under the limits `changes` of the substations of
+/// `capacities`: at every change of any of them, the sum of the capacities then in force.
+pub fn pooled_changes(capacities: &[f64], changes: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
+    let mut times: Vec<f64> = changes.iter().flatten().map(|&(at, _)| at).collect();
+    times.sort_by(f64::total_cmp);
+    times.dedup();
+    times
+        .into_iter()
+        .map(|t| {
+            let total = capacities
+                .iter()
+                .enumerate()
+                .map(|(i, &configured)| {
+                    engine::capacity_at(configured, changes.get(i).map(Vec::as_slice), t)
+                })
+                .sum();
+            (t, total)
+        })
+        .collect()
 }
 
 /// Runs the jobs on every core, results in job order.

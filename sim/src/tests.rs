@@ -56,6 +56,7 @@ fn deterministic(m: &Metrics) -> Metrics {
 fn setup(capacities: &[f64], policy: Policy, allocation: Allocation) -> Setup {
     Setup {
         capacities: capacities.to_vec(),
+        capacity_changes: Vec::new(),
         policy,
         allocation,
         heartbeat_s: 1.0,
@@ -227,6 +228,96 @@ fn random_workloads_never_exceed_capacity_under_any_policy_or_allocation() {
     }
 }
 
+/// `setup` run skipping futile offers, and offering every time.
+fn skipping_and_not(
+    requests: &[Request],
+    setup: &Setup,
+) -> (super::engine::Run, super::engine::Run) {
+    let run = |skip_futile_offers| {
+        simulate(
+            requests,
+            &Setup {
+                skip_futile_offers,
+                ..setup.clone()
+            },
+        )
+    };
+    (run(true), run(false))
+}
+
+/// Random grid-operator limits for `capacities`: a few steps each within the first hours.
+fn random_limits(rng: &mut SmallRng, capacities: &[f64]) -> Vec<Vec<(f64, f64)>> {
+    capacities
+        .iter()
+        .map(|&capacity| {
+            let mut t = 0.0;
+            (0..rng.random_range(0..4))
+                .map(|_| {
+                    t += rng.random_range(60.0..3600.0);
+                    (t, capacity * rng.random_range(0.2..1.5))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn limits_hold_and_skipping_futile_offers_still_changes_nothing() {
+    let mut rng = SmallRng::seed_from_u64(0x4c49_4d49);
+    for case in 0..4 {
+        let (requests, capacities, heartbeat_s) = random_workload(&mut rng);
+        let limits = random_limits(&mut rng, &capacities);
+        for policy in Policy::ALL {
+            for allocation in [Allocation::Triage, Allocation::Edf] {
+                let s = Setup {
+                    capacity_changes: limits.clone(),
+                    heartbeat_s,
+                    defer_delay_s: heartbeat_s,
+                    ..setup(&capacities, policy, allocation)
+                };
+                let (fast, every) = skipping_and_not(&requests, &s);
+                let context = format!("case {case} {policy:?} {allocation:?} {limits:?}");
+                assert_eq!(fast.metrics.capacity_violations, 0, "{context}");
+                assert!(fast.metrics.peak_utilization <= 1.0 + 1e-9, "{context}");
+                assert_eq!(
+                    deterministic(&fast.metrics),
+                    deterministic(&every.metrics),
+                    "{context}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_limit_costs_energy_on_the_grid_and_on_the_pooled_reference() {
+    let line = "--poisson 40 --duration 6h --energy 10..40 --stay 1..4 --capacities 60,60";
+    let (requests, _) = super::workload(&args(line)).unwrap();
+    let free = compare(&args(line), &requests).0;
+    let mut limited = args(line);
+    // The first substation down to 10 kW from 1 h to 4 h.
+    limited.capacity_changes = limited_changes();
+    let (limited, _) = compare(&limited, &requests);
+    let delivered = |r: &Row| r.metrics.energy_delivered_kwh;
+    assert!(
+        delivered(&limited.results[0]) < delivered(&free.results[0]) - 1.0,
+        "{} vs {}",
+        delivered(&limited.results[0]),
+        delivered(&free.results[0])
+    );
+    assert!(delivered(&limited.pooled_reference) < delivered(&free.pooled_reference) - 1.0);
+    assert_eq!(limited.results[0].metrics.capacity_violations, 0);
+    assert_eq!(limited.energy_upper_bound_kwh, free.energy_upper_bound_kwh);
+    assert_eq!(
+        super::pooled_changes(&[60.0, 60.0], &limited_changes()),
+        [(3600.0, 70.0), (4.0 * 3600.0, 120.0)]
+    );
+}
+
+fn limited_changes() -> Vec<Vec<(f64, f64)>> {
+    vec![vec![(3600.0, 10.0), (4.0 * 3600.0, 60.0)], Vec::new()]
+}
+
 #[test]
 fn skipping_futile_offers_changes_nothing() {
     let mut rng = SmallRng::seed_from_u64(0x534b_4950);
@@ -234,16 +325,12 @@ fn skipping_futile_offers_changes_nothing() {
         let (requests, capacities, heartbeat_s) = random_workload(&mut rng);
         for policy in [Policy::LeastLoaded, Policy::P2c, Policy::Headroom] {
             for allocation in [Allocation::Edf, Allocation::Llf] {
-                let run = |skip| {
-                    let s = Setup {
-                        heartbeat_s,
-                        defer_delay_s: heartbeat_s,
-                        skip_futile_offers: skip,
-                        ..setup(&capacities, policy, allocation)
-                    };
-                    simulate(&requests, &s)
+                let s = Setup {
+                    heartbeat_s,
+                    defer_delay_s: heartbeat_s,
+                    ..setup(&capacities, policy, allocation)
                 };
-                let (fast, every) = (run(true), run(false));
+                let (fast, every) = skipping_and_not(&requests, &s);
                 assert_eq!(
                     deterministic(&fast.metrics),
                     deterministic(&every.metrics),

@@ -323,7 +323,7 @@ pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::
         .heartbeat
         .unwrap_or_else(|| Duration::from_secs_f64(interval_ms as f64 * args.time_scale / 1e3));
     let steps = window::capacity_steps(&recorded.substations, &recorded.limits, &clock);
-    let sim = sim_args(args, &recorded.substations, heartbeat);
+    let sim = sim_args(args, &recorded.substations, steps.clone(), heartbeat);
     let (report, plotted) = evgrid_sim::compare(&sim, &requests);
     let live = window::measure(Record {
         originals: &recorded.originals,
@@ -388,9 +388,14 @@ pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::
     )
 }
 
-/// `evgrid sim`'s options for this grid: its substations' capacities, the heartbeat, and the
-/// policies asked for (the workload options are unused: the requests are the recorded ones).
-fn sim_args(args: &ReplayArgs, substations: &[Substation], heartbeat: Duration) -> SimArgs {
+/// `evgrid sim`'s options for this grid: its substations' capacities and limits over time, the
+/// heartbeat, and the policies asked for (the workload options are unused: the requests are the recorded ones).
+fn sim_args(
+    args: &ReplayArgs,
+    substations: &[Substation],
+    capacity_changes: Vec<Vec<(f64, f64)>>,
+    heartbeat: Duration,
+) -> SimArgs {
     SimArgs {
         traces: Vec::new(),
         fold: evgrid_sim::workload::Fold::None,
@@ -410,6 +415,7 @@ fn sim_args(args: &ReplayArgs, substations: &[Substation], heartbeat: Duration) 
         allocation: args.allocation.clone(),
         json: args.json,
         plot: args.plot.clone(),
+        capacity_changes,
     }
 }
 

@@ -392,14 +392,11 @@ fn sessions_into(per: &mut [SubstationFigures], index: &HashMap<&str, usize>, r:
     }
 }
 
-/// The capacity in force at simulated time `t` on a substation's steps.
+/// The capacity in force at simulated time `t` on a substation's steps (the first step's
+/// before it).
 pub fn capacity_at(steps: &[(f64, f64)], t: f64) -> f64 {
-    steps
-        .iter()
-        .take_while(|&&(at, _)| at <= t)
-        .last()
-        .or(steps.first())
-        .map_or(0.0, |&(_, kw)| kw)
+    let first = steps.first().map_or(0.0, |&(_, kw)| kw);
+    evgrid_sim::engine::capacity_at(first, Some(steps), t)
 }
 
 fn sim_seconds(from: DateTime<Utc>, to: DateTime<Utc>, time_scale: f64) -> f64 {
