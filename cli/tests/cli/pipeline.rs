@@ -21,6 +21,8 @@ pub struct Pipeline {
     pub substations: Vec<(String, f64)>,
     /// Each substation's ops endpoint, in the order of `substations`.
     pub substation_ops: Vec<SocketAddr>,
+    /// Each substation's command line and its own stop (a child of `shutdown`), for restarts.
+    substation_runs: Vec<(Vec<String>, CancellationToken)>,
     shutdown: CancellationToken,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -87,9 +89,10 @@ impl Pipeline {
 
         let mut substations = Vec::new();
         let mut substation_ops = Vec::new();
+        let mut substation_runs = Vec::new();
         for (i, capacity) in opts.capacities.iter().enumerate() {
             let id = format!("s{}", i + 1);
-            let config: evgrid_substation::Config = service_config(&words(&[
+            let args = words(&[
                 "--nats-url",
                 &url,
                 "--id",
@@ -100,18 +103,12 @@ impl Pipeline {
                 &opts.time_scale.to_string(),
                 "--heartbeat-interval",
                 opts.heartbeat_interval,
-            ]))
-            .unwrap();
-            let ops_listener = listener().await;
-            substation_ops.push(ops_listener.local_addr().unwrap());
-            tasks.push((
-                id.clone(),
-                tokio::spawn(evgrid_substation::run(
-                    config,
-                    ops_listener,
-                    shutdown.clone(),
-                )),
-            ));
+            ]);
+            let stop = shutdown.child_token();
+            let (ops, task) = start_substation(&args, stop.clone()).await;
+            substation_ops.push(ops);
+            tasks.push((id.clone(), task));
+            substation_runs.push((args, stop));
             substations.push((id, *capacity));
         }
 
@@ -122,6 +119,7 @@ impl Pipeline {
             http: reqwest::Client::new(),
             substations,
             substation_ops,
+            substation_runs,
             shutdown,
             tasks,
         };
@@ -144,6 +142,30 @@ impl Pipeline {
         .await;
     }
 
+    /// Stops substation `i` as SIGTERM would (its sessions interrupted and handed back), requires
+    /// it to return `Ok` within 10 s, starts it again and waits until the grid is whole.
+    pub async fn restart_substation(&mut self, i: usize) {
+        let (args, stop) = &mut self.substation_runs[i];
+        stop.cancel();
+        let id = &self.substations[i].0;
+        let at = self
+            .tasks
+            .iter()
+            .position(|(name, _)| name == id)
+            .expect("a task per substation");
+        let (name, task) = self.tasks.remove(at);
+        let result = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not stop within 10 s"))
+            .unwrap_or_else(|e| panic!("{name} panicked: {e}"));
+        result.unwrap_or_else(|e| panic!("{name} failed: {e:#}"));
+        *stop = self.shutdown.child_token();
+        let (ops, task) = start_substation(args, stop.clone()).await;
+        self.substation_ops[i] = ops;
+        self.tasks.push((name, task));
+        self.wait_until_grid_is_up().await;
+    }
+
     /// Stops every service as SIGTERM would and requires each to return `Ok` within 10 s.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -157,6 +179,20 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Starts a substation with `args` on a free ops port until `stop`.
+async fn start_substation(
+    args: &[String],
+    stop: CancellationToken,
+) -> (SocketAddr, JoinHandle<anyhow::Result<()>>) {
+    let config: evgrid_substation::Config = service_config(args).unwrap();
+    let ops_listener = listener().await;
+    let ops = ops_listener.local_addr().unwrap();
+    (
+        ops,
+        tokio::spawn(evgrid_substation::run(config, ops_listener, stop)),
+    )
 }
 
 /// Waits until the ingest at `api` is ready and its live view shows `substations` substations

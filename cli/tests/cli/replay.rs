@@ -1,6 +1,8 @@
 //! `evgrid replay` on a live grid: a real pipeline records a few seconds of load, then the built
 //! binary reads it back. The replay must find exactly the recorded arrivals (count, stored
-//! times, energies), and its as-recorded figures must be the request states'.
+//! times, energies), its as-recorded figures must be the request states', its export must
+//! simulate as it does, and sent again to a staging grid the requests keep their pace. A second
+//! grid records a limit change and a restarted substation, which the replay must show.
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -8,6 +10,10 @@ use evgrid_common::streams;
 use evgrid_model::messages::{RequestRecord, RequestState};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+use std::time::Duration;
+
+use evgrid_test_support::eventually;
 
 use crate::helpers::{WAIT, evgrid};
 use crate::pipeline::{Options, Pipeline};
@@ -53,6 +59,22 @@ fn grid() -> Options<'static> {
         heartbeat_interval: "200ms",
         dispatcher_args: &["--defer-delay", "200ms"],
     }
+}
+
+/// `evgrid replay --json` of everything `url` recorded at 3600×, with `extra` options.
+async fn replay_json(url: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "replay",
+        "--nats-url",
+        url,
+        "--time-scale",
+        "3600",
+        "--json",
+    ];
+    args.extend(extra);
+    let (ok, out, err) = evgrid(&args).await;
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -105,19 +127,7 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("day.csv");
     let csv = csv.to_str().unwrap();
-    let (ok, out, err) = evgrid(&[
-        "replay",
-        "--nats-url",
-        &url,
-        "--time-scale",
-        "3600",
-        "--json",
-        "--export",
-        csv,
-    ])
-    .await;
-    assert!(ok, "{err}");
-    let r: Value = serde_json::from_str(&out).unwrap();
+    let r = replay_json(&url, &["--export", csv]).await;
 
     // The arrivals, exactly as recorded.
     assert_eq!(r["arrivals"]["count"], 40);
@@ -318,4 +328,89 @@ async fn a_window_without_requests_or_upside_down_is_refused() {
     let (ok, _, err) = evgrid(&["replay", "--nats-url", "nats://127.0.0.1:1"]).await;
     assert!(!ok);
     assert!(err.contains("cannot reach NATS"), "{err}");
+}
+
+/// Waits until `EV_REQUESTS` holds at least `n` requests.
+async fn stored_at_least(js: &jetstream::Context, n: u64) {
+    eventually(WAIT, Duration::from_millis(20), || async {
+        (crate::helpers::stored(js, streams::REQUESTS).await >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} requests stored within {WAIT:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sees_a_limit_change_and_a_restarted_substation() {
+    let mut pipeline = Pipeline::start(grid()).await;
+    let url = pipeline.nats.url().to_owned();
+    let js = jetstream::new(pipeline.nats.client().await.unwrap());
+    // Long sessions (an hour or more at 11 kW: a second or more of real time), so the
+    // substation restarted mid-load has cars charging.
+    let args = crate::helpers::args(&[
+        "--url",
+        &pipeline.url(""),
+        "--events-nats-url",
+        &url,
+        "--rate",
+        "20",
+        "--duration",
+        "3s",
+        "--energy-kwh",
+        "uniform:15..40",
+        "--max-power-kw",
+        "11",
+        "--departure-hours",
+        "uniform:4..8",
+        "--seed",
+        "11",
+        "--wait-complete",
+        "--complete-timeout",
+        "15s",
+    ]);
+    let load = tokio::spawn(evgrid::load::run(args, CancellationToken::new()));
+
+    // A grid operator limits s3 to 40 kW a third of the way in; s2 restarts two thirds in.
+    stored_at_least(&js, 20).await;
+    js.publish(
+        evgrid_model::subjects::limits("s3"),
+        r#"{"capacity_kw": 40}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    stored_at_least(&js, 40).await;
+    pipeline.restart_substation(1).await;
+    let load = tokio::time::timeout(WAIT, load)
+        .await
+        .expect("the load ends in time")
+        .unwrap()
+        .expect("the load runs");
+    assert_eq!((load.accepted, load.errors.total), (60, 0), "{load:?}");
+    let stored = recorded(&js).await;
+    assert!(stored.iter().all(|s| s.state.state.is_final()));
+
+    let r = replay_json(&url, &[]).await;
+    assert_eq!(r["arrivals"]["count"], 60);
+    assert_eq!(r["window"]["limit_messages"], 1);
+    let rec = &r["recorded"];
+    let delivered: f64 = stored.iter().map(|s| s.state.energy_delivered_kwh).sum();
+    assert!(close(
+        rec["energy_delivered_kwh"].as_f64().unwrap(),
+        delivered
+    ));
+    let s2 = &rec["per_substation"][1];
+    assert_eq!(s2["substation_id"], "s2");
+    assert!(s2["interruptions"].as_u64().unwrap() > 0, "{s2}");
+    assert!(s2["resumed"].as_u64().unwrap() > 0, "{s2}");
+    let differences = r["differences"].to_string();
+    assert!(
+        differences.contains("s2:") && differences.contains("1 grid-operator limit"),
+        "{differences}"
+    );
+    // The limit holds in the simulations as it did live.
+    assert_eq!(r["results"][0]["capacity_violations"], 0);
+    assert!(r["results"][0]["peak_utilization"].as_f64().unwrap() <= 1.0 + 1e-9);
+
+    pipeline.stop().await;
 }
