@@ -72,6 +72,11 @@ pub struct ReplayArgs {
           help_heading = "Simulation")]
     pub policy: Policies,
 
+    /// How the live substations share their capacity (their --allocation): the live load,
+    /// which heartbeats carried but are not kept, is rebuilt with it.
+    #[arg(long, value_enum, default_value_t = Allocation::default(), help_heading = "Window")]
+    pub live_allocation: Allocation,
+
     /// Power allocation policies to simulate: a name, a comma-separated list, or `all`.
     #[arg(long, default_value_t = Choices(vec![Allocation::default()]), value_name = "NAME|all",
           help_heading = "Simulation")]
@@ -334,6 +339,7 @@ pub fn simulate(args: &ReplayArgs, recorded: &Recorded) -> (Output, evgrid_sim::
         capacity_steps: &steps,
         clock,
         read_at: recorded.read_at,
+        allocation: args.live_allocation,
     });
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let delivered = live.metrics.energy_delivered_kwh;
@@ -425,11 +431,13 @@ fn differences(o: &Output) -> Vec<String> {
     let live = &o.recorded.row.metrics;
     for r in &o.report.results {
         let m = &r.metrics;
+        let behind = m.energy_delivered_kwh - live.energy_delivered_kwh;
         out.push(format!(
-            "{} + {}: the live grid delivered {:.1} kWh less than simulated ({:.2} % of it), {:+.1} points of sessions fully served",
+            "{} + {}: the live grid delivered {:.1} kWh {} than simulated ({:.2} % of it), {:+.1} points of sessions fully served",
             r.policy,
             r.allocation,
-            m.energy_delivered_kwh - live.energy_delivered_kwh,
+            behind.abs(),
+            if behind >= 0.0 { "less" } else { "more" },
             100.0 * live.energy_delivered_kwh / m.energy_delivered_kwh.max(f64::MIN_POSITIVE),
             100.0 * (live.sessions_fully_served_ratio - m.sessions_fully_served_ratio),
         ));

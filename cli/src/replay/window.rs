@@ -3,10 +3,10 @@
 //! in force), turned into the simulator's requests and clock, and into the same figures the
 //! simulator reports, as the live grid achieved them. No NATS here: [`super::read`] fetches.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use evgrid_model::SECONDS_PER_HOUR;
+use evgrid_model::charging::{Allocation, Arrival, Station};
 use evgrid_model::limits::resolve;
 use evgrid_model::messages::{
     ChargeRequest, Limit, RequestRecord, RequestState, SessionEventKind, SessionOutcome,
@@ -183,8 +183,8 @@ pub struct SubstationFigures {
     pub energy_delivered_kwh: f64,
     /// Requests that ended here with all their energy.
     pub sessions_fully_served: usize,
-    /// Highest load ÷ capacity in force, estimated from the session events: each charging
-    /// span (started → completed or interrupted) at its mean power.
+    /// Highest load ÷ capacity in force, reconstructed from the session events by the
+    /// substation's own charging model (heartbeats, which carry the load, are not kept).
     pub peak_utilization: f64,
     /// Sessions interrupted here (a shutdown or restart, or failover moving them away).
     pub interruptions: usize,
@@ -216,12 +216,14 @@ pub struct Record<'a> {
     pub clock: Clock,
     /// When the states were read: open requests have waited until then.
     pub read_at: DateTime<Utc>,
+    /// How the live substations share their capacity (their `--allocation`).
+    pub allocation: Allocation,
 }
 
 /// The figures [`evgrid_sim::report::Metrics`] holds, as the live grid achieved them: energy
 /// and full sessions from the request states, waits from the states' timestamps (in simulated
-/// seconds), herd factor from the dispatch times, peak utilization estimated from the session
-/// events. Capacity violations are not measurable after the fact (heartbeats are not kept) and
+/// seconds), herd factor from the dispatch times, peak utilization reconstructed from the
+/// session events by the substations' charging model. Capacity violations are not measurable after the fact (heartbeats are not kept) and
 /// read 0: a substation never draws above its capacity by construction. Decision rates and
 /// simulation times do not apply and read 0.
 pub fn measure(r: Record<'_>) -> Live {
@@ -339,57 +341,102 @@ pub fn measure(r: Record<'_>) -> Live {
     }
 }
 
-/// Interruptions, resumptions and the estimated peak load of each substation, from the session
-/// events.
+/// Interruptions and resumptions of each substation, from the session events, and its peak
+/// utilization, reconstructed.
+///
+/// Heartbeats, which carry the live load, are not kept (`EV_TELEMETRY` holds the last one), so
+/// the load is rebuilt by running each substation's own charging model (the code the live
+/// substation runs, [`Station`]) on what it recorded: each session from its `accepted` event
+/// (with the energy it still needed and its departure) until it completed or was interrupted
+/// there, under the capacity in force, allocated by `r.allocation` (the live substations'
+/// `--allocation`).
 fn sessions_into(per: &mut [SubstationFigures], index: &HashMap<&str, usize>, r: Record<'_>) {
-    // Open charging spans: (request, substation) → (start, energy at start).
-    let mut open: HashMap<(Uuid, usize), (DateTime<Utc>, f64)> = HashMap::new();
+    let requests: HashMap<Uuid, &Original> =
+        r.originals.iter().map(|o| (o.request_id, o)).collect();
     let mut accepted: HashMap<(Uuid, usize), usize> = HashMap::new();
-    // Load changes per substation: simulated time → kW.
-    let mut deltas: Vec<BTreeMap<i64, f64>> = vec![BTreeMap::new(); per.len()];
+    // What happened at each substation, in simulated time.
+    let mut steps: Vec<Vec<(f64, Step)>> = r
+        .capacity_steps
+        .iter()
+        .map(|c| c.iter().map(|&(at, kw)| (at, Step::Capacity(kw))).collect())
+        .collect();
     for report in r.sessions {
         let e = &report.event;
-        let Some(&i) = index.get(e.substation_id.as_str()) else {
+        let (Some(&i), Some(o)) = (
+            index.get(e.substation_id.as_str()),
+            requests.get(&e.request_id),
+        ) else {
             continue;
         };
-        let key = (e.request_id, i);
+        let at = r.clock.sim_s(e.at);
         match e.event {
             SessionEventKind::Accepted => {
-                let n = accepted.entry(key).or_default();
+                let n = accepted.entry((e.request_id, i)).or_default();
                 if *n > 0 {
                     per[i].resumed += 1;
                 }
                 *n += 1;
+                let target = r
+                    .states
+                    .get(&e.request_id)
+                    .map_or(o.request.energy_kwh, |s| {
+                        s.energy_expected_kwh
+                            .map_or(s.energy_kwh, |x| x.min(s.energy_kwh))
+                    });
+                // A car keeps its stay from its dispatch, as the substation counts it.
+                let departure = o
+                    .stay_ms()
+                    .map(|ms| r.clock.sim_s(e.dispatched_at) + ms as f64 / 1e3);
+                // Taken again without an interruption (a crash): the old session is gone.
+                steps[i].push((at, Step::Leave(e.request_id)));
+                steps[i].push((
+                    at,
+                    Step::Arrive(Arrival {
+                        id: e.request_id,
+                        max_power_kw: o.request.max_power_kw,
+                        energy_kwh: (target - e.energy_delivered_kwh).max(0.0),
+                        departure,
+                    }),
+                ));
             }
-            SessionEventKind::Started => {
-                open.insert(key, (e.at, e.energy_delivered_kwh));
-            }
+            SessionEventKind::Started => {}
             SessionEventKind::Completed | SessionEventKind::Interrupted => {
                 if e.event == SessionEventKind::Interrupted {
                     per[i].interruptions += 1;
                 }
-                let Some((from, kwh)) = open.remove(&key) else {
-                    continue;
-                };
-                let hours = sim_seconds(from, e.at, r.clock.time_scale) / SECONDS_PER_HOUR;
-                let power = (e.energy_delivered_kwh - kwh) / hours;
-                if hours > 0.0 && power.is_finite() && power > 0.0 {
-                    *deltas[i].entry(r.clock.sim_ms(from)).or_default() += power;
-                    *deltas[i].entry(r.clock.sim_ms(e.at)).or_default() -= power;
+                steps[i].push((at, Step::Leave(e.request_id)));
+            }
+        }
+    }
+    for (i, mut steps) in steps.into_iter().enumerate() {
+        // Stable: what happened at one instant keeps its order.
+        steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (start, capacity) = r.capacity_steps[i].first().copied().unwrap_or((0.0, 0.0));
+        let mut station = Station::new(capacity, r.allocation, start);
+        for (at, step) in steps {
+            station.advance_to(at);
+            match step {
+                Step::Capacity(kw) => {
+                    station.set_capacity(kw);
+                }
+                Step::Arrive(car) => {
+                    station.arrive(at, car);
+                }
+                Step::Leave(id) => {
+                    station.remove(id);
                 }
             }
         }
+        per[i].peak_utilization = station.stats().peak_utilization;
     }
-    for (i, changes) in deltas.iter().enumerate() {
-        let mut load = 0.0_f64;
-        for (&ms, &delta) in changes {
-            load += delta;
-            let capacity = capacity_at(&r.capacity_steps[i], ms as f64 / 1e3);
-            if capacity > 0.0 {
-                per[i].peak_utilization = per[i].peak_utilization.max(load / capacity);
-            }
-        }
-    }
+}
+
+/// One change at a substation whose load [`sessions_into`] rebuilds.
+#[derive(Debug, Clone)]
+enum Step {
+    Capacity(f64),
+    Arrive(Arrival),
+    Leave(Uuid),
 }
 
 /// The capacity in force at simulated time `t` on a substation's steps (the first step's
@@ -614,6 +661,7 @@ mod tests {
             capacity_steps: &steps,
             clock,
             read_at: t("2026-11-30T00:00:10Z"),
+            allocation: Allocation::Triage,
         });
         let m = &live.metrics;
         assert_eq!(m.energy_requested_kwh, 35.0);
