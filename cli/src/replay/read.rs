@@ -104,9 +104,16 @@ pub async fn window(
     from: Start,
     until: Option<Point>,
 ) -> Result<Recorded, ReplayError> {
-    let describe = || match until {
-        Some(u) => format!("{from:?} to {u}"),
-        None => format!("{from:?} to the last request"),
+    let describe = || {
+        let from = match from {
+            Start::All => "the oldest request".to_owned(),
+            Start::Sequence(s) => Point::Sequence(s).to_string(),
+            Start::Time(t) => Point::Time(t).to_string(),
+        };
+        match until {
+            Some(u) => format!("{from} to {u}"),
+            None => format!("{from} to the last request"),
+        }
     };
     let stored = read::read_stream(&nats.js, streams::REQUESTS, from).await?;
     let within = |m: &Stored| match until {

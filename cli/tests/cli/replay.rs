@@ -192,6 +192,12 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
     assert!(r["results"][0]["energy_delivered_kwh"].as_f64().unwrap() > 0.0);
     assert!(r["pooled_reference"].is_object());
 
+    // A window after the last request is empty, at once.
+    let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let (ok, _, err) = evgrid(&["replay", "--nats-url", &url, "--from", &later]).await;
+    assert!(!ok);
+    assert!(err.contains("no charge request in the window"), "{err}");
+
     // The text report says the same.
     let (ok, text, err) = evgrid(&["replay", "--nats-url", &url, "--time-scale", "3600"]).await;
     assert!(ok, "{err}");
@@ -391,7 +397,10 @@ async fn replay_sees_a_limit_change_and_a_restarted_substation() {
     let stored = recorded(&js).await;
     assert!(stored.iter().all(|s| s.state.state.is_final()));
 
-    let r = replay_json(&url, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("load.svg");
+    let r = replay_json(&url, &["--plot", svg.to_str().unwrap()]).await;
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     assert_eq!(r["arrivals"]["count"], 60);
     assert_eq!(r["window"]["limit_messages"], 1);
     let rec = &r["recorded"];
