@@ -35,6 +35,7 @@ use self::window::{Clock, Outcomes, Record, Substation, SubstationFigures};
 
 /// Options of `evgrid replay`.
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("to").args(["to_url", "to_nats_url"])))]
 pub struct ReplayArgs {
     /// The NATS server (or cluster, comma-separated) of the live grid.
     #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "nats://HOST:PORT",
@@ -111,16 +112,17 @@ pub struct ReplayArgs {
 
     /// Re-injection pace: request i is sent at (its stored time − the first's) ÷ SPEED. Run
     /// the target's substations at --time-scale × SPEED for the cars' stays to match.
-    #[arg(long, default_value_t = 1.0, value_parser = parse_positive, help_heading = "Re-inject")]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_positive, requires = "to",
+          help_heading = "Re-inject")]
     pub speed: f64,
 
     /// Follow every re-injected request to `completed`, as `evgrid load --wait-complete`.
-    #[arg(long, help_heading = "Re-inject")]
+    #[arg(long, requires = "to", help_heading = "Re-inject")]
     pub wait_complete: bool,
 
     /// With --to-url --wait-complete: the target grid's NATS, where its session events are.
     #[arg(long, value_name = "nats://HOST:PORT", value_parser = parse_nats_url,
-          help_heading = "Re-inject")]
+          requires = "to", conflicts_with = "to_nats_url", help_heading = "Re-inject")]
     pub to_events_nats_url: Option<String>,
 }
 
@@ -557,5 +559,64 @@ impl Output {
             let _ = writeln!(out, "- {d}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        replay: ReplayArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ReplayArgs, String> {
+        Cli::try_parse_from(std::iter::once("replay").chain(args.iter().copied()))
+            .map(|c| c.replay)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn windows_and_targets_parse_or_say_why_not() {
+        let now = DateTime::parse_from_rfc3339("2026-12-05T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let a = parse(&["--since", "30m"]).unwrap();
+        assert_eq!(
+            a.start(now),
+            Start::Time(now - chrono::Duration::minutes(30))
+        );
+        let a = parse(&["--from", "1000", "--until", "2026-12-05T11:00:00Z"]).unwrap();
+        assert_eq!(a.start(now), Start::Sequence(1000));
+        assert!(a.check().is_ok());
+        assert_eq!(parse(&[]).unwrap().start(now), Start::All);
+        assert!(parse(&["--since", "1h", "--from", "5"]).is_err());
+        assert!(
+            parse(&["--from", "5", "--until", "4"])
+                .unwrap()
+                .check()
+                .is_err()
+        );
+        assert!(parse(&["--from", "soon"]).unwrap_err().contains("RFC 3339"));
+        // Re-injection options need a target; one target at most.
+        assert!(parse(&["--wait-complete"]).is_err());
+        assert!(parse(&["--speed", "2"]).is_err());
+        assert!(parse(&["--to-url", "http://a:1", "--to-nats-url", "nats://b:2"]).is_err());
+        assert!(
+            parse(&[
+                "--to-nats-url",
+                "nats://b:2",
+                "--to-events-nats-url",
+                "nats://c:3"
+            ])
+            .is_err()
+        );
+        let a = parse(&["--to-url", "http://a:1", "--speed", "60", "--wait-complete"]).unwrap();
+        assert_eq!(a.to_url.unwrap().as_str(), "http://a:1/");
+        assert!(parse(&["--to-url", "https://a:1"]).is_err());
+        assert!(parse(&["--plot", "x.png"]).is_err());
     }
 }

@@ -306,6 +306,36 @@ async fn replay_reads_back_what_the_live_grid_recorded() {
     );
     staging.stop().await;
 
+    // Straight onto another server's ev.requests, four times as fast.
+    let (bare, bare_js) = crate::helpers::nats_with_streams().await;
+    let (ok, out, err) = evgrid(&[
+        "replay",
+        "--nats-url",
+        &url,
+        "--to-nats-url",
+        bare.url(),
+        "--speed",
+        "4",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let load: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(load["accepted"], 40, "{load}");
+    let bodies = crate::helpers::stored_requests(&bare_js).await;
+    let energies: Vec<f64> = bodies
+        .iter()
+        .map(|b| b["energy_kwh"].as_f64().unwrap())
+        .collect();
+    let recorded_energies: Vec<f64> = stored.iter().map(|s| s.energy_kwh).collect();
+    assert_eq!(energies, recorded_energies);
+    let elapsed_ms = load["elapsed_s"].as_f64().unwrap() * 1e3;
+    let quarter = span(&stored) as f64 / 4.0;
+    assert!(
+        (elapsed_ms - quarter).abs() < 500.0,
+        "{elapsed_ms} ms vs {quarter} ms"
+    );
+
     pipeline.stop().await;
 }
 
