@@ -22,8 +22,8 @@ use evgrid_common::error::chain;
 use evgrid_common::streams;
 use evgrid_model::headers;
 use evgrid_model::messages::{
-    ChargeRequest, Dispatch, MIN_BEST_EFFORT_KWH, Move, RejectReason, RequestRecord, RequestState,
-    SessionEvent, SessionEventKind, SessionReport, expected_energy_kwh, request_id_from_sequence,
+    ChargeRequest, Dispatch, Move, RejectReason, RequestRecord, RequestState, SessionEvent,
+    SessionEventKind, SessionReport, request_id_from_sequence,
 };
 use evgrid_model::subjects;
 use evgrid_model::validate::{RequestError, parse_charge_request};
@@ -37,9 +37,6 @@ use evgrid_model::decision::{Decision, DeferReason, Demand, GridView, Policy, Ti
 
 /// Compare-and-set attempts of one move before it is retried later.
 const TAKE_OVER_ATTEMPTS: usize = 5;
-/// A best-effort demand is this fraction of what fits before the departure: float rounding can
-/// then never make it undeliverable in `decide`.
-const BEST_EFFORT_MARGIN: f64 = 1.0 - 1e-9;
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -349,18 +346,8 @@ impl Handler {
         let expected_kwh = if request.all_or_nothing {
             None
         } else {
-            expected_energy_kwh(
-                demand.energy_kwh,
-                demand.max_power_kw,
-                demand.departure,
-                now,
-            )
-            .filter(|e| *e >= MIN_BEST_EFFORT_KWH)
+            demand.cut_to_what_fits(now)
         };
-        if let Some(e) = expected_kwh {
-            // Just under what fits, so rounding never makes it undeliverable in `decide`.
-            demand.energy_kwh = e * BEST_EFFORT_MARGIN;
-        }
         let (decision, ticket) = {
             let mut grid = lock(&self.grid);
             let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());

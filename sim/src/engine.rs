@@ -8,7 +8,8 @@
 //! evenly spread phases), plus the assignments the dispatcher itself sent since (echoed by the
 //! next heartbeat's `dispatch_seq`). Assignments reach their substation at once. A deferred
 //! request is offered again after `defer_delay_s`; at each offer, one whose departure has passed
-//! is rejected, as the live dispatcher's validation does.
+//! is rejected, as the live dispatcher's validation does, and one whose energy no longer fits
+//! before its departure asks only for what does (best effort, [`Demand::cut_to_what_fits`]).
 //!
 //! Substations only interact through decisions, so each station is advanced lazily: to the
 //! heartbeat a decision needs, to an arrival, and at the end until its last car has left. A
@@ -105,6 +106,9 @@ struct Fate {
     waited_until: Option<f64>,
     delivered_kwh: f64,
     fully_served: bool,
+    /// What it asked for when dispatched: fully served is delivering it, so a car charged best
+    /// effort on a later offer, with less, is not (an arrival cut by rounding alone still is).
+    asked_kwh: f64,
 }
 
 /// One substation of the simulation.
@@ -224,11 +228,14 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
             fates[r].waited_until = Some(t);
             continue;
         }
-        let demand = Demand {
+        let mut demand = Demand {
             energy_kwh: request.energy_kwh,
             max_power_kw: request.max_power_kw,
             departure: request.departure.map(wall),
         };
+        // Best effort, as live: offered again when its energy no longer fits before the car
+        // leaves, it is charged what still fits.
+        demand.cut_to_what_fits(wall(t));
         let decision = if decisions % TIME_ONE_IN == 0 {
             let clock = Instant::now();
             let decision = decide(&grid, &demand, wall(t), setup.policy, &mut rng);
@@ -247,6 +254,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
                 let i = index[&*substation_id];
                 dispatch_seq += 1;
                 grid.record_assignment(&substation_id, dispatch_seq, power_kw, &demand);
+                fates[r].asked_kwh = request.energy_kwh;
                 let sub = &mut subs[i];
                 sub.taken.push_back((t, dispatch_seq));
                 if sub.changes.front().is_some_and(|&(at, _)| at <= t) {
@@ -257,7 +265,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
                     Arrival {
                         id: Uuid::from_u128(r as u128),
                         max_power_kw: request.max_power_kw,
-                        energy_kwh: request.energy_kwh,
+                        energy_kwh: demand.energy_kwh,
                         departure: request.departure,
                     },
                 );
@@ -368,8 +376,10 @@ fn least_largest_capacity(setup: &Setup) -> f64 {
         .fold(largest_at(f64::NEG_INFINITY), f64::min)
 }
 
-/// From when `request` may be rejected (undeliverable or departed), with a second of margin for
-/// the decision's millisecond arithmetic.
+/// From when `request` may be rejected (undeliverable or departed) or asks for less (best
+/// effort, once its energy stops fitting before its departure; after that it may change at
+/// every offer, and none is skipped), with a second of margin for the decision's millisecond
+/// arithmetic.
 fn rejectable_from(demand: &Demand, request: &Request, largest_capacity_kw: f64) -> f64 {
     request.departure.map_or(f64::INFINITY, |departure| {
         departure - hours_to_deliver(demand, largest_capacity_kw) * 3600.0 - 1.0
@@ -431,7 +441,7 @@ fn record(events: &[Event], fates: &mut [Fate]) {
             }
             EventKind::Completed => {
                 fate.delivered_kwh = e.delivered_kwh;
-                fate.fully_served = true;
+                fate.fully_served = e.delivered_kwh >= fate.asked_kwh * (1.0 - 1e-6);
                 fate.waited_until.get_or_insert(e.at);
             }
             EventKind::Departed => {

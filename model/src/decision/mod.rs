@@ -98,6 +98,30 @@ impl From<&ChargeRequest> for Demand {
     }
 }
 
+/// Just under what fits: a best-effort demand cut to exactly what the car can take before it
+/// leaves could, by rounding, come out as undeliverable in [`decide`].
+const BEST_EFFORT_MARGIN: f64 = 1.0 - 1e-9;
+
+impl Demand {
+    /// Best effort, the same in the live dispatcher and the simulator: a car that leaves before
+    /// its energy fits at its max power is charged what it can take by then, as a real charger
+    /// would. Cuts the demand to (just under) that and returns it. `None`, leaving the demand as
+    /// it is, when the whole energy fits, or when what fits is below
+    /// [`MIN_BEST_EFFORT_KWH`](crate::messages::MIN_BEST_EFFORT_KWH): nearly nothing is still
+    /// nothing, and `decide` rejects it as undeliverable.
+    pub fn cut_to_what_fits(&mut self, now: DateTime<Utc>) -> Option<f64> {
+        let expected = crate::messages::expected_energy_kwh(
+            self.energy_kwh,
+            self.max_power_kw,
+            self.departure,
+            now,
+        )
+        .filter(|e| *e >= crate::messages::MIN_BEST_EFFORT_KWH)?;
+        self.energy_kwh = expected * BEST_EFFORT_MARGIN;
+        Some(expected)
+    }
+}
+
 /// The outcome of [`decide`].
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
@@ -338,6 +362,26 @@ mod tests {
 
     fn t0() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn a_demand_that_does_not_fit_is_cut_to_just_under_what_does() {
+        let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let demand = |energy_kwh: f64, minutes: i64| Demand {
+            energy_kwh,
+            max_power_kw: 6.0,
+            departure: Some(now + chrono::Duration::minutes(minutes)),
+        };
+        let mut d = demand(26.0, 90);
+        assert_eq!(d.cut_to_what_fits(now), Some(9.0));
+        assert!(d.energy_kwh < 9.0 && d.energy_kwh > 9.0 - 1e-6);
+        let mut fits = demand(9.0, 90);
+        assert_eq!(fits.cut_to_what_fits(now), None);
+        assert_eq!(fits.energy_kwh, 9.0);
+        // Less than 0.1 kWh fits (a minute at 6 kW): nothing to cut to; decide rejects it.
+        let mut leaving = demand(26.0, 0);
+        assert_eq!(leaving.cut_to_what_fits(now), None);
+        assert_eq!(leaving.energy_kwh, 26.0);
     }
 
     fn heartbeat(id: &str, capacity_kw: f64, load_kw: f64, at: DateTime<Utc>) -> Observed {
