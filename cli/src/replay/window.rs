@@ -269,8 +269,11 @@ pub fn measure(r: Record<'_>) -> Live {
             continue;
         };
         delivered += state.energy_delivered_kwh;
+        // Fully served as the simulator counts it: all it could take when it arrived. A car
+        // charged best effort on a later offer completes `delivered` with less; it is not.
         let full = state.state == RequestState::Completed
-            && state.reason.as_deref() == Some(SessionOutcome::Delivered.as_str());
+            && state.reason.as_deref() == Some(SessionOutcome::Delivered.as_str())
+            && state.energy_delivered_kwh >= to_sim(o, &r.clock).energy_kwh * (1.0 - 1e-6);
         match state.state {
             RequestState::Completed if full => outcomes.delivered += 1,
             RequestState::Completed => outcomes.departed += 1,
