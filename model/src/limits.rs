@@ -26,10 +26,17 @@ impl InForce {
 
 /// What `limit`, received at `now`, puts in force: its capacity until its `until`, or the
 /// configured capacity when it has none (`null`) or its `until` has already passed.
+///
+/// A limit only ever lowers the capacity: one above the configured capacity (the substation's
+/// nameplate) puts the configured capacity in force. Anyone who can publish on
+/// `ev.limits.<id>` could otherwise make a 100 kW substation draw 1,200 kW.
 pub fn resolve(limit: &Limit, configured_kw: f64, now: DateTime<Utc>) -> InForce {
     match (limit.capacity_kw, limit.until) {
         (Some(_), Some(until)) if until <= now => InForce::configured(configured_kw),
-        (Some(capacity_kw), until) => InForce { capacity_kw, until },
+        (Some(capacity_kw), until) => InForce {
+            capacity_kw: capacity_kw.min(configured_kw),
+            until,
+        },
         (None, _) => InForce::configured(configured_kw),
     }
 }
@@ -60,11 +67,16 @@ mod tests {
                 until: None
             }
         );
-        // Raising above the configured capacity is the operator's call.
-        assert_eq!(
-            resolve(&limit(Some(200.0), None), 150.0, at(1)).capacity_kw,
-            200.0
-        );
+        // Never above the configured capacity, however large the limit.
+        for above in [150.0, 200.0, 1e308] {
+            assert_eq!(
+                resolve(&limit(Some(above), Some(at(2))), 150.0, at(1)),
+                InForce {
+                    capacity_kw: 150.0,
+                    until: Some(at(2))
+                }
+            );
+        }
         // Already over, or lifted: the configured capacity.
         for lifted in [limit(Some(80.0), Some(at(1))), limit(None, Some(at(5)))] {
             assert_eq!(resolve(&lifted, 150.0, at(1)), InForce::configured(150.0));

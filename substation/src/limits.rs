@@ -1,6 +1,6 @@
-//! Grid-operator limits: a substation's capacity lowered or raised at run time by a message on
+//! Grid-operator limits: a substation's capacity lowered at run time by a message on
 //! `ev.limits.<substation_id>` (`{"capacity_kw": 80, "until": "<RFC 3339>"}`), as grid operators
-//! do with OSCP/OCPP external limits. The side input of ingest → dispatcher → **substation**: the
+//! do with OSCP/OCPP external limits (never raised above `--capacity-kw`). The side input of ingest → dispatcher → **substation**: the
 //! substation applies a limit at once (re-allocating its sessions), reverts at `until`, and its
 //! heartbeats carry the capacity in force, so the dispatcher routes by it.
 //!

@@ -1,6 +1,7 @@
 //! Integration tests of the substation stage against a real nats-server: the test publishes
 //! dispatches as the dispatcher would and watches what the substation reports.
 
+mod attacks;
 mod helpers;
 
 use std::time::{Duration, Instant};
