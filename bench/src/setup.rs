@@ -104,7 +104,8 @@ pub async fn stand_in_heartbeats(
                 substation_id: id.clone(),
                 seq,
                 sent_at: Utc::now(),
-                capacity_kw: 1e9,
+                // The most a heartbeat may state: effectively unlimited here.
+                capacity_kw: evgrid_model::messages::CAPACITY_KW_MAX,
                 load_kw: 0.0,
                 active_sessions: 0,
                 queued_sessions: 0,

@@ -23,11 +23,16 @@ pub async fn live_line(nats_url: String, shutdown: CancellationToken) {
         let grid = grid.clone();
         let nats = nats.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(heartbeats::follow(nats, shutdown, move |o| {
-            grid.lock()
-                .expect("status map")
-                .insert(o.heartbeat.substation_id.clone(), o);
-        }))
+        tokio::spawn(heartbeats::follow(
+            nats,
+            shutdown,
+            move |o| {
+                grid.lock()
+                    .expect("status map")
+                    .insert(o.heartbeat.substation_id.clone(), o);
+            },
+            |_| {},
+        ))
     };
     let terminal = std::io::stdout().is_terminal();
     let mut last: Option<(Instant, u64)> = None;

@@ -4,30 +4,32 @@
 //!
 //! An ordered consumer delivering the last heartbeat per substation first, then every new one,
 //! gives a starting component the whole grid at once, without waiting a heartbeat interval.
+//!
+//! A heartbeat is judged by who sent it: the substation of its subject. One whose body names
+//! another substation, or states numbers out of bounds ([`Telemetry::parse`]), is dropped and
+//! handed to the caller's `refused` (each service counts them in a metric).
 
 use async_nats::jetstream::consumer;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use serde::de::DeserializeOwned;
-
 use crate::nats::Nats;
 use crate::streams;
 use evgrid_model::liveness::Observed;
-use evgrid_model::messages::Telemetry;
-use evgrid_model::{messages::Heartbeat, subjects};
+use evgrid_model::messages::{HeartbeatError, Telemetry};
+use evgrid_model::subjects;
 
 /// Calls `on` for every heartbeat (the last of each substation first, then live ones) until
-/// `shutdown`. Survives server restarts: the consumer is rebuilt with backoff, replaying the
-/// last heartbeat per substation again (callers keep the newest by `seq`/`stored_at`).
-pub async fn follow(nats: Nats, shutdown: CancellationToken, mut on: impl FnMut(Observed)) {
-    follow_parsed(nats, shutdown, |heartbeat: Heartbeat, stored_at| {
-        on(Observed {
-            heartbeat,
-            stored_at,
-        })
-    })
-    .await
+/// `shutdown`, and `refused` for every message dropped instead. Survives server restarts: the
+/// consumer is rebuilt with backoff, replaying the last heartbeat per substation again (callers
+/// keep the newest by `seq`/`stored_at`).
+pub async fn follow(
+    nats: Nats,
+    shutdown: CancellationToken,
+    mut on: impl FnMut(Observed),
+    refused: impl FnMut(&HeartbeatError),
+) {
+    follow_telemetry(nats, shutdown, move |observed, _| on(observed), refused).await
 }
 
 /// [`follow`], with the additions substations send beside the heartbeat ([`Telemetry`]: the
@@ -36,21 +38,7 @@ pub async fn follow_telemetry(
     nats: Nats,
     shutdown: CancellationToken,
     mut on: impl FnMut(Observed, Telemetry),
-) {
-    follow_parsed(nats, shutdown, |telemetry: Telemetry, stored_at| {
-        let observed = Observed {
-            heartbeat: telemetry.heartbeat.clone(),
-            stored_at,
-        };
-        on(observed, telemetry)
-    })
-    .await
-}
-
-async fn follow_parsed<T: DeserializeOwned>(
-    nats: Nats,
-    shutdown: CancellationToken,
-    mut on: impl FnMut(T, DateTime<Utc>),
+    mut refused: impl FnMut(&HeartbeatError),
 ) {
     // The last heartbeat of every substation first, then every new one; a rebuilt consumer
     // starts over the same way (the latest per substation is what matters).
@@ -65,10 +53,19 @@ async fn follow_parsed<T: DeserializeOwned>(
             .ok()
             .map(|i| DateTime::from_timestamp_nanos(i.published.unix_timestamp_nanos() as i64))
             .unwrap_or_else(Utc::now);
-        match serde_json::from_slice::<T>(&msg.payload) {
-            Ok(heartbeat) => on(heartbeat, stored_at),
+        match Telemetry::parse(&msg.subject, &msg.payload) {
+            Ok(telemetry) => {
+                let observed = Observed {
+                    heartbeat: telemetry.heartbeat.clone(),
+                    stored_at,
+                };
+                on(observed, telemetry)
+            }
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "ignoring malformed heartbeat")
+                // Debug, not warn: a flood of forged heartbeats must not flood the logs too; the
+                // caller's metric counts them.
+                tracing::debug!(subject = %msg.subject.escape_debug(), error = %e, "dropping a heartbeat");
+                refused(&e);
             }
         }
     })

@@ -2,7 +2,8 @@
 //! open fds) and the text encoder behind `GET /metrics`. Each service declares its own
 //! metrics in its `metrics.rs`.
 
-use prometheus::{Encoder, Registry, TextEncoder};
+use evgrid_model::messages::HeartbeatError;
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
 /// A fresh registry holding the process collector.
 pub fn registry() -> Registry {
@@ -37,4 +38,26 @@ pub fn register<M: prometheus::core::Collector + Clone + 'static>(
         .register(Box::new(metric.clone()))
         .expect("metric registered twice");
     metric
+}
+
+/// `<name>{reason}`: the messages on `ev.telemetry.<id>` a service that follows heartbeats
+/// dropped ([`crate::heartbeats`]), one series per [`HeartbeatError::REASONS`], pre-created at 0.
+pub fn heartbeats_refused(registry: &Registry, name: &str) -> IntCounterVec {
+    let counter = register(
+        registry,
+        IntCounterVec::new(
+            Opts::new(
+                name,
+                "Messages on ev.telemetry.<id> dropped, by reason: malformed, wrong_substation \
+                 (the body names another substation than its subject), out_of_bounds (capacity, \
+                 load, demand, interval or projection).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric"),
+    );
+    for reason in HeartbeatError::REASONS {
+        counter.with_label_values(&[reason]);
+    }
+    counter
 }

@@ -12,7 +12,6 @@ use evgrid_common::heartbeats;
 use evgrid_common::nats::Nats;
 use evgrid_common::streams;
 use evgrid_model::liveness::Observed;
-use evgrid_model::subjects;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -33,22 +32,24 @@ pub(crate) async fn follow_heartbeats(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    heartbeats::follow_telemetry(nats, shutdown, move |observed: Observed, telemetry| {
-        let id = observed.heartbeat.substation_id.clone();
-        // The id becomes a subject token and a metric label: refuse anything else.
-        if !subjects::valid_substation_id(&id) {
-            tracing::warn!(substation = %id.escape_debug(), "ignoring a heartbeat with an invalid substation id");
-            return;
-        }
-        let mut grid = lock(&grid);
-        let new = grid.get(&id).is_none();
-        grid.observe_with(observed, telemetry.projection);
-        if new {
-            drop(grid);
-            metrics.substation_seen(&id);
-            tracing::info!(substation = %id, "substation joined the grid");
-        }
-    })
+    let refusals = metrics.clone();
+    heartbeats::follow_telemetry(
+        nats,
+        shutdown,
+        move |observed: Observed, telemetry| {
+            // The id is the subject's, checked as a subject token (so fit for a metric label).
+            let id = observed.heartbeat.substation_id.clone();
+            let mut grid = lock(&grid);
+            let new = grid.get(&id).is_none();
+            grid.observe_with(observed, telemetry.projection);
+            if new {
+                drop(grid);
+                metrics.substation_seen(&id);
+                tracing::info!(substation = %id, "substation joined the grid");
+            }
+        },
+        move |refused| refusals.heartbeat_refused(refused),
+    )
     .await;
 }
 

@@ -4,7 +4,7 @@
 //! decides and publishes, the substations it sees, and the backlog of its JetStream consumer.
 
 use evgrid_common::metrics::register;
-use evgrid_model::messages::RejectReason;
+use evgrid_model::messages::{HeartbeatError, RejectReason};
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -59,6 +59,9 @@ pub struct Metrics {
     /// `evgrid_dispatch_moved_total{from,state}`, `state` one of [`MOVED_DISPATCHED`] and
     /// [`MOVED_CHARGING`].
     pub moved: IntCounterVec,
+    /// `evgrid_dispatch_heartbeats_refused_total{reason}`, `reason` one of
+    /// [`HeartbeatError::REASONS`].
+    pub heartbeats_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,7 +97,12 @@ impl Metrics {
         for reason in RejectReason::ALL {
             rejected.with_label_values(&[reason.as_str()]);
         }
+        let heartbeats_refused = evgrid_common::metrics::heartbeats_refused(
+            registry,
+            "evgrid_dispatch_heartbeats_refused_total",
+        );
         Self {
+            heartbeats_refused,
             decisions,
             decision_duration: register(
                 registry,
@@ -196,6 +204,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a message on `ev.telemetry.<id>` dropped instead of routed by.
+    pub fn heartbeat_refused(&self, error: &HeartbeatError) {
+        self.heartbeats_refused
+            .with_label_values(&[error.reason()])
+            .inc();
+    }
+
     /// The gauge of one substation's heartbeat age.
     pub fn heartbeat_age_of(&self, substation: &str) -> Gauge {
         self.heartbeat_age.with_label_values(&[substation])
@@ -222,6 +237,7 @@ mod tests {
             "evgrid_dispatch_consumer_ack_pending_messages",
             "evgrid_dispatch_consumer_redelivered_messages",
             "evgrid_dispatch_publish_ack_duration_seconds_bucket",
+            "evgrid_dispatch_heartbeats_refused_total{reason=\"wrong_substation\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

@@ -133,9 +133,13 @@ async fn connect_and_follow(
     tracing::info!("ready: accepting charge requests");
 
     let grid = state.clone();
-    heartbeats::follow(nats.clone(), stop.clone(), move |observed| {
-        grid.observe_heartbeat(observed)
-    })
+    let refusals = state.clone();
+    heartbeats::follow(
+        nats.clone(),
+        stop.clone(),
+        move |observed| grid.observe_heartbeat(observed),
+        move |refused| refusals.metrics.heartbeat_refused(refused),
+    )
     .await;
     Ok(())
 }

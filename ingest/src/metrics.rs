@@ -15,6 +15,7 @@ use warp::reply::Response;
 
 use crate::contract::{Rejection, Route};
 use evgrid_common::metrics::register;
+use evgrid_model::messages::HeartbeatError;
 
 /// HTTP request durations: from 100 µs (a rejected body) to 5 s (a PubAck timing out), with
 /// boundaries at 0.25 s and 1 s where latency alerts fire.
@@ -46,6 +47,8 @@ pub(crate) struct Metrics {
     rejected: [IntCounter; Rejection::ALL.len()],
     accepted_new: IntCounter,
     accepted_duplicate: IntCounter,
+    /// `evgrid_ingest_heartbeats_refused_total{reason}`.
+    heartbeats_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -88,7 +91,18 @@ impl Metrics {
             rejected: Rejection::ALL.map(|r| rejected.with_label_values(&[r.as_str()])),
             accepted_new: accepted.with_label_values(&["false"]),
             accepted_duplicate: accepted.with_label_values(&["true"]),
+            heartbeats_refused: evgrid_common::metrics::heartbeats_refused(
+                registry,
+                "evgrid_ingest_heartbeats_refused_total",
+            ),
         }
+    }
+
+    /// Counts a message on `ev.telemetry.<id>` dropped instead of shown.
+    pub(crate) fn heartbeat_refused(&self, error: &HeartbeatError) {
+        self.heartbeats_refused
+            .with_label_values(&[error.reason()])
+            .inc();
     }
 
     pub(crate) fn observe_publish_ack(&self, seconds: f64) {
@@ -254,6 +268,7 @@ mod tests {
             r#"evgrid_http_request_duration_seconds_bucket{route="/v1/substations",le="0.25"} 0"#,
             r#"evgrid_ingest_publish_ack_duration_seconds_bucket{le="0.00005"} 0"#,
             "evgrid_http_requests_in_flight 0",
+            r#"evgrid_ingest_heartbeats_refused_total{reason="wrong_substation"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }

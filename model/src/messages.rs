@@ -148,6 +148,123 @@ pub struct Telemetry {
     pub limit_until: Option<DateTime<Utc>>,
 }
 
+/// The largest capacity a heartbeat (or a substation's `--capacity-kw`) may state: 1 GW, far
+/// above any site that charges cars. Bounds a lie: a forged 1e308 kW would take every request.
+pub const CAPACITY_KW_MAX: f64 = 1_000_000.0;
+/// The shortest heartbeat interval a heartbeat may state, ms (`--heartbeat-interval` 1ms).
+pub const INTERVAL_MS_MIN: u64 = 1;
+/// The longest heartbeat interval a heartbeat may state, ms (`--heartbeat-interval` 1h): a
+/// longer one would keep a dead substation "up" for days.
+pub const INTERVAL_MS_MAX: u64 = 3_600_000;
+/// Most buckets a heartbeat's projection may have ([`PROJECTION_HORIZONS_S`] has 11).
+pub const PROJECTION_BUCKETS_MAX: usize = 64;
+
+/// Why a message on `ev.telemetry.<id>` is not taken as the heartbeat of substation `<id>`:
+/// it is dropped, logged and counted (label [`HeartbeatError::reason`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error("not a heartbeat: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The body speaks for another substation than its subject (or the subject is no
+    /// substation's): a heartbeat is judged by who sent it, the subject's substation.
+    #[error("sent on {subject} but names substation {named:?}")]
+    WrongSubstation { subject: String, named: String },
+    #[error("{field} is out of bounds ({bounds}): {value}")]
+    OutOfBounds {
+        field: &'static str,
+        bounds: &'static str,
+        value: f64,
+    },
+}
+
+impl HeartbeatError {
+    /// Every value of [`HeartbeatError::reason`].
+    pub const REASONS: [&'static str; 3] = ["malformed", "wrong_substation", "out_of_bounds"];
+
+    /// A metric label: one of [`HeartbeatError::REASONS`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::WrongSubstation { .. } => "wrong_substation",
+            Self::OutOfBounds { .. } => "out_of_bounds",
+        }
+    }
+}
+
+impl Telemetry {
+    /// Reads a heartbeat received on `subject` and checks it: its substation must be the
+    /// subject's, and its numbers within bounds (capacity 0 to [`CAPACITY_KW_MAX`], load 0 to
+    /// the capacity, demand and projection finite and not negative, interval
+    /// [`INTERVAL_MS_MIN`] to [`INTERVAL_MS_MAX`]).
+    pub fn parse(subject: &str, payload: &[u8]) -> Result<Self, HeartbeatError> {
+        let telemetry: Telemetry = serde_json::from_slice(payload)?;
+        let named = &telemetry.heartbeat.substation_id;
+        let subject_id = crate::subjects::substation_of(subject)
+            .filter(|id| crate::subjects::valid_substation_id(id));
+        if subject_id != Some(named.as_str()) {
+            return Err(HeartbeatError::WrongSubstation {
+                subject: subject.to_owned(),
+                named: named.clone(),
+            });
+        }
+        telemetry.check_bounds()?;
+        Ok(telemetry)
+    }
+
+    fn check_bounds(&self) -> Result<(), HeartbeatError> {
+        let h = &self.heartbeat;
+        let out = |field, bounds, value| HeartbeatError::OutOfBounds {
+            field,
+            bounds,
+            value,
+        };
+        let capacity = |x: f64| x.is_finite() && (0.0..=CAPACITY_KW_MAX).contains(&x);
+        let amount = |x: f64| x.is_finite() && x >= 0.0;
+        if !capacity(h.capacity_kw) {
+            return Err(out("capacity_kw", "0 to 1e6 kW", h.capacity_kw));
+        }
+        if let Some(c) = self.configured_capacity_kw
+            && !capacity(c)
+        {
+            return Err(out("configured_capacity_kw", "0 to 1e6 kW", c));
+        }
+        // A hair of float rounding above the capacity is still within it.
+        let most = h.capacity_kw * (1.0 + 1e-9) + 1e-9;
+        if !(amount(h.load_kw) && h.load_kw <= most) {
+            return Err(out("load_kw", "0 to capacity_kw", h.load_kw));
+        }
+        if !amount(h.demand_kw) {
+            return Err(out("demand_kw", "0 or more", h.demand_kw));
+        }
+        if !(INTERVAL_MS_MIN..=INTERVAL_MS_MAX).contains(&h.interval_ms) {
+            return Err(out(
+                "interval_ms",
+                "1 to 3,600,000 ms",
+                h.interval_ms as f64,
+            ));
+        }
+        if let Some(p) = &self.projection {
+            if p.horizons_s.len() > PROJECTION_BUCKETS_MAX
+                || p.due_kwh.len() > PROJECTION_BUCKETS_MAX
+            {
+                return Err(out(
+                    "projection",
+                    "at most 64 buckets",
+                    p.horizons_s.len().max(p.due_kwh.len()) as f64,
+                ));
+            }
+            let bad = std::iter::once(p.remaining_kwh)
+                .chain(p.horizons_s.iter().copied())
+                .chain(p.due_kwh.iter().copied())
+                .find(|x| !amount(*x));
+            if let Some(x) = bad {
+                return Err(out("projection", "finite, 0 or more", x));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A grid operator's capacity limit on `ev.limits.<substation_id>` (stream `EV_LIMITS`, which
 /// keeps the last one per substation so a restarted substation applies it again).
 ///
@@ -530,6 +647,59 @@ mod tests {
         let old = serde_json::to_vec(&heartbeat()).unwrap();
         let read: Telemetry = serde_json::from_slice(&old).unwrap();
         assert_eq!((read.heartbeat, read.projection), (heartbeat(), None));
+    }
+
+    #[test]
+    fn a_heartbeat_is_its_subjects_and_within_bounds() {
+        let body = |f: &dyn Fn(&mut Telemetry)| {
+            let mut t = Telemetry {
+                heartbeat: heartbeat(),
+                projection: None,
+                configured_capacity_kw: None,
+                limit_until: None,
+            };
+            f(&mut t);
+            serde_json::to_vec(&t).unwrap()
+        };
+        let ok = body(&|_| {});
+        assert!(Telemetry::parse("ev.telemetry.s1", &ok).is_ok());
+        for subject in ["ev.telemetry.zzz", "ev.telemetry", "ev.telemetry.s1.x"] {
+            let err = Telemetry::parse(subject, &ok).unwrap_err();
+            assert_eq!(err.reason(), "wrong_substation", "{subject}");
+        }
+        assert_eq!(
+            Telemetry::parse("ev.telemetry.s1", b"{")
+                .unwrap_err()
+                .reason(),
+            "malformed"
+        );
+        let out_of_bounds: [&dyn Fn(&mut Telemetry); 8] = [
+            &|t| t.heartbeat.load_kw = -50.0,
+            &|t| t.heartbeat.load_kw = 80.5,
+            &|t| t.heartbeat.capacity_kw = 1e308,
+            &|t| t.heartbeat.capacity_kw = 2e6,
+            &|t| t.heartbeat.interval_ms = 0,
+            &|t| t.heartbeat.interval_ms = 3_600_001,
+            &|t| t.configured_capacity_kw = Some(-1.0),
+            &|t| {
+                t.projection = Some(Projection {
+                    horizons_s: vec![300.0],
+                    due_kwh: vec![-1.0],
+                    remaining_kwh: 0.0,
+                })
+            },
+        ];
+        for (i, change) in out_of_bounds.iter().enumerate() {
+            let err = Telemetry::parse("ev.telemetry.s1", &body(*change)).unwrap_err();
+            assert_eq!(err.reason(), "out_of_bounds", "case {i}: {err}");
+        }
+        // At the edges: accepted.
+        let edges = body(&|t| {
+            t.heartbeat.capacity_kw = CAPACITY_KW_MAX;
+            t.heartbeat.load_kw = CAPACITY_KW_MAX;
+            t.heartbeat.interval_ms = INTERVAL_MS_MAX;
+        });
+        assert!(Telemetry::parse("ev.telemetry.s1", &edges).is_ok());
     }
 
     #[test]

@@ -35,11 +35,12 @@ pub fn limits(substation_id: &str) -> String {
     format!("ev.limits.{substation_id}")
 }
 
-/// The substation id is the last token of a telemetry, dispatch or limits subject.
+/// The substation id is the last token of a telemetry, dispatch or limits subject (three
+/// tokens: `ev.<kind>.<id>`; anything longer is none of them).
 pub fn substation_of(subject: &str) -> Option<&str> {
     let mut tokens = subject.split('.');
-    match (tokens.next(), tokens.next(), tokens.next()) {
-        (Some("ev"), Some(_kind), Some(id)) if !id.is_empty() => Some(id),
+    match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+        (Some("ev"), Some(_kind), Some(id), None) if !id.is_empty() => Some(id),
         _ => None,
     }
 }
@@ -63,6 +64,7 @@ mod tests {
         assert_eq!(substation_of(&dispatch("north")), Some("north"));
         assert_eq!(substation_of(&limits("s-2")), Some("s-2"));
         assert_eq!(substation_of("ev.requests"), None);
+        assert_eq!(substation_of("ev.telemetry.s1.x"), None);
     }
 
     #[test]

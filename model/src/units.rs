@@ -14,6 +14,18 @@ pub fn parse_positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A substation capacity in kW: above 0 and at most
+/// [`CAPACITY_KW_MAX`](crate::messages::CAPACITY_KW_MAX), the most a heartbeat may state.
+pub fn parse_capacity(s: &str) -> Result<f64, String> {
+    let max = crate::messages::CAPACITY_KW_MAX;
+    match parse_positive(s) {
+        Ok(kw) if kw <= max => Ok(kw),
+        _ => Err(format!(
+            "expected a number greater than 0 and at most {max} kW, got {s:?}"
+        )),
+    }
+}
+
 /// The range of service durations (heartbeat intervals, retry delays, scrape intervals).
 pub const SERVICE_DURATIONS: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(3600);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use evgrid_common::config::{NatsArgs, RenamedEnv, parse_duration, parse_positive};
 use evgrid_model::subjects::valid_substation_id;
+use evgrid_model::units::parse_capacity;
 
 use evgrid_model::charging::Allocation;
 
@@ -52,12 +53,12 @@ pub struct Config {
     #[arg(long, env = ID_ENV, value_parser = parse_substation_id)]
     pub id: String,
 
-    /// Power the substation can deliver in total, in kW.
+    /// Power the substation can deliver in total, in kW (at most 1,000,000: 1 GW).
     #[arg(
         long,
         env = CAPACITY_KW_ENV,
         default_value_t = DEFAULT_CAPACITY_KW,
-        value_parser = parse_positive,
+        value_parser = parse_capacity,
         allow_negative_numbers = true,
         value_name = "KW"
     )]

@@ -564,6 +564,21 @@ fn http_get_json(port: u16, path: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(body)?)
 }
 
+/// Publishes `payload` on `subject` through JetStream and waits until it is stored (panics
+/// otherwise), as a test playing another service does; returns its stream sequence.
+pub async fn store(
+    js: &async_nats::jetstream::Context,
+    subject: impl Into<String>,
+    payload: Vec<u8>,
+) -> u64 {
+    js.publish(subject.into(), payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence
+}
+
 /// Awaits `check` until it returns `Some`, polling every `every`, for at most `timeout`.
 /// For state only observable by asking (an HTTP status); prefer awaiting a message.
 pub async fn eventually<T, F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Result<T>

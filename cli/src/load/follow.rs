@@ -244,6 +244,7 @@ impl Follower {
                         interval: Duration::from_millis(seen.heartbeat.interval_ms),
                     });
             },
+            |_| {},
         ));
         tasks.close();
         Ok(Self {

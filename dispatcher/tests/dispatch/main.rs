@@ -2,6 +2,7 @@
 //! they publish requests to `ev.requests` as ingest or `nats pub` would, and act as substations
 //! (heartbeats on `ev.telemetry.<id>`, watching `ev.dispatch.>`).
 
+mod attacks;
 mod helpers;
 mod live_grid;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use evgrid_model::messages::{Heartbeat, RequestRecord, RequestState};
-use evgrid_test_support::{NatsServer, eventually};
+use evgrid_test_support::{NatsServer, eventually, store};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -106,6 +106,15 @@ async fn a_request_is_queued_right_after_its_202_then_follows_the_bucket() {
     assert_eq!(shown["energy_shortfall_kwh"], 20.0);
 }
 
+/// The substation ids of a `/v1/substations` view, in order.
+fn ids(view: &Value) -> Vec<&Value> {
+    view.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["substation_id"])
+        .collect()
+}
+
 fn heartbeat(id: &str, seq: u64, load_kw: f64, interval_ms: u64) -> Heartbeat {
     Heartbeat {
         substation_id: id.into(),
@@ -158,17 +167,55 @@ async fn substations_show_the_newest_heartbeat_and_who_is_stale() {
     .await
     .expect("both substations show, with south's newest heartbeat");
 
-    let ids: Vec<&Value> = view
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| &s["substation_id"])
-        .collect();
-    assert_eq!(ids, ["north", "south"]);
+    assert_eq!(ids(&view), ["north", "south"]);
     let south = &view[1];
     assert_eq!(south["status"], "up");
     assert_eq!(south["capacity_kw"], 150.0);
     assert_eq!(south["active_sessions"], 3);
     assert_eq!(south["queued_sessions"], 1);
     assert!(south["seconds_since_heartbeat"].as_f64().unwrap() < 60.0);
+}
+
+/// Attack 2 (docs/security.md): a heartbeat on `ev.telemetry.zzz` whose body says it is s1's.
+/// `/v1/substations` showed s1 at 123,456 kW with load −50; the subject is who sent it, so the
+/// message is dropped and counted, and s1 shows what s1 itself said.
+#[tokio::test]
+async fn a_heartbeat_speaks_only_for_the_substation_of_its_subject() {
+    let nats = NatsServer::start().unwrap();
+    let app = spawn_app(&nats).await;
+    let js = jetstream(&nats).await;
+    let publish = |subject: &'static str, hb: Heartbeat| {
+        let js = js.clone();
+        async move { store(&js, subject, serde_json::to_vec(&hb).unwrap()).await }
+    };
+    publish("ev.telemetry.s1", heartbeat("s1", 1, 20.0, 60_000)).await;
+    let forged = Heartbeat {
+        capacity_kw: 123_456.0,
+        load_kw: -50.0,
+        ..heartbeat("s1", 2, 0.0, 60_000)
+    };
+    publish("ev.telemetry.zzz", forged).await;
+    // On its own subject, but out of bounds.
+    let huge = Heartbeat {
+        capacity_kw: 1e308,
+        ..heartbeat("s2", 1, 0.0, 60_000)
+    };
+    publish("ev.telemetry.s2", huge).await;
+
+    let metrics = eventually(WAIT, Duration::from_millis(20), || async {
+        let page = app.metrics().await;
+        let refused = |reason: &str| {
+            crate::helpers::sample(
+                &page,
+                &format!("evgrid_ingest_heartbeats_refused_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        (refused("wrong_substation") == 1.0 && refused("out_of_bounds") == 1.0).then_some(())
+    })
+    .await;
+    assert!(metrics.is_ok(), "{}", app.metrics().await);
+    let view = app.get("/v1/substations").await.json();
+    assert_eq!(ids(&view), ["s1"]);
+    assert_eq!(view[0]["capacity_kw"], 150.0);
+    assert_eq!(view[0]["load_kw"], 20.0);
 }

@@ -1,0 +1,66 @@
+//! Messages nobody trustworthy sent (issue #11, docs/security.md): heartbeats that speak for
+//! another substation or lie about their numbers.
+
+use evgrid_dispatcher::Policy;
+use evgrid_model::messages::Heartbeat;
+use evgrid_test_support::store;
+
+use crate::helpers::spawn_app_with;
+
+/// Attack 2: a heartbeat on `ev.telemetry.zzz` whose body says it is s1, at 123,456 kW with
+/// load −50. The body was trusted over the subject; now it is dropped and counted, and s1 is
+/// routed by what s1 itself said (full: the request waits, by a policy that judges room).
+#[tokio::test]
+async fn a_heartbeat_speaks_only_for_the_substation_of_its_subject() {
+    let mut app = spawn_app_with(Policy::LeastLoaded).await;
+    let mut s1 = app.substation("s1", 100.0);
+    s1.heartbeat(100.0, 0).await;
+    let forged = Heartbeat {
+        substation_id: "s1".into(),
+        seq: 99,
+        sent_at: chrono::Utc::now(),
+        capacity_kw: 123_456.0,
+        load_kw: -50.0,
+        active_sessions: 0,
+        queued_sessions: 0,
+        demand_kw: 0.0,
+        dispatch_seq: 0,
+        interval_ms: 60_000,
+    };
+    let publish = |subject: &'static str, hb: Heartbeat| {
+        let js = app.js.clone();
+        async move { store(&js, subject, serde_json::to_vec(&hb).unwrap()).await }
+    };
+    publish("ev.telemetry.zzz", forged.clone()).await;
+    // Its own subject, numbers out of bounds.
+    publish(
+        "ev.telemetry.s2",
+        Heartbeat {
+            substation_id: "s2".into(),
+            capacity_kw: 1e308,
+            load_kw: 0.0,
+            ..forged
+        },
+    )
+    .await;
+    app.wait_for_metric(r#"evgrid_dispatch_heartbeats_refused_total{reason="wrong_substation"} 1"#)
+        .await;
+    app.wait_for_metric(r#"evgrid_dispatch_heartbeats_refused_total{reason="out_of_bounds"} 1"#)
+        .await;
+
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    app.publish_request(r#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11}"#)
+        .await;
+    app.wait_for_metric(
+        r#"evgrid_dispatch_decisions_total{outcome="deferred",substation="none"} 1"#,
+    )
+    .await;
+    let metrics = app.metrics().await;
+    assert!(!metrics.contains("zzz"), "{metrics}");
+    assert!(!metrics.contains(r#"substation="s2""#), "{metrics}");
+    // s1 frees up: the waiting request goes there, and only there.
+    s1.heartbeat(0.0, 0).await;
+    let got = crate::helpers::next_dispatch(&mut dispatches).await;
+    assert_eq!(got.subject, "ev.dispatch.s1");
+    app.stop().await;
+}
