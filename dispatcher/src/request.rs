@@ -438,9 +438,15 @@ impl Handler {
         let (reason, request_id, record) = match &err {
             RequestError::Malformed(_) => (RejectReason::NotJson, fallback_id, None),
             e if e.is_departure_passed() => {
-                // Every other field is valid: parsing without the clock check yields them, so
-                // the rejection can be recorded in full.
-                match parse_charge_request(payload, DateTime::<Utc>::MIN_UTC) {
+                // Every other field is valid: parsing as of just before the departure yields
+                // them (the departure is then ahead, and within the longest stay), so the
+                // rejection can be recorded in full.
+                let before =
+                    body_departure(payload).map(|t| t - chrono::TimeDelta::milliseconds(1));
+                match before
+                    .map(|t| parse_charge_request(payload, t))
+                    .unwrap_or(Err(err.clone()))
+                {
                     Ok(r) => {
                         let id = r.request_id.unwrap_or(fallback_id);
                         let reason = RejectReason::DeparturePassed;
@@ -734,10 +740,21 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
 
+/// The string `field` of a body that failed validation, if it has one.
+fn body_str(payload: &[u8], field: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    Some(value.get(field)?.as_str()?.to_owned())
+}
+
 /// `request_id` of a body that failed validation for other reasons, when it is a UUID.
 fn body_request_id(payload: &[u8]) -> Option<Uuid> {
-    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    Uuid::parse_str(value.get("request_id")?.as_str()?).ok()
+    Uuid::parse_str(&body_str(payload, "request_id")?).ok()
+}
+
+/// `departure` of a body that failed validation, when it is an RFC 3339 time.
+fn body_departure(payload: &[u8]) -> Option<DateTime<Utc>> {
+    let departure = DateTime::parse_from_rfc3339(&body_str(payload, "departure")?).ok()?;
+    Some(departure.to_utc())
 }
 
 /// Header values cannot hold CR or LF (the client would panic) and should stay short; field

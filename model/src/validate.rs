@@ -2,7 +2,7 @@
 //! straight to `ev.requests`), so both paths apply exactly the same rules and name the same
 //! fields.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -12,6 +12,57 @@ use crate::messages::ChargeRequest;
 pub const VEHICLE_ID_MAX_CHARS: usize = 64;
 pub const ENERGY_KWH_MAX: f64 = 200.0;
 pub const MAX_POWER_KW_MAX: f64 = 400.0;
+/// The least `max_power_kw` of a request: below it a car holds a session for days for almost
+/// nothing (a request at 1e-12 kW never ends). Every public charger delivers more; the ACN trace
+/// replays at the simulator's `--vehicle-max-kw`, never below 1 kW.
+pub const MAX_POWER_KW_MIN: f64 = 1.0;
+/// The longest stay: a departure at most this far after the request is validated, and a request
+/// without departure must be deliverable within it at its `max_power_kw`. Under the streams'
+/// 7-day retention (`EV_REQUESTS`, `EV_DISPATCH`, the request states) with half a day to spare
+/// for queueing, so a session never outlives its records; longer than the longest ACN Caltech
+/// stay (150.2 h), so real data passes.
+pub const MAX_STAY: TimeDelta = TimeDelta::hours(156);
+
+/// `energy_kwh`: above 0, at most [`ENERGY_KWH_MAX`].
+const ENERGY: Bounds = Bounds {
+    min: 0.0,
+    min_inclusive: false,
+    max: ENERGY_KWH_MAX,
+};
+/// `max_power_kw`: at least [`MAX_POWER_KW_MIN`], at most [`MAX_POWER_KW_MAX`].
+const POWER: Bounds = Bounds {
+    min: MAX_POWER_KW_MIN,
+    min_inclusive: true,
+    max: MAX_POWER_KW_MAX,
+};
+
+/// The range a number field must be in (the top inclusive).
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    min: f64,
+    min_inclusive: bool,
+    max: f64,
+}
+
+impl Bounds {
+    fn contains(self, x: f64) -> bool {
+        let above = if self.min_inclusive {
+            x >= self.min
+        } else {
+            x > self.min
+        };
+        above && x <= self.max
+    }
+
+    fn describe(self) -> String {
+        let low = if self.min_inclusive {
+            "at least"
+        } else {
+            "greater than"
+        };
+        format!("must be {low} {} and at most {}", self.min, self.max)
+    }
+}
 
 /// One offending field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -91,13 +142,9 @@ fn parse_valid(body: &[u8], now: DateTime<Utc>) -> Option<ChargeRequest> {
         return None;
     }
     let f: Fields = serde_json::from_slice(body).ok()?;
-    let chars = f.vehicle_id.chars().count();
-    let in_range = |x: f64, max: f64| x > 0.0 && x <= max;
-    if chars == 0
-        || chars > VEHICLE_ID_MAX_CHARS
-        || f.vehicle_id.chars().any(char::is_control)
-        || !in_range(f.energy_kwh, ENERGY_KWH_MAX)
-        || !in_range(f.max_power_kw, MAX_POWER_KW_MAX)
+    if vehicle_id_error(&f.vehicle_id).is_some()
+        || !ENERGY.contains(f.energy_kwh)
+        || !POWER.contains(f.max_power_kw)
     {
         return None;
     }
@@ -111,6 +158,9 @@ fn parse_valid(body: &[u8], now: DateTime<Utc>) -> Option<ChargeRequest> {
             Some(t)
         }
     };
+    if stay_error(f.energy_kwh, f.max_power_kw, departure, now).is_some() {
+        return None;
+    }
     let request_id = match f.request_id {
         None => None,
         Some(s) => Some(Uuid::parse_str(s).ok()?),
@@ -169,21 +219,13 @@ fn validate_object(
             fail("vehicle_id", "is required".into());
             None
         }
-        Some(Value::String(s)) => {
-            let chars = s.chars().count();
-            if chars == 0 || chars > VEHICLE_ID_MAX_CHARS {
-                fail(
-                    "vehicle_id",
-                    format!("must be 1 to {VEHICLE_ID_MAX_CHARS} characters, got {chars}"),
-                );
+        Some(Value::String(s)) => match vehicle_id_error(s) {
+            Some(detail) => {
+                fail("vehicle_id", detail);
                 None
-            } else if s.chars().any(char::is_control) {
-                fail("vehicle_id", "must not contain control characters".into());
-                None
-            } else {
-                Some(s.clone())
             }
-        }
+            None => Some(s.clone()),
+        },
         Some(other) => {
             fail(
                 "vehicle_id",
@@ -193,8 +235,8 @@ fn validate_object(
         }
     };
 
-    let energy_kwh = number_in_range(map, "energy_kwh", ENERGY_KWH_MAX, &mut fail);
-    let max_power_kw = number_in_range(map, "max_power_kw", MAX_POWER_KW_MAX, &mut fail);
+    let energy_kwh = number_in_range(map, "energy_kwh", ENERGY, &mut fail);
+    let max_power_kw = number_in_range(map, "max_power_kw", POWER, &mut fail);
 
     let departure = match map.get("departure") {
         None | Some(Value::Null) => None,
@@ -252,6 +294,11 @@ fn validate_object(
         }
     };
 
+    if let (Some(energy_kwh), Some(max_power_kw)) = (energy_kwh, max_power_kw)
+        && let Some(error) = stay_error(energy_kwh, max_power_kw, departure, now)
+    {
+        errors.push(error);
+    }
     if !errors.is_empty() {
         return Err(RequestError::Invalid(errors));
     }
@@ -265,10 +312,57 @@ fn validate_object(
     })
 }
 
+/// What is wrong with a vehicle id, if anything.
+fn vehicle_id_error(id: &str) -> Option<String> {
+    let chars = id.chars().count();
+    if chars == 0 || chars > VEHICLE_ID_MAX_CHARS {
+        Some(format!(
+            "must be 1 to {VEHICLE_ID_MAX_CHARS} characters, got {chars}"
+        ))
+    } else if id.chars().any(char::is_control) {
+        Some("must not contain control characters".into())
+    } else {
+        None
+    }
+}
+
+/// Why a request would stay longer than [`MAX_STAY`] after `from`, naming the field to change:
+/// a departure further away, or (without a departure) an energy that takes longer than that at
+/// the car's max power.
+fn stay_error(
+    energy_kwh: f64,
+    max_power_kw: f64,
+    departure: Option<DateTime<Utc>>,
+    from: DateTime<Utc>,
+) -> Option<FieldError> {
+    let max_h = MAX_STAY.num_hours();
+    match departure {
+        Some(t) if t > from + MAX_STAY => Some(FieldError {
+            field: "departure".into(),
+            detail: format!(
+                "must be at most {max_h} h after the request is accepted (the longest stay), got {}",
+                t.to_rfc3339()
+            ),
+        }),
+        Some(_) => None,
+        None => {
+            let hours = energy_kwh / max_power_kw;
+            (hours > max_h as f64).then(|| FieldError {
+                field: "max_power_kw".into(),
+                detail: format!(
+                    "{energy_kwh} kWh at {max_power_kw} kW takes {hours:.1} h, longer than the \
+                     longest stay ({max_h} h): raise max_power_kw, lower energy_kwh or give a \
+                     departure"
+                ),
+            })
+        }
+    }
+}
+
 fn number_in_range(
     map: &Map<String, Value>,
     field: &str,
-    max: f64,
+    bounds: Bounds,
     fail: &mut impl FnMut(&str, String),
 ) -> Option<f64> {
     match map.get(field) {
@@ -277,12 +371,9 @@ fn number_in_range(
             None
         }
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(x) if x > 0.0 && x <= max => Some(x),
+            Some(x) if bounds.contains(x) => Some(x),
             _ => {
-                fail(
-                    field,
-                    format!("must be greater than 0 and at most {max}, got {n}"),
-                );
+                fail(field, format!("{}, got {n}", bounds.describe()));
                 None
             }
         },
@@ -347,6 +438,11 @@ mod tests {
             br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":true}"#,
             br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":null}"#,
             br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11,"all_or_nothing":"yes"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":0.5}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":200,"max_power_kw":1}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":1,"departure":"2026-01-07T12:00:00Z"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":1,"departure":"2026-01-07T12:00:01Z"}"#,
+            br#"{"vehicle_id":"ev-1","energy_kwh":0.001,"max_power_kw":0.001,"departure":"9999-01-01T00:00:00Z"}"#,
             br#"{"vehicle_id":"ev-1"} trailing"#,
             b"{not json",
             b"",
@@ -463,6 +559,37 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn power_has_a_floor_and_a_stay_a_ceiling() {
+        let parse = |body: &str| parse_charge_request(body.as_bytes(), now());
+        // 1 kW is the least power; below it, the field is named.
+        assert!(parse(r#"{"vehicle_id":"v","energy_kwh":1,"max_power_kw":1}"#).is_ok());
+        assert_eq!(
+            fields(parse(r#"{"vehicle_id":"v","energy_kwh":1,"max_power_kw":1e-12}"#).unwrap_err()),
+            ["max_power_kw"]
+        );
+        // A departure up to MAX_STAY (156 h) away; a second more is refused.
+        let at = |t: &str| {
+            format!(r#"{{"vehicle_id":"v","energy_kwh":1,"max_power_kw":11,"departure":"{t}"}}"#)
+        };
+        assert!(parse(&at("2026-01-07T12:00:00Z")).is_ok());
+        let Err(RequestError::Invalid(errors)) = parse(&at("2026-01-07T12:00:01Z")) else {
+            panic!("a departure past the longest stay is accepted");
+        };
+        assert_eq!(errors[0].field, "departure");
+        assert!(errors[0].detail.contains("156 h"), "{}", errors[0].detail);
+        assert_eq!(
+            fields(parse(&at("9999-01-01T00:00:00Z")).unwrap_err()),
+            ["departure"]
+        );
+        // Without a departure, the energy must fit in the longest stay at the car's power.
+        assert!(parse(r#"{"vehicle_id":"v","energy_kwh":156,"max_power_kw":1}"#).is_ok());
+        assert_eq!(
+            fields(parse(r#"{"vehicle_id":"v","energy_kwh":157,"max_power_kw":1}"#).unwrap_err()),
+            ["max_power_kw"]
+        );
     }
 
     #[test]

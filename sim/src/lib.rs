@@ -157,10 +157,11 @@ fn parse_stay(s: &str) -> Result<Stay, String> {
 }
 
 fn parse_max_power(s: &str) -> Result<f64, String> {
+    use evgrid_model::validate::{MAX_POWER_KW_MAX, MAX_POWER_KW_MIN};
     match parse_positive(s) {
-        Ok(kw) if kw <= 400.0 => Ok(kw),
+        Ok(kw) if (MAX_POWER_KW_MIN..=MAX_POWER_KW_MAX).contains(&kw) => Ok(kw),
         _ => Err(format!(
-            "expected kW above 0 and at most 400 (the request contract), got {s:?}"
+            "expected kW from {MAX_POWER_KW_MIN} to {MAX_POWER_KW_MAX} (the request contract), got {s:?}"
         )),
     }
 }

@@ -408,6 +408,7 @@ fn options_are_checked_while_parsing() {
         "--burst 10",
         "--poisson 10 --capacities 10,-1",
         "--poisson 10 --vehicle-max-kw 500",
+        "--poisson 10 --vehicle-max-kw 0.5",
         "--poisson 10 --heartbeat 2h",
         // A unit is required: `--heartbeat 1` once simulated 1 ms heartbeats without a word.
         "--poisson 10 --heartbeat 1",

@@ -85,7 +85,7 @@ pub async fn drive(urls: &[String], spec: &LoadSpec) -> Result<LoadOutcome> {
         energy_kwh: Distribution::parse(&spec.energy_kwh, 0.1, 200.0)
             .map_err(anyhow::Error::msg)
             .context("energy")?,
-        max_power_kw: Distribution::parse(&spec.max_power_kw, 0.1, 400.0)
+        max_power_kw: Distribution::parse(&spec.max_power_kw, 1.0, 400.0)
             .map_err(anyhow::Error::msg)
             .context("max power")?,
         departure_hours: None,

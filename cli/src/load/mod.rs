@@ -30,7 +30,7 @@ use evgrid_common::config::{
 };
 use evgrid_common::nats;
 use evgrid_model::subjects;
-use evgrid_model::validate::{ENERGY_KWH_MAX, MAX_POWER_KW_MAX};
+use evgrid_model::validate::{ENERGY_KWH_MAX, MAX_POWER_KW_MAX, MAX_POWER_KW_MIN, MAX_STAY};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,11 +42,12 @@ use self::progress::Progress;
 use self::stats::{ErrorKind, Recorder, Report};
 use self::target::Target;
 
-/// Smallest energy and power a sampled request asks for: the API refuses 0.
+/// Smallest energy a sampled request asks for: the API refuses 0.
 pub const MIN_SAMPLE: f64 = 0.1;
-/// Smallest and largest sampled stay before departure, in hours (a minute to 30 days).
+/// Smallest and largest sampled stay before departure, in hours (a minute to the API's longest
+/// stay, 156 h).
 pub const DEPARTURE_HOURS_MIN: f64 = 1.0 / 60.0;
-pub const DEPARTURE_HOURS_MAX: f64 = 720.0;
+pub const DEPARTURE_HOURS_MAX: f64 = MAX_STAY.num_hours() as f64;
 /// Most requests `--wait-complete` follows in one run (its tracker holds a byte per request).
 pub const MAX_TRACKED: u64 = 100_000_000;
 /// How long to wait for a NATS server to answer at start.
@@ -123,12 +124,13 @@ pub struct LoadArgs {
     pub energy_kwh: Distribution,
 
     /// The car's max charging power, kW: a number, uniform:LOW..HIGH or normal:MEAN,SD (clamped
-    /// to 0.1..400).
+    /// to 1..400, the API's limits).
     #[arg(long, default_value = "11", value_parser = parse_power, help_heading = "Request mix")]
     pub max_power_kw: Distribution,
 
     /// Departure, in hours after sending: a number, uniform:LOW..HIGH or normal:MEAN,SD
-    /// (clamped to 1 minute..30 days). Without it requests have no departure.
+    /// (clamped to 1 minute..156 hours, the API's longest stay). Without it requests have no
+    /// departure.
     #[arg(long, value_parser = parse_departure_hours, help_heading = "Request mix")]
     pub departure_hours: Option<Distribution>,
 
@@ -447,7 +449,7 @@ fn parse_energy(s: &str) -> Result<Distribution, String> {
 }
 
 fn parse_power(s: &str) -> Result<Distribution, String> {
-    Distribution::parse(s, MIN_SAMPLE, MAX_POWER_KW_MAX)
+    Distribution::parse(s, MAX_POWER_KW_MIN, MAX_POWER_KW_MAX)
 }
 
 fn parse_departure_hours(s: &str) -> Result<Distribution, String> {

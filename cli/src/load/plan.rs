@@ -230,8 +230,8 @@ mod tests {
     fn random_mix(seed: u64) -> Mix {
         Mix::Random {
             energy_kwh: Distribution::parse("uniform:10..60", 0.1, 200.0).unwrap(),
-            max_power_kw: Distribution::parse("normal:11,3", 0.1, 400.0).unwrap(),
-            departure_hours: Some(Distribution::parse("uniform:1..8", 0.01, 720.0).unwrap()),
+            max_power_kw: Distribution::parse("normal:11,3", 1.0, 400.0).unwrap(),
+            departure_hours: Some(Distribution::parse("uniform:1..8", 0.01, 156.0).unwrap()),
             seed,
         }
     }

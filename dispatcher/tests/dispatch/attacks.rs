@@ -1,11 +1,13 @@
 //! Messages nobody trustworthy sent (issue #11, docs/security.md): heartbeats that speak for
-//! another substation or lie about their numbers.
+//! another substation or lie about their numbers, requests that would hold a session for ever.
 
 use evgrid_dispatcher::Policy;
+use evgrid_model::headers;
 use evgrid_model::messages::Heartbeat;
 use evgrid_test_support::store;
+use futures::StreamExt;
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{WAIT, header, spawn_app, spawn_app_with};
 
 /// Attack 2: a heartbeat on `ev.telemetry.zzz` whose body says it is s1, at 123,456 kW with
 /// load −50. The body was trusted over the subject; now it is dropped and counted, and s1 is
@@ -62,5 +64,50 @@ async fn a_heartbeat_speaks_only_for_the_substation_of_its_subject() {
     s1.heartbeat(0.0, 0).await;
     let got = crate::helpers::next_dispatch(&mut dispatches).await;
     assert_eq!(got.subject, "ev.dispatch.s1");
+    app.stop().await;
+}
+
+/// Attack 10 over NATS: `max_power_kw` 1e-12, or a departure in year 9999 at 0.001 kW, were
+/// dispatched and held a session for ever. Both are now rejected on `ev.rejected`, the detail
+/// naming the field.
+#[tokio::test]
+async fn requests_that_would_stay_for_ever_are_rejected() {
+    let mut app = spawn_app().await;
+    let mut rejected = app.subscribe("ev.rejected").await;
+    app.substation("s1", 100.0).heartbeat(0.0, 0).await;
+    let bodies = [
+        (
+            r#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":1e-12}"#,
+            "max_power_kw",
+        ),
+        (
+            r#"{"vehicle_id":"ev-2","energy_kwh":0.001,"max_power_kw":1,"departure":"9999-01-01T00:00:00Z"}"#,
+            "departure",
+        ),
+        // No departure, and 200 kWh at 1 kW takes longer than the longest stay.
+        (
+            r#"{"vehicle_id":"ev-3","energy_kwh":200,"max_power_kw":1}"#,
+            "max_power_kw",
+        ),
+    ];
+    for (body, _) in bodies {
+        app.publish_request(body).await;
+    }
+    for (body, field) in bodies {
+        let msg = tokio::time::timeout(WAIT, rejected.next())
+            .await
+            .expect("a rejection in time")
+            .unwrap();
+        assert_eq!(msg.payload.as_ref(), body.as_bytes());
+        let h = msg.headers.unwrap();
+        assert_eq!(
+            header(&h, headers::REJECT_REASON).as_deref(),
+            Some("invalid_fields")
+        );
+        let detail = header(&h, headers::REJECT_DETAIL).unwrap();
+        assert!(detail.starts_with(&format!("{field}:")), "{detail}");
+    }
+    app.wait_until_all_settled().await;
+    assert_eq!(app.dispatch_stream_messages().await, 0);
     app.stop().await;
 }

@@ -17,7 +17,10 @@ async fn a_valid_request_is_stored_with_its_headers_before_the_202() {
     let js = jetstream(&nats).await;
 
     let mut body = valid_request();
-    body["departure"] = json!("2100-01-01T18:00:00+02:00");
+    // Tomorrow, whole seconds, written at +02:00: stored in UTC.
+    let tomorrow = DateTime::from_timestamp(Utc::now().timestamp() + 24 * 3600, 0).unwrap();
+    let at_plus_two = tomorrow.with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap());
+    body["departure"] = json!(at_plus_two.format("%Y-%m-%dT%H:%M:%S%:z").to_string());
     let id = app.post(&body).await.accepted_id();
     assert_eq!(Uuid::parse_str(&id).unwrap().get_version_num(), 4);
 
@@ -36,7 +39,7 @@ async fn a_valid_request_is_stored_with_its_headers_before_the_202() {
     assert_eq!(
         stored,
         json!({"request_id": id, "vehicle_id": "ev-1", "energy_kwh": 30.0, "max_power_kw": 11.0,
-               "departure": "2100-01-01T16:00:00Z"})
+               "departure": tomorrow.format("%Y-%m-%dT%H:%M:%SZ").to_string()})
     );
     assert_eq!(stored_requests(&js).await, 1);
 }
@@ -370,4 +373,53 @@ async fn unknown_paths_methods_and_ids_are_problems() {
         .await
         .problem(422, "invalid-fields");
     assert_eq!(problem["field"], "request_id");
+}
+
+/// Attack 10 (docs/security.md): `max_power_kw` 1e-12, or a departure in year 9999 at 0.001
+/// kW, were answered 202 and then held a session for ever. Now 422, naming the field, and not
+/// stored.
+#[tokio::test]
+async fn a_request_that_would_stay_for_ever_is_refused_naming_the_field() {
+    let nats = NatsServer::start().unwrap();
+    let app = spawn_app(&nats).await;
+    let js = jetstream(&nats).await;
+    let past_the_stay = (Utc::now() + chrono::Duration::hours(157)).to_rfc3339();
+    for (body, field) in [
+        (
+            json!({"vehicle_id": "ev", "energy_kwh": 30, "max_power_kw": 1e-12}),
+            "max_power_kw",
+        ),
+        (
+            json!({"vehicle_id": "ev", "energy_kwh": 0.001, "max_power_kw": 0.001,
+                   "departure": "9999-12-31T00:00:00Z"}),
+            "max_power_kw",
+        ),
+        (
+            json!({"vehicle_id": "ev", "energy_kwh": 1, "max_power_kw": 11,
+                   "departure": "9999-12-31T00:00:00Z"}),
+            "departure",
+        ),
+        (
+            json!({"vehicle_id": "ev", "energy_kwh": 1, "max_power_kw": 11,
+                   "departure": past_the_stay}),
+            "departure",
+        ),
+        // No departure: 200 kWh at 1 kW is 200 h, longer than the longest stay.
+        (
+            json!({"vehicle_id": "ev", "energy_kwh": 200, "max_power_kw": 1}),
+            "max_power_kw",
+        ),
+    ] {
+        let problem = app.post(&body).await.problem(422, "invalid-fields");
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+    }
+    assert_eq!(stored_requests(&js).await, 0);
+    // At the edges: accepted.
+    let within = (Utc::now() + chrono::Duration::hours(155)).to_rfc3339();
+    app.post(&json!({"vehicle_id": "ev", "energy_kwh": 1, "max_power_kw": 1, "departure": within}))
+        .await
+        .accepted_id();
+    app.post(&json!({"vehicle_id": "ev", "energy_kwh": 156, "max_power_kw": 1}))
+        .await
+        .accepted_id();
 }
