@@ -6,7 +6,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::messages::ChargeRequest;
+use crate::messages::{ChargeRequest, Dispatch};
+use crate::subjects::valid_substation_id;
 
 /// Limits of the public contract (docs/api.md, docs/openapi.yaml).
 pub const VEHICLE_ID_MAX_CHARS: usize = 64;
@@ -359,6 +360,52 @@ fn stay_error(
     }
 }
 
+/// Checks a dispatch (`ev.dispatch.<id>`) by the rules of a request, so a substation charges
+/// nothing ingest would have refused: the vehicle id, energy and power bounds, the substation
+/// id, and the longest stay counted from `dispatched_at` (the dispatcher validated the request
+/// then). A departure already passed is allowed: the car has left, the session ends at once.
+pub fn check_dispatch(d: &Dispatch) -> Result<(), RequestError> {
+    let mut errors = Vec::new();
+    let mut fail = |field: &str, detail: String| {
+        errors.push(FieldError {
+            field: field.to_owned(),
+            detail,
+        })
+    };
+    if !valid_substation_id(&d.substation_id) {
+        fail("substation_id", "must be [A-Za-z0-9_-], 1 to 64".into());
+    }
+    if let Some(detail) = vehicle_id_error(&d.vehicle_id) {
+        fail("vehicle_id", detail);
+    }
+    for (field, value, bounds) in [
+        ("energy_kwh", d.energy_kwh, ENERGY),
+        ("max_power_kw", d.max_power_kw, POWER),
+    ] {
+        if !bounds.contains(value) {
+            fail(field, format!("{}, got {value}", bounds.describe()));
+        }
+    }
+    if let Some(e) = d.energy_expected_kwh
+        && !ENERGY.contains(e)
+    {
+        fail(
+            "energy_expected_kwh",
+            format!("{}, got {e}", ENERGY.describe()),
+        );
+    }
+    if errors.is_empty()
+        && let Some(error) = stay_error(d.energy_kwh, d.max_power_kw, d.departure, d.dispatched_at)
+    {
+        errors.push(error);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RequestError::Invalid(errors))
+    }
+}
+
 fn number_in_range(
     map: &Map<String, Value>,
     field: &str,
@@ -588,6 +635,72 @@ mod tests {
         assert!(parse(r#"{"vehicle_id":"v","energy_kwh":156,"max_power_kw":1}"#).is_ok());
         assert_eq!(
             fields(parse(r#"{"vehicle_id":"v","energy_kwh":157,"max_power_kw":1}"#).unwrap_err()),
+            ["max_power_kw"]
+        );
+    }
+
+    fn dispatch() -> Dispatch {
+        Dispatch {
+            request_id: Uuid::nil(),
+            substation_id: "s1".into(),
+            vehicle_id: "ev-1".into(),
+            energy_kwh: 30.0,
+            energy_expected_kwh: None,
+            max_power_kw: 11.0,
+            departure: Some(now() + TimeDelta::hours(8)),
+            accepted_at: now(),
+            dispatched_at: now(),
+            request_seq: 1,
+        }
+    }
+
+    #[test]
+    fn a_dispatch_is_held_to_the_rules_of_a_request() {
+        assert_eq!(check_dispatch(&dispatch()), Ok(()));
+        // A car that has left already is a session that ends at once, not an error.
+        let left = Dispatch {
+            departure: Some(now() - TimeDelta::hours(1)),
+            ..dispatch()
+        };
+        assert_eq!(check_dispatch(&left), Ok(()));
+        let named = |d: Dispatch| fields(check_dispatch(&d).unwrap_err());
+        assert_eq!(
+            named(Dispatch {
+                energy_kwh: 1e300,
+                ..dispatch()
+            }),
+            ["energy_kwh"]
+        );
+        assert_eq!(
+            named(Dispatch {
+                max_power_kw: f64::NAN,
+                energy_expected_kwh: Some(-1.0),
+                ..dispatch()
+            }),
+            ["max_power_kw", "energy_expected_kwh"]
+        );
+        assert_eq!(
+            named(Dispatch {
+                substation_id: "a.b".into(),
+                vehicle_id: String::new(),
+                ..dispatch()
+            }),
+            ["substation_id", "vehicle_id"]
+        );
+        assert_eq!(
+            named(Dispatch {
+                departure: Some(now() + MAX_STAY + TimeDelta::seconds(1)),
+                ..dispatch()
+            }),
+            ["departure"]
+        );
+        assert_eq!(
+            named(Dispatch {
+                departure: None,
+                energy_kwh: 200.0,
+                max_power_kw: 1.0,
+                ..dispatch()
+            }),
             ["max_power_kw"]
         );
     }

@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use evgrid_model::messages::{Dispatch, Move, RequestRecord};
+use evgrid_model::validate::{RequestError, check_dispatch};
 
 /// The dispatches this process has handled, as the heartbeat echoes them (`dispatch_seq`): the
 /// dispatcher stops counting an assignment as in flight once the echo reaches its sequence.
@@ -47,24 +48,23 @@ impl Taken {
 pub(crate) enum InvalidDispatch {
     #[error("not a dispatch")]
     NotADispatch(#[source] serde_json::Error),
-    #[error("{field} must be a number greater than 0, got {value}")]
-    NotPositive { field: &'static str, value: f64 },
+    /// The fields break the rules of a request (`evgrid_model::validate::check_dispatch`).
+    #[error("fields out of bounds")]
+    Fields(#[source] RequestError),
+    /// A dispatch on this substation's subject naming another substation.
+    #[error("for substation {named:?}, not this one")]
+    NotOurs { named: String },
 }
 
-/// A dispatch body the model can charge.
-pub(crate) fn parse_dispatch(payload: &[u8]) -> Result<Dispatch, InvalidDispatch> {
+/// A dispatch body for substation `own_id` that the model can charge: checked by the rules of a
+/// request, so nothing a client could not ask over HTTP is charged.
+pub(crate) fn parse_dispatch(payload: &[u8], own_id: &str) -> Result<Dispatch, InvalidDispatch> {
     let d: Dispatch = serde_json::from_slice(payload).map_err(InvalidDispatch::NotADispatch)?;
-    let expected = d.energy_expected_kwh.map(|e| ("energy_expected_kwh", e));
-    for (field, value) in [
-        ("energy_kwh", d.energy_kwh),
-        ("max_power_kw", d.max_power_kw),
-    ]
-    .into_iter()
-    .chain(expected)
-    {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(InvalidDispatch::NotPositive { field, value });
-        }
+    check_dispatch(&d).map_err(InvalidDispatch::Fields)?;
+    if d.substation_id != own_id {
+        return Err(InvalidDispatch::NotOurs {
+            named: d.substation_id,
+        });
     }
     Ok(d)
 }
@@ -221,20 +221,34 @@ mod tests {
     }
 
     #[test]
-    fn dispatches_must_have_energy_and_power() {
-        let body = |energy: f64, power: f64| {
+    fn dispatches_follow_the_rules_of_a_request() {
+        let body = |substation: &str, energy: f64, power: f64| {
             serde_json::json!({
-                "request_id": Uuid::nil(), "substation_id": "s1", "vehicle_id": "ev",
+                "request_id": Uuid::nil(), "substation_id": substation, "vehicle_id": "ev",
                 "energy_kwh": energy, "max_power_kw": power,
                 "accepted_at": "2025-01-01T00:00:00Z", "dispatched_at": "2025-01-01T00:00:01Z",
                 "request_seq": 1
             })
             .to_string()
         };
-        assert!(parse_dispatch(body(10.0, 11.0).as_bytes()).is_ok());
-        assert!(parse_dispatch(body(0.0, 11.0).as_bytes()).is_err());
-        assert!(parse_dispatch(body(10.0, -1.0).as_bytes()).is_err());
-        assert!(parse_dispatch(b"not json").is_err());
+        let parse = |b: String| parse_dispatch(b.as_bytes(), "s1");
+        assert!(parse(body("s1", 10.0, 11.0)).is_ok());
+        for bad in [
+            body("s1", 0.0, 11.0),
+            body("s1", 10.0, -1.0),
+            body("s1", 1e300, 11.0),
+            body("s1", 10.0, 0.5),
+        ] {
+            assert!(
+                matches!(parse(bad.clone()), Err(InvalidDispatch::Fields(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(body("s2", 10.0, 11.0)),
+            Err(InvalidDispatch::NotOurs { .. })
+        ));
+        assert!(parse_dispatch(b"not json", "s1").is_err());
     }
 
     fn at(s: i64) -> DateTime<Utc> {

@@ -287,7 +287,7 @@ impl Shell {
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
             .map(|t| t.with_timezone(&Utc));
         let (msg, acker) = msg.split();
-        let dispatch = match parse_dispatch(&msg.payload) {
+        let dispatch = match parse_dispatch(&msg.payload, &self.id) {
             Ok(d) => d,
             Err(problem) => {
                 tracing::error!(
