@@ -59,6 +59,9 @@ pub struct Metrics {
     /// `evgrid_dispatch_moved_total{from,state}`, `state` one of [`MOVED_DISPATCHED`] and
     /// [`MOVED_CHARGING`].
     pub moved: IntCounterVec,
+    /// `evgrid_dispatch_rejections_dropped_total{reason}`: rejected requests terminated without
+    /// a copy in `ev.rejected`, because the server refused the copy every time.
+    pub rejections_dropped: IntCounterVec,
     /// `evgrid_dispatch_heartbeats_refused_total{reason}`, `reason` one of
     /// [`HeartbeatError::REASONS`].
     pub heartbeats_refused: IntCounterVec,
@@ -97,12 +100,29 @@ impl Metrics {
         for reason in RejectReason::ALL {
             rejected.with_label_values(&[reason.as_str()]);
         }
+        let rejections_dropped = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "evgrid_dispatch_rejections_dropped_total",
+                    "Rejected requests terminated without their copy in ev.rejected, by reason: \
+                     the server refused the copy (e.g. larger than its max payload) on every \
+                     one of 5 deliveries.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        for reason in RejectReason::ALL {
+            rejections_dropped.with_label_values(&[reason.as_str()]);
+        }
         let heartbeats_refused = evgrid_common::metrics::heartbeats_refused(
             registry,
             "evgrid_dispatch_heartbeats_refused_total",
         );
         Self {
             heartbeats_refused,
+            rejections_dropped,
             decisions,
             decision_duration: register(
                 registry,
@@ -238,6 +258,7 @@ mod tests {
             "evgrid_dispatch_consumer_redelivered_messages",
             "evgrid_dispatch_publish_ack_duration_seconds_bucket",
             "evgrid_dispatch_heartbeats_refused_total{reason=\"wrong_substation\"} 0",
+            "evgrid_dispatch_rejections_dropped_total{reason=\"not_json\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

@@ -40,6 +40,9 @@ const TAKE_OVER_ATTEMPTS: usize = 5;
 
 /// Longest `Evgrid-Reject-Detail` header: enough for every field error of a request.
 const MAX_DETAIL_BYTES: usize = 1024;
+/// Deliveries of a request whose rejection copy the server refuses (not a timeout or a lost
+/// connection: those are retried for ever) before it is terminated without one.
+pub(crate) const REJECT_ATTEMPTS: i64 = 5;
 
 /// Everything a request message needs, shared by the consumer loop and the in-flight work.
 #[derive(Debug)]
@@ -694,6 +697,18 @@ impl Handler {
             .header(headers::SOURCE_SEQUENCE, d.stream_seq.to_string())
             .header(headers::REQUEST_ID, request_id.to_string());
         if let Err(e) = self.publish(subjects::REJECTED.to_owned(), publish).await {
+            if copy_never_fits(&e) && d.delivered >= REJECT_ATTEMPTS {
+                // Retrying cannot store this copy (e.g. the payload plus the rejection headers
+                // exceed the server's max payload): naking it for ever would keep it, and every
+                // message like it, in flight, stalling the pipeline.
+                tracing::error!(%request_id, reason = reason.as_str(), error = %e, attempts = d.delivered, "rejection cannot be stored in ev.rejected; dropping the request");
+                self.metrics
+                    .rejections_dropped
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                settle(&msg, request_id, AckKind::Term).await;
+                return;
+            }
             tracing::warn!(%request_id, reason = reason.as_str(), error = %e, "rejection not stored; retrying later");
             settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;
             return;
@@ -726,6 +741,17 @@ impl Handler {
             .observe(started.elapsed().as_secs_f64());
         Ok(ack)
     }
+}
+
+/// Whether publishing a rejection copy failed for a reason retrying cannot fix: the message is
+/// larger than the server takes, or the server refused it (a stream limit). Timeouts, a lost
+/// connection or a missing stream (a server restarting) may pass.
+fn copy_never_fits(error: &PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    matches!(
+        error.kind(),
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::Other
+    )
 }
 
 /// Acks, naks or terms. A failure means the connection is gone: the server redelivers the
