@@ -26,6 +26,18 @@ pub const SUBSTATION_TIMEOUT_ENV: &str = "EVGRID_SUBSTATION_TIMEOUT";
 /// keeps its cars, which it resumes within seconds; short enough that cars at a substation
 /// that is gone for good are placed elsewhere while they are still parked.
 pub const DEFAULT_SUBSTATION_TIMEOUT: &str = "10s";
+/// `--max-substations`.
+pub const MAX_SUBSTATIONS_ENV: &str = "EVGRID_MAX_SUBSTATIONS";
+/// Far more than any grid routed by one dispatcher, small enough that heartbeats of made-up
+/// substations cannot grow its memory and metrics without bound (docs/security.md).
+pub const DEFAULT_MAX_SUBSTATIONS: usize = 10_000;
+/// Upper bound of `--max-substations`.
+pub const MAX_SUBSTATIONS_LIMIT: usize = 1_000_000;
+/// `--forget-after`.
+pub const FORGET_AFTER_ENV: &str = "EVGRID_FORGET_AFTER";
+/// Long past any failover (`--substation-timeout`, 10 s) and any restart: a substation silent
+/// this long is gone, and keeping it only keeps its metric series.
+pub const DEFAULT_FORGET_AFTER: &str = "10m";
 /// `--policy` (default: [`Policy::default`]).
 pub const POLICY_ENV: &str = "EVGRID_POLICY";
 
@@ -85,6 +97,27 @@ pub struct Config {
         value_parser = parse_duration,
     )]
     pub substation_timeout: Duration,
+
+    /// The most substations tracked at once: while that many are known, heartbeats of new ones
+    /// are dropped (and counted), so made-up substation ids cannot grow memory or metrics.
+    #[arg(
+        long,
+        env = MAX_SUBSTATIONS_ENV,
+        default_value_t = DEFAULT_MAX_SUBSTATIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SUBSTATIONS_LIMIT as u64),
+    )]
+    pub max_substations: usize,
+
+    /// How long a substation may be silent before it is forgotten, with its metric series (it
+    /// is taken in as new if it heartbeats again). From 1ms to 1h, with its unit; at least twice
+    /// `--substation-timeout` (raised to that), so failover always comes first.
+    #[arg(
+        long,
+        env = FORGET_AFTER_ENV,
+        default_value = DEFAULT_FORGET_AFTER,
+        value_parser = parse_duration,
+    )]
+    pub forget_after: Duration,
 }
 
 impl Config {
@@ -96,7 +129,17 @@ impl Config {
             defer_delay: parse_duration(DEFAULT_DEFER_DELAY).expect("valid default"),
             policy: Policy::default(),
             substation_timeout: parse_duration(DEFAULT_SUBSTATION_TIMEOUT).expect("valid default"),
+            max_substations: DEFAULT_MAX_SUBSTATIONS,
+            forget_after: parse_duration(DEFAULT_FORGET_AFTER).expect("valid default"),
         }
+    }
+}
+
+impl Config {
+    /// `--forget-after`, raised to twice `--substation-timeout`: a failed substation's requests
+    /// are offered to move before it is forgotten.
+    pub fn effective_forget_after(&self) -> Duration {
+        self.forget_after.max(self.substation_timeout * 2)
     }
 }
 

@@ -41,11 +41,19 @@ pub(crate) async fn follow_heartbeats(
             let id = observed.heartbeat.substation_id.clone();
             let mut grid = lock(&grid);
             let new = grid.get(&id).is_none();
-            grid.observe_with(observed, telemetry.projection);
-            if new {
-                drop(grid);
-                metrics.substation_seen(&id);
-                tracing::info!(substation = %id, "substation joined the grid");
+            let taken = grid.observe_with(observed, telemetry.projection);
+            drop(grid);
+            match (new, taken) {
+                (true, true) => {
+                    metrics.substation_seen(&id);
+                    tracing::info!(substation = %id, "substation joined the grid");
+                }
+                (true, false) => {
+                    // Debug: a flood of made-up ids must not flood the logs; the metric counts.
+                    tracing::debug!(substation = %id, "too many substations; dropping a new one's heartbeat");
+                    metrics.too_many_substations();
+                }
+                _ => {}
             }
         },
         move |refused| refusals.heartbeat_refused(refused),
@@ -53,11 +61,13 @@ pub(crate) async fn follow_heartbeats(
     .await;
 }
 
-/// Updates the gauges until `shutdown`.
+/// Updates the gauges until `shutdown`, and forgets the substations silent for `forget_after`
+/// (with their metric series).
 pub(crate) async fn keep_gauges(
     js: jetstream::Context,
     grid: Arc<Mutex<GridView>>,
     metrics: Arc<Metrics>,
+    forget_after: Duration,
     shutdown: CancellationToken,
 ) {
     let mut grid_tick = tokio::time::interval(GRID_GAUGES_EVERY);
@@ -67,7 +77,10 @@ pub(crate) async fn keep_gauges(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = grid_tick.tick() => grid_gauges(&grid, &metrics),
+            _ = grid_tick.tick() => {
+                forget(&grid, &metrics, forget_after);
+                grid_gauges(&grid, &metrics);
+            }
             _ = backlog_tick.tick() => tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = backlog_gauges(&js, &metrics) => {}
@@ -96,6 +109,14 @@ async fn backlog_gauges(js: &jetstream::Context, metrics: &Metrics) {
         }
         // Normal while NATS restarts or before the consumer exists.
         Err(e) => tracing::debug!(error = %e, "cannot read the consumer backlog"),
+    }
+}
+
+fn forget(grid: &Mutex<GridView>, metrics: &Metrics, after: Duration) {
+    let forgotten = lock(grid).forget_silent(Utc::now(), after);
+    for id in forgotten {
+        metrics.substation_forgotten(&id);
+        tracing::info!(substation = %id, silent_for = ?after, "substation forgotten");
     }
 }
 

@@ -95,7 +95,9 @@ async fn route(
     };
     readiness.set_streams_ready(true);
 
-    let grid = Arc::new(Mutex::new(GridView::new()));
+    let grid = Arc::new(Mutex::new(
+        GridView::new().with_max_substations(config.max_substations),
+    ));
     tasks.spawn(grid_feed::follow_heartbeats(
         nats.clone(),
         grid.clone(),
@@ -106,6 +108,7 @@ async fn route(
         nats.js.clone(),
         grid.clone(),
         metrics.clone(),
+        config.effective_forget_after(),
         stop.clone(),
     ));
     tasks.spawn(failover::watch(

@@ -30,6 +30,10 @@ const PUBLISH_ACK_BUCKETS: &[f64] = &[
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// `reason` of `evgrid_dispatch_heartbeats_refused_total` beside [`HeartbeatError::REASONS`]: a
+/// new substation while `--max-substations` are tracked.
+pub const TOO_MANY_SUBSTATIONS: &str = "too_many_substations";
+
 /// `state` of `evgrid_dispatch_moved_total`: moved before it started charging.
 pub const MOVED_DISPATCHED: &str = "dispatched";
 /// `state` of `evgrid_dispatch_moved_total`: moved while charging (interrupted, the rest moved).
@@ -120,6 +124,7 @@ impl Metrics {
             registry,
             "evgrid_dispatch_heartbeats_refused_total",
         );
+        heartbeats_refused.with_label_values(&[TOO_MANY_SUBSTATIONS]);
         Self {
             heartbeats_refused,
             rejections_dropped,
@@ -229,6 +234,26 @@ impl Metrics {
         self.heartbeats_refused
             .with_label_values(&[error.reason()])
             .inc();
+    }
+
+    /// Counts a heartbeat of a new substation dropped because the dispatcher tracks
+    /// `--max-substations` already.
+    pub fn too_many_substations(&self) {
+        self.heartbeats_refused
+            .with_label_values(&[TOO_MANY_SUBSTATIONS])
+            .inc();
+    }
+
+    /// Drops the per-substation series of a forgotten substation, so made-up or long-gone ids
+    /// do not stay on `/metrics` for ever.
+    pub fn substation_forgotten(&self, substation: &str) {
+        for outcome in [outcome::DISPATCHED, outcome::DEFERRED, outcome::REJECTED] {
+            let _ = self.decisions.remove_label_values(&[substation, outcome]);
+        }
+        let _ = self.heartbeat_age.remove_label_values(&[substation]);
+        for state in [MOVED_DISPATCHED, MOVED_CHARGING] {
+            let _ = self.moved.remove_label_values(&[substation, state]);
+        }
     }
 
     /// The gauge of one substation's heartbeat age.

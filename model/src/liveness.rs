@@ -99,10 +99,11 @@ fn gap(last: DateTime<Utc>, interval: Duration, at: DateTime<Utc>) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn observed(interval_ms: u64, stored_at: DateTime<Utc>) -> Observed {
+    /// A heartbeat of `s1` every `interval_ms`, stored at `stored_at`.
+    pub(crate) fn observed(interval_ms: u64, stored_at: DateTime<Utc>) -> Observed {
         Observed {
             heartbeat: Heartbeat {
                 substation_id: "s1".into(),

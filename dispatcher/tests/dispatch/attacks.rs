@@ -142,3 +142,81 @@ async fn junk_whose_rejection_cannot_be_stored_is_dropped_after_a_few_attempts()
     assert_eq!(rejected.info().await.unwrap().state.messages, 0);
     app.stop().await;
 }
+
+/// Attack 3: heartbeats from 150k random substation ids grew the dispatcher from 10 to 357 MB
+/// for good, a request took 114 s to dispatch and `/metrics` reached 17.8 MB. The dispatcher
+/// now tracks at most `--max-substations` (new ones beyond are dropped and counted) and forgets
+/// the ones silent for `--forget-after`, with their metric series. Scaled down here: 50
+/// tracked, 500 made-up ids.
+#[tokio::test]
+async fn made_up_substations_are_bounded_and_forgotten() {
+    let mut app = crate::helpers::spawn_app_configured(|c| {
+        c.max_substations = 50;
+        c.substation_timeout = std::time::Duration::from_millis(100);
+        c.forget_after = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let mut dispatches = app.subscribe("ev.dispatch.>").await;
+    let mut s1 = app.substation("s1", 100.0);
+    s1.heartbeat(0.0, 0).await;
+    let made_up: Vec<Vec<u8>> = (0..500)
+        .map(|i| {
+            let hb = Heartbeat {
+                substation_id: format!("junk-{i}"),
+                seq: 1,
+                sent_at: chrono::Utc::now(),
+                capacity_kw: 0.0,
+                load_kw: 0.0,
+                active_sessions: 0,
+                queued_sessions: 0,
+                demand_kw: 0.0,
+                dispatch_seq: 0,
+                interval_ms: 50,
+            };
+            serde_json::to_vec(&hb).unwrap()
+        })
+        .collect();
+    let mut acks = Vec::new();
+    for (i, body) in made_up.into_iter().enumerate() {
+        let ack = app
+            .js
+            .publish(format!("ev.telemetry.junk-{i}"), body.into())
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // s1 and 49 of them fill the view; the other 451 are dropped.
+    app.wait_for_metric(
+        r#"evgrid_dispatch_heartbeats_refused_total{reason="too_many_substations"} 451"#,
+    )
+    .await;
+    // s1 keeps heartbeating (the grid is heard): the silent made-up ones are forgotten.
+    s1.heartbeat(0.0, 0).await;
+    let addr = app.addr;
+    let page = evgrid_test_support::eventually(
+        crate::helpers::WAIT,
+        std::time::Duration::from_millis(50),
+        || async move {
+            let page = crate::helpers::http_get(addr, "/metrics").await.1;
+            (!page.contains("junk-")).then_some(page)
+        },
+    )
+    .await
+    .expect("the made-up substations are forgotten, with their series");
+    assert!(page.contains(r#"evgrid_substation_heartbeat_age_seconds{substation="s1"}"#));
+    assert!(page.len() < 64 * 1024, "{} bytes", page.len());
+    // Room again: a new substation is taken in, and requests are dispatched.
+    app.substation("s2", 100.0).heartbeat(0.0, 0).await;
+    app.wait_for_metric(
+        r#"evgrid_dispatch_decisions_total{outcome="dispatched",substation="s2"} 0"#,
+    )
+    .await;
+    app.publish_request(r#"{"vehicle_id":"ev-1","energy_kwh":30,"max_power_kw":11}"#)
+        .await;
+    let got = crate::helpers::next_dispatch(&mut dispatches).await;
+    assert!(["ev.dispatch.s1", "ev.dispatch.s2"].contains(&got.subject.as_str()));
+    app.stop().await;
+}

@@ -313,11 +313,64 @@ pub struct GridView {
     /// Where round-robin looks first: the position after the last assignment.
     pub(crate) round_robin_next: usize,
     pub(crate) hearing: Hearing,
+    /// The most substations tracked at once ([`GridView::with_max_substations`]); `None`:
+    /// unbounded (the simulator, whose grid is its own).
+    pub(crate) max_substations: Option<usize>,
 }
 
 impl GridView {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tracks at most `max` substations: while that many are known, a heartbeat of an unknown
+    /// one is refused ([`GridView::observe_with`] returns false and it stays unknown), so
+    /// heartbeats of made-up substations cannot grow the view without bound.
+    pub fn with_max_substations(mut self, max: usize) -> Self {
+        self.max_substations = Some(max);
+        self
+    }
+
+    /// Forgets every substation silent for longer than `after` at `now`, silence counted only
+    /// while the grid was heard ([`Hearing`]: an outage of NATS forgets nobody), that is not up
+    /// (a substation announcing a long interval is kept through it) and holds no pending
+    /// assignment. Returns their ids. A forgotten substation that heartbeats again is
+    /// taken in as new.
+    pub fn forget_silent(&mut self, now: DateTime<Utc>, after: Duration) -> Vec<Arc<str>> {
+        let after_s = after.as_secs_f64();
+        let now_us = now.timestamp_micros();
+        let forget: Vec<bool> = self
+            .entries
+            .iter()
+            .zip(&self.loads)
+            .map(|(e, load)| {
+                e.pending.is_empty()
+                    && !load.is_up(now_us)
+                    && self.hearing.silence_seconds(&e.observed, now) > after_s
+            })
+            .collect();
+        if !forget.contains(&true) {
+            return Vec::new();
+        }
+        let before_round_robin = forget[..self.round_robin_next.min(forget.len())]
+            .iter()
+            .filter(|f| **f)
+            .count();
+        self.round_robin_next -= before_round_robin;
+        let mut flags = forget.iter();
+        self.loads.retain(|_| !flags.next().expect("parallel"));
+        let mut flags = forget.iter();
+        self.outlooks.retain(|_| !flags.next().expect("parallel"));
+        let mut forgotten = Vec::new();
+        let mut flags = forget.iter();
+        self.entries.retain(|e| {
+            let gone = *flags.next().expect("parallel");
+            if gone {
+                forgotten.push(e.id.clone());
+            }
+            !gone
+        });
+        forgotten
     }
 
     /// Every known substation (up or not), sorted by id.
@@ -360,8 +413,9 @@ impl GridView {
     }
 
     /// Takes in a heartbeat and the projection it carried. Returns false (and changes nothing)
-    /// when it is older than the one already held for that substation: a replay after a
-    /// reconnect must not roll the view back.
+    /// when it is older than the one already held for that substation (a replay after a
+    /// reconnect must not roll the view back), or when it is of a new substation and the view
+    /// already tracks its maximum ([`GridView::with_max_substations`]).
     ///
     /// The pending assignments the heartbeat echoes (`EV_DISPATCH` sequence ≤ its `dispatch_seq`)
     /// are dropped: they are in its load and projection now.
@@ -384,6 +438,13 @@ impl GridView {
                 entry.projection = projection;
                 entry.owed = entry.owed_afresh();
                 self.outlooks[i] = Outlook::of(&entry.owed, self.loads[i].capacity_kw);
+            }
+            Err(_)
+                if self
+                    .max_substations
+                    .is_some_and(|max| self.entries.len() >= max) =>
+            {
+                return false;
             }
             Err(i) => {
                 let owed = Owed::of(&observed, projection.as_ref());
@@ -495,5 +556,70 @@ impl GridView {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn beat(id: &str, stored_s: i64) -> Observed {
+        let mut observed = crate::liveness::tests::observed(1000, at(stored_s));
+        observed.heartbeat.substation_id = id.into();
+        observed
+    }
+
+    fn ids(g: &GridView) -> Vec<&str> {
+        g.substations().map(|s| s.id()).collect()
+    }
+
+    #[test]
+    fn a_full_view_refuses_new_substations_but_keeps_the_known_ones() {
+        let mut g = GridView::new().with_max_substations(2);
+        assert!(g.observe(beat("a", 0)));
+        assert!(g.observe(beat("b", 0)));
+        assert!(!g.observe(beat("c", 0)), "full: a new one is refused");
+        assert!(g.observe(beat("a", 1)), "a known one is still heard");
+        assert_eq!(ids(&g), ["a", "b"]);
+    }
+
+    #[test]
+    fn the_long_silent_are_forgotten_unless_something_is_pending() {
+        let mut g = GridView::new();
+        // Everyone heard at 0; from then on only "c" heartbeats (the grid is heard).
+        for id in ["a", "b", "c", "d"] {
+            g.observe(beat(id, 0));
+        }
+        for t in 1..=700 {
+            g.observe(beat("c", t));
+        }
+        let demand = Demand {
+            energy_kwh: 10.0,
+            max_power_kw: 11.0,
+            departure: None,
+        };
+        g.assign("b", 11.0, &demand).expect("known");
+        // Round robin looks after "b" next.
+        assert_eq!(g.round_robin_next, 2);
+        let forgotten = g.forget_silent(at(700), Duration::from_secs(600));
+        assert_eq!(
+            forgotten.iter().map(|id| &**id).collect::<Vec<_>>(),
+            ["a", "d"]
+        );
+        assert_eq!(ids(&g), ["b", "c"]);
+        assert_eq!(g.round_robin_next, 1, "still right after b");
+        assert_eq!(g.loads.len(), 2);
+        assert_eq!(g.outlooks.len(), 2);
+        assert!(
+            g.forget_silent(at(700), Duration::from_secs(600))
+                .is_empty()
+        );
+        // Heard again: known again.
+        assert!(g.observe(beat("a", 701)));
+        assert_eq!(ids(&g), ["a", "b", "c"]);
     }
 }
