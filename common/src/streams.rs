@@ -27,6 +27,35 @@ pub const REQUEST_STATE_BUCKET: &str = "EV_REQUEST_STATE";
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+const KIB: i32 = 1024;
+const MIB: i64 = 1024 * 1024;
+const GIB: i64 = 1024 * MIB;
+
+/// Largest message `EV_REQUESTS` stores (payload and headers): ingest's 64 KiB body limit plus
+/// 4 KiB of headers. Anything larger is refused at publish, so junk cannot fill the log or make
+/// a rejection copy too large to store.
+pub const REQUEST_MAX_MSG_BYTES: i32 = 68 * KIB;
+/// Largest message `EV_REJECTED` stores: a request's payload plus the `Evgrid-Reject-*` headers
+/// (the detail is cut at 1 KiB), so every request `EV_REQUESTS` took has room for its copy.
+pub const REJECTED_MAX_MSG_BYTES: i32 = REQUEST_MAX_MSG_BYTES + 4 * KIB;
+// A rejection copy of any stored request fits: its headers take well under 2 KiB.
+const _: () = assert!(REJECTED_MAX_MSG_BYTES > REQUEST_MAX_MSG_BYTES + 2 * KIB);
+
+/// Largest dispatch, session event or heartbeat (each under 2 KiB).
+pub const SMALL_MAX_MSG_BYTES: i32 = 16 * KIB;
+/// Largest grid-operator limit message (under 100 bytes).
+pub const LIMIT_MAX_MSG_BYTES: i32 = 4 * KIB;
+/// Largest request-state record (about 1 KiB, plus one short entry per failover move).
+pub const STATE_MAX_VALUE_BYTES: i32 = 64 * KIB;
+/// How long `EV_LIMITS` keeps a limit message: a limit without `until` older than this is
+/// forgotten by a substation that restarts after it (grid operators re-send long-lived limits).
+pub const LIMITS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Substations `EV_LIMITS` keeps messages for, at [`LIMIT_HISTORY`] each: its message bound. A
+/// flood of limits for made-up substations stops there (discard new), never evicting the limits
+/// in force.
+pub const LIMITS_MAX_SUBSTATIONS: i64 = 10_000;
+/// Substations `EV_TELEMETRY` keeps a last heartbeat for: beyond, the oldest go first.
+pub const TELEMETRY_MAX_SUBSTATIONS: i64 = 100_000;
 
 /// How the streams keep messages: how long, the duplicate window, and on how many servers.
 #[derive(Debug, Clone)]
@@ -61,7 +90,22 @@ impl Retention {
     }
 }
 
-fn limits(name: &str, subject: &str, description: &str, r: &Retention) -> stream::Config {
+/// How full a stream may get and what then: its size, its largest message, and whether a full
+/// stream refuses new messages (the work that must not be lost: requests, dispatches that are
+/// live sessions, limits in force) or drops its oldest (history: events, rejections, heartbeats).
+struct Bounds {
+    max_bytes: i64,
+    max_message_size: i32,
+    discard: stream::DiscardPolicy,
+}
+
+fn limits(
+    name: &str,
+    subject: &str,
+    description: &str,
+    r: &Retention,
+    bounds: Bounds,
+) -> stream::Config {
     stream::Config {
         name: name.into(),
         description: Some(description.into()),
@@ -69,10 +113,23 @@ fn limits(name: &str, subject: &str, description: &str, r: &Retention) -> stream
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: r.max_age,
+        max_bytes: bounds.max_bytes,
+        max_message_size: bounds.max_message_size,
+        discard: bounds.discard,
         duplicate_window: r.duplicate_window,
         num_replicas: r.replicas,
         allow_direct: true,
         ..Default::default()
+    }
+}
+
+/// The sizes below add up to about 17.3 GiB: within the 20 GB `max_file_store` of
+/// `nats/nats-server.conf`, which JetStream checks them against when a stream is created.
+fn bounds(max_bytes: i64, max_message_size: i32, discard: stream::DiscardPolicy) -> Bounds {
+    Bounds {
+        max_bytes,
+        max_message_size,
+        discard,
     }
 }
 
@@ -84,18 +141,22 @@ pub fn stream_configs(r: &Retention) -> Vec<stream::Config> {
             subjects::REQUESTS,
             "evgrid charge requests (replayable)",
             r,
+            bounds(4 * GIB, REQUEST_MAX_MSG_BYTES, stream::DiscardPolicy::New),
         ),
         limits(
             DISPATCH,
             subjects::DISPATCH_ALL,
             "evgrid assignments of requests to substations",
             r,
+            // An assignment un-acked is a live session's record: never dropped to make room.
+            bounds(4 * GIB, SMALL_MAX_MSG_BYTES, stream::DiscardPolicy::New),
         ),
         limits(
             SESSIONS,
             subjects::SESSIONS_ALL,
             "evgrid charging session lifecycle events",
             r,
+            bounds(4 * GIB, SMALL_MAX_MSG_BYTES, stream::DiscardPolicy::Old),
         ),
         stream::Config {
             // Rejections are rare and worth keeping for inspection longer than the rest.
@@ -105,12 +166,14 @@ pub fn stream_configs(r: &Retention) -> Vec<stream::Config> {
                 subjects::REJECTED,
                 "evgrid requests that can never be served",
                 r,
+                bounds(GIB, REJECTED_MAX_MSG_BYTES, stream::DiscardPolicy::Old),
             )
         },
         stream::Config {
             // Only the latest heartbeat per substation matters: a starting dispatcher reads
             // every substation's last state at once, without waiting a heartbeat interval.
             max_messages_per_subject: 1,
+            max_messages: TELEMETRY_MAX_SUBSTATIONS,
             max_age: DAY,
             duplicate_window: Duration::from_secs(1),
             ..limits(
@@ -118,18 +181,22 @@ pub fn stream_configs(r: &Retention) -> Vec<stream::Config> {
                 subjects::TELEMETRY_ALL,
                 "evgrid substation heartbeats, last per substation",
                 r,
+                bounds(256 * MIB, SMALL_MAX_MSG_BYTES, stream::DiscardPolicy::Old),
             )
         },
         stream::Config {
             // The limit in force follows from the last messages per substation, kept until
-            // replaced (a permanent limit must survive any restart, however long ago it was set).
+            // replaced or LIMITS_MAX_AGE old. A full stream refuses new limits rather than drop
+            // the ones in force.
             max_messages_per_subject: LIMIT_HISTORY,
-            max_age: Duration::ZERO,
+            max_messages: LIMIT_HISTORY * LIMITS_MAX_SUBSTATIONS,
+            max_age: LIMITS_MAX_AGE,
             ..limits(
                 LIMITS,
                 subjects::LIMITS_ALL,
                 "evgrid grid-operator capacity limits, last per substation",
                 r,
+                bounds(128 * MIB, LIMIT_MAX_MSG_BYTES, stream::DiscardPolicy::New),
             )
         },
     ]
@@ -142,6 +209,8 @@ pub fn request_state_config(r: &Retention) -> kv::Config {
         description: "evgrid request id -> current state".into(),
         history: 1,
         max_age: r.max_age,
+        max_bytes: 4 * GIB,
+        max_value_size: STATE_MAX_VALUE_BYTES,
         storage: stream::StorageType::File,
         num_replicas: r.replicas,
         ..Default::default()
@@ -383,6 +452,23 @@ mod tests {
     }
 
     #[test]
+    fn every_stream_is_bounded_in_size_and_message_size() {
+        let r = Retention::default();
+        for c in stream_configs(&r) {
+            assert!(c.max_bytes > 0, "{}: max_bytes", c.name);
+            assert!(c.max_message_size > 0, "{}: max_message_size", c.name);
+            assert!(c.max_age > Duration::ZERO, "{}: max_age", c.name);
+        }
+        let kv = request_state_config(&r);
+        assert!(kv.max_bytes > 0 && kv.max_value_size > 0);
+        let total: i64 = stream_configs(&r).iter().map(|c| c.max_bytes).sum::<i64>() + kv.max_bytes;
+        assert!(
+            total < 20_000_000_000,
+            "{total} bytes: above nats-server.conf's max_file_store"
+        );
+    }
+
+    #[test]
     fn operator_definitions_match_the_code() {
         let r = Retention::default();
         for config in stream_configs(&r) {
@@ -396,7 +482,8 @@ mod tests {
             "nats/kv/EV_REQUEST_STATE.json",
             serde_json::json!({
                 "bucket": kv.bucket, "description": kv.description, "history": kv.history,
-                "max_age_seconds": kv.max_age.as_secs(), "storage": "file",
+                "max_age_seconds": kv.max_age.as_secs(), "max_bytes": kv.max_bytes,
+                "max_value_size": kv.max_value_size, "storage": "file",
             }),
         );
         check(

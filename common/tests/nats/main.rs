@@ -256,3 +256,80 @@ async fn a_replicated_bucket_reads_every_acknowledged_write_back_from_any_node()
             .is_none()
     );
 }
+
+/// Every stream is bounded (issue #11, docs/security.md), and a definition from before the
+/// bounds rolls forward on a server that already has it, keeping its messages. Attack 5 at the
+/// door: ~1 MiB of junk on `ev.requests` is refused by the server, never stored.
+#[tokio::test]
+async fn streams_are_bounded_and_the_bounds_roll_forward_onto_existing_streams() {
+    let server = NatsServer::start().unwrap();
+    let nats = connect(server.url()).await;
+    // As an older evgrid created them: no size, message size or discard policy.
+    let r = Retention::default();
+    for config in streams::stream_configs(&r) {
+        let unbounded = jetstream::stream::Config {
+            max_bytes: -1,
+            max_message_size: -1,
+            max_messages: -1,
+            max_age: Duration::ZERO,
+            discard: jetstream::stream::DiscardPolicy::Old,
+            ..config
+        };
+        nats.js.create_stream(unbounded).await.unwrap();
+    }
+    nats.js
+        .publish("ev.limits.s1", r#"{"capacity_kw": 80}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    ensure(&nats.js, 1).await;
+    for want in streams::stream_configs(&r) {
+        let mut stream = nats.js.get_stream(&want.name).await.unwrap();
+        let have = stream.info().await.unwrap().config.clone();
+        assert_eq!(
+            (
+                have.max_bytes,
+                have.max_message_size,
+                have.max_messages,
+                have.max_age,
+                have.discard
+            ),
+            (
+                want.max_bytes,
+                want.max_message_size,
+                // 0 (unset) reads back as the server's "unlimited", -1.
+                if want.max_messages > 0 {
+                    want.max_messages
+                } else {
+                    -1
+                },
+                want.max_age,
+                want.discard
+            ),
+            "{}",
+            want.name
+        );
+    }
+    let mut limits = nats.js.get_stream(streams::LIMITS).await.unwrap();
+    assert_eq!(limits.info().await.unwrap().state.messages, 1, "kept");
+    let mut bucket = nats
+        .js
+        .get_stream(format!("KV_{}", streams::REQUEST_STATE_BUCKET))
+        .await
+        .unwrap();
+    let bucket = bucket.info().await.unwrap().config.clone();
+    assert!(bucket.max_bytes > 0 && bucket.max_message_size > 0);
+
+    let junk = vec![b'x'; 1000 * 1024];
+    let refused = nats
+        .js
+        .publish("ev.requests", junk.into())
+        .await
+        .unwrap()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let mut requests = nats.js.get_stream(streams::REQUESTS).await.unwrap();
+    assert_eq!(requests.info().await.unwrap().state.messages, 0);
+}
