@@ -40,8 +40,13 @@ pub fn register<M: prometheus::core::Collector + Clone + 'static>(
     metric
 }
 
+/// `reason` of a heartbeats-refused counter beside [`HeartbeatError::REASONS`]: a heartbeat of a
+/// new substation while the service already tracks as many as it keeps.
+pub const TOO_MANY_SUBSTATIONS: &str = "too_many_substations";
+
 /// `<name>{reason}`: the messages on `ev.telemetry.<id>` a service that follows heartbeats
-/// dropped ([`crate::heartbeats`]), one series per [`HeartbeatError::REASONS`], pre-created at 0.
+/// dropped ([`crate::heartbeats`]), one series per [`HeartbeatError::REASONS`] and
+/// [`TOO_MANY_SUBSTATIONS`], pre-created at 0.
 pub fn heartbeats_refused(registry: &Registry, name: &str) -> IntCounterVec {
     let counter = register(
         registry,
@@ -50,13 +55,17 @@ pub fn heartbeats_refused(registry: &Registry, name: &str) -> IntCounterVec {
                 name,
                 "Messages on ev.telemetry.<id> dropped, by reason: malformed, wrong_substation \
                  (the body names another substation than its subject), out_of_bounds (capacity, \
-                 load, demand, interval or projection).",
+                 load, demand, interval or projection), too_many_substations (a new substation \
+                 while as many as are kept are known).",
             ),
             &["reason"],
         )
         .expect("valid metric"),
     );
-    for reason in HeartbeatError::REASONS {
+    for reason in HeartbeatError::REASONS
+        .into_iter()
+        .chain([TOO_MANY_SUBSTATIONS])
+    {
         counter.with_label_values(&[reason]);
     }
     counter

@@ -3,7 +3,7 @@
 //! `ev.requests` and `ev.dispatch.<id>`: these count its decisions, what it rejected, how fast it
 //! decides and publishes, the substations it sees, and the backlog of its JetStream consumer.
 
-use evgrid_common::metrics::register;
+use evgrid_common::metrics::{TOO_MANY_SUBSTATIONS, register};
 use evgrid_model::messages::{HeartbeatError, RejectReason};
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry,
@@ -29,10 +29,6 @@ const DECISION_BUCKETS: &[f64] = &[
 const PUBLISH_ACK_BUCKETS: &[f64] = &[
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
-
-/// `reason` of `evgrid_dispatch_heartbeats_refused_total` beside [`HeartbeatError::REASONS`]: a
-/// new substation while `--max-substations` are tracked.
-pub const TOO_MANY_SUBSTATIONS: &str = "too_many_substations";
 
 /// `state` of `evgrid_dispatch_moved_total`: moved before it started charging.
 pub const MOVED_DISPATCHED: &str = "dispatched";
@@ -124,7 +120,6 @@ impl Metrics {
             registry,
             "evgrid_dispatch_heartbeats_refused_total",
         );
-        heartbeats_refused.with_label_values(&[TOO_MANY_SUBSTATIONS]);
         Self {
             heartbeats_refused,
             rejections_dropped,

@@ -137,7 +137,11 @@ async fn connect_and_follow(
     heartbeats::follow(
         nats.clone(),
         stop.clone(),
-        move |observed| grid.observe_heartbeat(observed),
+        move |observed| {
+            if !grid.observe_heartbeat(observed) {
+                grid.metrics.too_many_substations();
+            }
+        },
         move |refused| refusals.metrics.heartbeat_refused(refused),
     )
     .await;

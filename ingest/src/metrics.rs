@@ -98,6 +98,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a heartbeat of a new substation dropped: as many as are shown are known.
+    pub(crate) fn too_many_substations(&self) {
+        self.heartbeats_refused
+            .with_label_values(&[evgrid_common::metrics::TOO_MANY_SUBSTATIONS])
+            .inc();
+    }
+
     /// Counts a message on `ev.telemetry.<id>` dropped instead of shown.
     pub(crate) fn heartbeat_refused(&self, error: &HeartbeatError) {
         self.heartbeats_refused

@@ -61,11 +61,12 @@ impl AppState {
         }
     }
 
-    pub(crate) fn observe_heartbeat(&self, observed: Observed) {
+    /// Takes in a heartbeat; false when it was dropped (too many substations).
+    pub(crate) fn observe_heartbeat(&self, observed: Observed) -> bool {
         self.grid
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .observe(observed);
+            .observe(observed)
     }
 
     pub(crate) fn substations(&self, now: DateTime<Utc>) -> Vec<SubstationStatus> {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use evgrid_model::liveness::Observed;
@@ -11,7 +12,15 @@ use serde::Serialize;
 
 use evgrid_model::units::round3;
 
-/// The newest heartbeat per substation, ordered by substation id.
+/// Substations shown at most (the dispatcher's default `--max-substations`): heartbeats of
+/// made-up substation ids cannot grow the view, or the page, without bound.
+pub(crate) const MAX_SUBSTATIONS: usize = 10_000;
+/// A substation not up and silent this long leaves the view (the dispatcher's default
+/// `--forget-after`); it shows again with its next heartbeat.
+pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// The newest heartbeat per substation, ordered by substation id, for at most
+/// [`MAX_SUBSTATIONS`].
 #[derive(Debug, Default)]
 pub(crate) struct LatestHeartbeats {
     latest: BTreeMap<String, Observed>,
@@ -40,8 +49,18 @@ pub(crate) enum Status {
 
 impl LatestHeartbeats {
     /// Keeps `observed` unless a heartbeat stored later is already known (the follower replays
-    /// the last heartbeat per substation after every reconnect).
-    pub(crate) fn observe(&mut self, observed: Observed) {
+    /// the last heartbeat per substation after every reconnect). False when it is of a new
+    /// substation and [`MAX_SUBSTATIONS`] are known even after the long-silent ones are
+    /// forgotten: it is dropped.
+    pub(crate) fn observe(&mut self, observed: Observed) -> bool {
+        let full = |latest: &BTreeMap<String, Observed>| latest.len() >= MAX_SUBSTATIONS;
+        let id = &observed.heartbeat.substation_id;
+        if full(&self.latest) && !self.latest.contains_key(id) {
+            self.forget_silent(observed.stored_at);
+            if full(&self.latest) {
+                return false;
+            }
+        }
         match self.latest.entry(observed.heartbeat.substation_id.clone()) {
             Entry::Vacant(slot) => {
                 slot.insert(observed);
@@ -52,10 +71,19 @@ impl LatestHeartbeats {
                 }
             }
         }
+        true
     }
 
-    /// Every substation at `now`, sorted by id.
-    pub(crate) fn view(&self, now: DateTime<Utc>) -> Vec<SubstationStatus> {
+    /// Forgets the substations that are not up and silent for longer than [`FORGET_AFTER`].
+    fn forget_silent(&mut self, now: DateTime<Utc>) {
+        let after_s = FORGET_AFTER.as_secs_f64();
+        self.latest
+            .retain(|_, o| o.is_up(now) || o.age_seconds(now) <= after_s);
+    }
+
+    /// Every substation at `now`, sorted by id (the long-silent ones forgotten first).
+    pub(crate) fn view(&mut self, now: DateTime<Utc>) -> Vec<SubstationStatus> {
+        self.forget_silent(now);
         self.latest
             .values()
             .map(|o| SubstationStatus {
@@ -133,6 +161,27 @@ mod tests {
         let view = grid.view(t0() + Duration::nanoseconds(123_456_789));
         assert_eq!(view[0].load_kw, 50.0);
         assert_eq!(view[0].seconds_since_heartbeat, 0.123);
+    }
+
+    #[test]
+    fn the_view_is_bounded_and_forgets_the_long_silent() {
+        let mut grid = LatestHeartbeats::default();
+        for i in 0..MAX_SUBSTATIONS {
+            assert!(grid.observe(observed(&format!("s{i}"), 0.0, t0())));
+        }
+        let later = t0() + Duration::seconds(1);
+        assert!(!grid.observe(observed("new", 0.0, later)), "full");
+        assert!(grid.observe(observed("s0", 1.0, later)), "a known one");
+        // Past FORGET_AFTER, the silent make room; the one heard since stays.
+        let much_later = t0() + Duration::seconds(601);
+        assert!(grid.observe(observed("s0", 2.0, much_later)));
+        assert!(grid.observe(observed("new", 0.0, much_later)));
+        let ids: Vec<String> = grid
+            .view(much_later)
+            .into_iter()
+            .map(|v| v.substation_id)
+            .collect();
+        assert_eq!(ids, ["new", "s0"]);
     }
 
     #[test]

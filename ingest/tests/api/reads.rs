@@ -219,3 +219,42 @@ async fn a_heartbeat_speaks_only_for_the_substation_of_its_subject() {
     assert_eq!(view[0]["capacity_kw"], 150.0);
     assert_eq!(view[0]["load_kw"], 20.0);
 }
+
+/// Attack 3 on ingest: heartbeats from made-up substation ids. `/v1/substations` shows at most
+/// 10,000 substations (the dispatcher's default `--max-substations`); heartbeats of new ones
+/// beyond are dropped and counted, and the long-silent are forgotten (unit-tested in
+/// `substations.rs`: forgetting takes 10 minutes).
+#[tokio::test]
+async fn the_substations_shown_are_bounded() {
+    let nats = NatsServer::start().unwrap();
+    let app = spawn_app(&nats).await;
+    let js = jetstream(&nats).await;
+    // In batches: the context holds at most 5,000 acks in flight.
+    for batch in (0..10_050).collect::<Vec<_>>().chunks(1000) {
+        let mut acks = Vec::new();
+        for i in batch {
+            let hb = heartbeat(&format!("junk-{i}"), 1, 0.0, 60_000);
+            let subject = format!("ev.telemetry.junk-{i}");
+            acks.push(
+                js.publish(subject, serde_json::to_vec(&hb).unwrap().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    let refused = eventually(WAIT, Duration::from_millis(50), || async {
+        let page = app.metrics().await;
+        let n = crate::helpers::sample(
+            &page,
+            r#"evgrid_ingest_heartbeats_refused_total{reason="too_many_substations"}"#,
+        );
+        (n == 50.0).then_some(())
+    })
+    .await;
+    assert!(refused.is_ok(), "{}", app.metrics().await);
+    let view = app.get("/v1/substations").await.json();
+    assert_eq!(view.as_array().unwrap().len(), 10_000);
+}
