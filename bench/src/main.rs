@@ -45,7 +45,7 @@ enum Benchmark {
     Memory(e2e::MemoryArgs),
     /// 5. The original design's 100-concurrent test with a 1 s charging hold.
     Original(e2e::OriginalArgs),
-    /// 6. A burst of cars through 1, 2 and 3 dispatcher replicas: herd factor and throughput.
+    /// 7. A burst of cars through 1, 2 and 3 dispatcher replicas: herd factor and throughput.
     Replicas(replicas::Args),
     /// Every benchmark, with its defaults, one after the other.
     All,

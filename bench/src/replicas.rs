@@ -1,4 +1,4 @@
-//! Benchmark 6, the middle of ingest → dispatcher → substation with more than one dispatcher:
+//! Benchmark 7, the middle of ingest → dispatcher → substation with more than one dispatcher:
 //! a burst of cars through 1, 2 and 3 evgrid-dispatcher replicas sharing the request consumer,
 //! alternating within each round, each on a fresh pipeline. What it shows is whether the
 //! replicas count each other's sends (issue #10): a replica that counted only its own would
@@ -112,7 +112,7 @@ fn report(args: &Args, runs: &[Vec<Burst>]) -> String {
     };
     let cell = |x: Option<f64>, digits| x.map_or("–".into(), |x| fmt(x, digits));
     let reference = median(0, &|b| Some(b.completed_rps));
-    let mut out = String::from("\n### 6. Dispatcher replicas\n\n");
+    let mut out = String::from("\n### 7. Dispatcher replicas\n\n");
     let _ = writeln!(
         out,
         "A burst of {} cars (11 kWh at 11 kW, 1 s of charging at 3600×) at once on substations of {} kW, heartbeats every 1 s; each count of replicas on a fresh pipeline, alternating within each of {} rounds. Medians; the worst herd factor and peak utilization of any round in brackets.\n",
