@@ -612,12 +612,7 @@ impl Handler {
             RequestState::Dispatched,
             Utc::now(),
         ));
-        match self.kv.create(&key, value.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
-        let Some(entry) = streams::read_latest(&self.kv, &key).await? else {
+        let Some(entry) = self.create_or_latest(&key, value.clone()).await? else {
             return Ok(());
         };
         let current = serde_json::from_slice::<RequestRecord>(&entry.value).ok();
@@ -642,6 +637,48 @@ impl Handler {
             // Written meanwhile: only the substation writes after `queued`, and its state is
             // the later one.
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records `rejected` without ever moving a state backwards, like
+    /// [`Self::record_dispatched`]: created when the request has no state yet, written over
+    /// `queued` only by compare-and-set on its revision, and left alone otherwise. A message
+    /// that reuses the id of a request dispatched, charging or finished (a client resending
+    /// after the dedupe window, or someone guessing ids) is rejected in `ev.rejected` but never
+    /// overwrites that request's record.
+    async fn record_rejected(&self, record: &RequestRecord) -> Result<(), async_nats::Error> {
+        let key = record.request_id.to_string();
+        let value = to_json(record);
+        let Some(entry) = self.create_or_latest(&key, value.clone()).await? else {
+            return Ok(());
+        };
+        let queued = entry.operation == kv::Operation::Put
+            && serde_json::from_slice::<RequestRecord>(&entry.value)
+                .is_ok_and(|r| r.state == RequestState::Queued);
+        if !queued {
+            tracing::warn!(request_id = %record.request_id, "a rejected message reuses the id of a request past queued; its record stays");
+            return Ok(());
+        }
+        match self.kv.update(&key, value, entry.revision).await {
+            // Written meanwhile: by a dispatch or the substation, a later state.
+            Err(e) if e.kind() != UpdateErrorKind::WrongLastRevision => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates `key`'s record as `value`; when it exists already, its latest entry (read from
+    /// the leader) for a compare-and-set. `None`: created (or gone meanwhile).
+    async fn create_or_latest(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+    ) -> Result<Option<kv::Entry>, async_nats::Error> {
+        match self.kv.create(key, value).await {
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                Ok(streams::read_latest(&self.kv, key).await?)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -714,7 +751,7 @@ impl Handler {
             return;
         }
         if let Some(record) = record
-            && let Err(e) = self.kv.put(request_id.to_string(), to_json(&record)).await
+            && let Err(e) = self.record_rejected(&record).await
         {
             tracing::warn!(%request_id, error = %e, "cannot record the rejected state; retrying later");
             settle(&msg, request_id, AckKind::Nak(Some(self.defer_delay))).await;

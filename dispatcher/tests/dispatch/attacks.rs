@@ -7,7 +7,15 @@ use evgrid_model::messages::Heartbeat;
 use evgrid_test_support::store;
 use futures::StreamExt;
 
+use std::time::Duration;
+
+use chrono::Utc;
+use evgrid_common::streams;
+use evgrid_model::messages::{RequestRecord, RequestState};
+use uuid::Uuid;
+
 use crate::helpers::{WAIT, header, spawn_app, spawn_app_with};
+use crate::{record, request, state_bucket};
 
 /// Attack 2: a heartbeat on `ev.telemetry.zzz` whose body says it is s1, at 123,456 kW with
 /// load −50. The body was trusted over the subject; now it is dropped and counted, and s1 is
@@ -224,5 +232,48 @@ async fn made_up_substations_are_bounded_and_forgotten() {
         .await;
     let got = crate::helpers::next_dispatch(&mut dispatches).await;
     assert!(["ev.dispatch.s1", "ev.dispatch.s2"].contains(&got.subject.as_str()));
+    app.stop().await;
+}
+
+/// Attack 7: the id of a completed request, resent after the dedupe window with a body that is
+/// rejected. The rejection is stored in `ev.rejected`; the finished record is never overwritten.
+#[tokio::test]
+async fn a_message_reusing_a_finished_requests_id_never_overwrites_its_record() {
+    let mut app = spawn_app().await;
+    let kv = state_bucket(&app).await;
+    app.substation("s1", 100.0).heartbeat(0.0, 0).await;
+    let victim = Uuid::new_v4();
+    app.publish_request(request(victim, 20.0, 11.0)).await;
+    let queued = evgrid_test_support::eventually(WAIT, Duration::from_millis(10), || async {
+        record(&app, victim)
+            .await
+            .filter(|r| r.state == RequestState::Dispatched)
+    })
+    .await
+    .expect("dispatched state");
+    let completed = RequestRecord {
+        state: RequestState::Completed,
+        energy_delivered_kwh: 20.0,
+        reason: Some("delivered".into()),
+        completed_at: Some(Utc::now()),
+        ..queued
+    };
+    kv.put(
+        victim.to_string(),
+        serde_json::to_vec(&completed).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    // 50 kWh at 11 kW in an hour, all or nothing: undeliverable.
+    app.publish_request(format!(
+        r#"{{"request_id":"{victim}","vehicle_id":"attacker","energy_kwh":50,"max_power_kw":11,"departure":"{}","all_or_nothing":true}}"#,
+        (Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
+    ))
+    .await;
+    app.wait_until_all_settled().await;
+    let mut rejected = app.js.get_stream(streams::REJECTED).await.unwrap();
+    assert_eq!(rejected.info().await.unwrap().state.messages, 1);
+    let now = record(&app, victim).await.unwrap();
+    assert_eq!(now, completed, "the finished record was overwritten");
     app.stop().await;
 }

@@ -22,20 +22,20 @@ use helpers::{
 };
 use uuid::Uuid;
 
-fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
+pub(crate) fn request(id: Uuid, energy_kwh: f64, max_power_kw: f64) -> String {
     format!(
         r#"{{"request_id":"{id}","vehicle_id":"ev-{id}","energy_kwh":{energy_kwh},"max_power_kw":{max_power_kw}}}"#
     )
 }
 
-async fn state_bucket(app: &helpers::TestApp) -> kv::Store {
+pub(crate) async fn state_bucket(app: &helpers::TestApp) -> kv::Store {
     app.js
         .get_key_value(streams::REQUEST_STATE_BUCKET)
         .await
         .unwrap()
 }
 
-async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
+pub(crate) async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
     state_bucket(app)
         .await
         .get(id.to_string())
