@@ -2,6 +2,7 @@
 //! each a pure function of the sessions and the time ([`allocate`]). The [`super::Station`]
 //! model calls it on every arrival, completion, departure and capacity change.
 
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use super::{POWER_EPSILON_KW, Session};
@@ -33,9 +34,9 @@ pub enum Allocation {
     /// largest remaining energy whenever the capacity cannot deliver everything due by a
     /// departure (Moore–Hodgson on the whole capacity); the dropped ones, and those that cannot
     /// be full even alone, are written off. Admitted cars get the power they need to stay
-    /// feasible, then written-off cars share what is left by departure, then admitted cars take
-    /// the rest by least laxity. The default: within 0.5 % of `llf`'s energy, and as many cars
-    /// full as `edf` (docs/dispatch.md).
+    /// feasible (least laxity first), then written-off cars share what is left by departure,
+    /// then admitted cars take the rest by least laxity. The default: within 0.5 % of `llf`'s
+    /// energy, and nearly as many cars full as `edf` (docs/dispatch.md).
     #[default]
     Triage,
 }
@@ -88,6 +89,7 @@ pub(super) struct Scratch {
     rest: Vec<(f64, u32)>,
     admitted: Vec<bool>,
     largest: BinaryHeap<(Kwh, u32)>,
+    least: BinaryHeap<Reverse<(Kwh, u32)>>,
 }
 
 /// Shares `capacity_kw` among `sessions` (in arrival order) at simulated time `now` by
@@ -180,6 +182,7 @@ fn triage(
         rest,
         admitted,
         largest,
+        least,
     } = scratch;
     // Admission, in departure order: cars that can be full alone, while everything due by each
     // departure fits in the capacity until then; when it does not, the largest remaining energy
@@ -211,15 +214,24 @@ fn triage(
     }
     keys.retain(|&(_, i)| admitted[i as usize]);
 
-    // Pass 1, admitted cars in departure order: what each must draw before the next
-    // re-allocation to stay feasible alone, then what they must draw together so that what is
-    // due by each departure fits in the share of the capacity they count on after that; taken
-    // from the earliest departures first (they count towards every later departure too).
+    // Pass 1, admitted cars: what each must draw before the next re-allocation to stay
+    // feasible alone (least laxity first), then, departure by departure, what the cars due by
+    // then must draw together so that what is due fits in the share of the capacity they count
+    // on after that; taken from the least laxity among them first. (From the earliest
+    // departures first, a car that needs its full power to the end was starved: on a burst
+    // where `llf` fills every car, triage filled 95 %.)
     let mut left = capacity_kw;
     let horizon_h = TRIAGE_HORIZON_S / SECONDS_PER_HOUR;
     let after_h = |d: f64| ((d - now) / SECONDS_PER_HOUR - horizon_h).max(0.0);
-    for &(d, i) in keys.iter() {
+    rest.clear();
+    rest.extend(
+        keys.iter()
+            .map(|&(_, i)| (sessions[i as usize].laxity(now), i)),
+    );
+    rest.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in rest.iter() {
         let s = &sessions[i as usize];
+        let d = s.departure.unwrap_or(f64::INFINITY);
         let own = (s.remaining_kwh() - s.max_power_kw * after_h(d)).max(0.0) / horizon_h;
         let power = own.min(s.max_power_kw).min(left);
         if power >= POWER_EPSILON_KW {
@@ -227,15 +239,23 @@ fn triage(
             left -= power;
         }
     }
-    let (mut due_kwh, mut prefix_kw, mut next) = (0.0, 0.0, 0);
-    for (k, &(d, i)) in keys.iter().enumerate() {
-        due_kwh += sessions[i as usize].remaining_kwh();
+    let (mut due_kwh, mut prefix_kw) = (0.0, 0.0);
+    least.clear();
+    for &(d, i) in keys.iter() {
+        let s = &sessions[i as usize];
+        due_kwh += s.remaining_kwh();
         prefix_kw += powers[i as usize];
+        if powers[i as usize] < s.max_power_kw {
+            least.push(Reverse((Kwh(s.laxity(now)), i)));
+        }
         let mut deficit = (due_kwh - TRIAGE_FUTURE_SHARE * capacity_kw * after_h(d)).max(0.0)
             / horizon_h
             - prefix_kw;
-        while deficit >= POWER_EPSILON_KW && next <= k && left >= POWER_EPSILON_KW {
-            let j = keys[next].1 as usize;
+        while deficit >= POWER_EPSILON_KW && left >= POWER_EPSILON_KW {
+            let Some(&Reverse((_, j))) = least.peek() else {
+                break;
+            };
+            let j = j as usize;
             let extra = (sessions[j].max_power_kw - powers[j])
                 .min(deficit)
                 .min(left);
@@ -246,7 +266,7 @@ fn triage(
                 deficit -= extra;
             }
             if powers[j] >= sessions[j].max_power_kw || extra <= 0.0 {
-                next += 1;
+                least.pop();
             }
         }
     }
