@@ -30,11 +30,7 @@ pub struct Observed {
 impl Observed {
     /// Seconds since the heartbeat was stored, at `now` (never negative).
     pub fn age_seconds(&self, now: DateTime<Utc>) -> f64 {
-        ((now - self.stored_at)
-            .num_microseconds()
-            .unwrap_or(i64::MAX) as f64
-            / 1e6)
-            .max(0.0)
+        seconds_since(self.stored_at, now)
     }
 
     /// Up = heard from within [`stale_after`] its heartbeat interval.
@@ -84,12 +80,13 @@ impl Hearing {
         if gap(newest, interval, now) {
             return 0.0;
         }
-        Observed {
-            stored_at: observed.stored_at.max(since),
-            ..observed.clone()
-        }
-        .age_seconds(now)
+        seconds_since(observed.stored_at.max(since), now)
     }
+}
+
+/// Seconds from `from` to `now`, never negative.
+fn seconds_since(from: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    ((now - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0)
 }
 
 /// True when nothing heard from `last` (a heartbeat every `interval`) until `at` is a gap.
