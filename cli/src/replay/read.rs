@@ -135,8 +135,9 @@ pub async fn window(
         .filter_map(|m| serde_json::from_slice::<SessionReport>(&m.payload).ok())
         .filter(|r| ids.contains(&r.event.request_id))
         .collect();
-    let substations =
-        substations(&read::read_stream(&nats.js, streams::TELEMETRY, Start::All).await?);
+    let substations = substations(
+        &read::read_last_per_subject(&nats.js, streams::TELEMETRY, subjects::TELEMETRY_ALL).await?,
+    );
     if substations.is_empty() {
         return Err(ReplayError::NoSubstations);
     }

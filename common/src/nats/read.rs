@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -108,13 +109,7 @@ pub async fn read_stream(
         stream: stream.to_owned(),
         error,
     };
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| ReadError::NoStream {
-            stream: stream.to_owned(),
-            error: e.into(),
-        })?;
+    let mut handle = stream_handle(js, stream).await?;
     let state = handle
         .info()
         .await
@@ -166,6 +161,59 @@ pub async fn read_stream(
             return Ok(out);
         }
     }
+}
+
+/// The newest message of every subject of `stream` matching `filter`, each read by its subject.
+/// For a stream that keeps one message per subject (heartbeats), where reading in order up to
+/// the end at the start would leave out a subject whose message was replaced meanwhile, and a
+/// consumer delivering the last per subject can skip one replaced before its delivery.
+pub async fn read_last_per_subject(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+) -> Result<Vec<Stored>, ReadError> {
+    let failed = |error: async_nats::Error| ReadError::Read {
+        stream: stream.to_owned(),
+        error,
+    };
+    let handle = stream_handle(js, stream).await?;
+    let mut listed = handle
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    let mut subjects = Vec::new();
+    while let Some(subject) = listed.next().await {
+        subjects.push(subject.map_err(|e| failed(e.into()))?.0);
+    }
+    let mut out = Vec::with_capacity(subjects.len());
+    for subject in subjects {
+        let m = match handle.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            // Expired since it was listed.
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => return Err(failed(e.into())),
+        };
+        out.push(Stored {
+            subject: m.subject.to_string(),
+            payload: m.payload,
+            headers: Some(m.headers),
+            sequence: m.sequence,
+            published: DateTime::from_timestamp_nanos(m.time.unix_timestamp_nanos() as i64),
+        });
+    }
+    Ok(out)
+}
+
+async fn stream_handle(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<jetstream::stream::Stream, ReadError> {
+    js.get_stream(stream)
+        .await
+        .map_err(|e| ReadError::NoStream {
+            stream: stream.to_owned(),
+            error: e.into(),
+        })
 }
 
 /// The request-state bucket.

@@ -333,3 +333,51 @@ async fn streams_are_bounded_and_the_bounds_roll_forward_onto_existing_streams()
     let mut requests = nats.js.get_stream(streams::REQUESTS).await.unwrap();
     assert_eq!(requests.info().await.unwrap().state.messages, 0);
 }
+
+#[tokio::test]
+async fn the_last_message_of_every_subject_is_read_while_new_ones_replace_them() {
+    // A stream keeping one message per subject, written to all the time, as heartbeats are: a
+    // message stored during the read replaces one not read yet, and every subject must still
+    // come out (the replay of a grid read a substation's capacity this way).
+    let server = NatsServer::start().unwrap();
+    let js = jetstream::new(server.client().await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "BEATS".into(),
+        subjects: vec!["beat.>".into()],
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let subjects = ["beat.a", "beat.b", "beat.c"];
+    for s in subjects {
+        js.publish(s, "0".into()).await.unwrap().await.unwrap();
+    }
+    let stop = CancellationToken::new();
+    let writer = {
+        let (js, stop) = (js.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0_u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let s = subjects[(n % 3) as usize];
+                js.publish(s, n.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for _ in 0..20 {
+        let read = nats::read::read_last_per_subject(&js, "BEATS", "beat.>")
+            .await
+            .unwrap();
+        let mut seen: Vec<&str> = read.iter().map(|m| m.subject.as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, subjects, "{read:?}");
+    }
+    stop.cancel();
+    writer.await.unwrap();
+}
