@@ -7,6 +7,8 @@
 //! client reconnects, rather than when a timeout finally notices that the old one is gone: a
 //! restarted server is followed again within moments of its return.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -15,6 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::Nats;
 use crate::backoff::Backoff;
+
+/// Longest a pull request of an ordered consumer lasts. async-nats asks for 30 s with an idle
+/// heartbeat every 15 s, and notices a lost pull request (its stream's leader died) only after
+/// two missed heartbeats: when a cluster node died for good, the dispatcher's heartbeat feed
+/// stood still for 30 s and nothing was dispatched ("no substation up"). Capping the expiry
+/// caps the heartbeat at half of it, so a lost request is noticed, and the consumer rebuilt on
+/// the new leader, within seconds.
+const MAX_EXPIRES: Duration = Duration::from_secs(4);
 
 /// The messages of an ordered consumer on one stream, rebuilt from `config(next)` whenever it
 /// fails or the client reconnects; `next` is the stream sequence after the last message handed
@@ -102,7 +112,10 @@ where
     }
 
     async fn open(&mut self) -> Result<consumer::pull::Ordered, async_nats::Error> {
-        let config = (self.config)(self.next);
+        let mut config = (self.config)(self.next);
+        if config.max_expires.is_zero() {
+            config.max_expires = MAX_EXPIRES;
+        }
         let stream = self.js.get_stream_no_info(&self.stream).await?;
         Ok(stream.create_consumer(config).await?.messages().await?)
     }
