@@ -1,10 +1,29 @@
 //! The units evgrid's options are given in: durations with their unit (humantime's syntax,
 //! `500ms`, `2s`, `1m 30s`) and positive numbers (capacities, time scales). Pure value parsers
-//! with one-line errors, used by every binary's options and by the simulator's; and the
-//! precision numbers are shown with ([`round3`]).
+//! with one-line errors, used by every binary's options and by the simulator's; the
+//! precision numbers are shown with ([`round3`]); and [`Ordered`] numbers for heaps.
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
+
+/// A number with a total order (`f64::total_cmp`), for heaps and sorted queues of times,
+/// energies or laxities: the charging model's triage and the simulator's offer queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ordered(pub f64);
+
+impl Eq for Ordered {}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
 
 /// A positive, finite number (capacities, time scales).
 pub fn parse_positive(s: &str) -> Result<f64, String> {

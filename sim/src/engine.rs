@@ -32,6 +32,7 @@ use evgrid_model::charging::{Allocation, Arrival, Event, EventKind, LoadPoint, S
 use evgrid_model::decision::{Decision, Demand, GridView, Policy, decide, hours_to_deliver};
 use evgrid_model::liveness::Observed;
 use evgrid_model::messages::Heartbeat;
+use evgrid_model::units::Ordered;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use uuid::Uuid;
@@ -193,10 +194,10 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
     let mut rng = SmallRng::seed_from_u64(setup.seed);
     let mut fates = vec![Fate::default(); requests.len()];
     // Offers in time order; ties in request order, first offers before retries of the same time.
-    let mut offers: BinaryHeap<Reverse<(Time, usize)>> = requests
+    let mut offers: BinaryHeap<Reverse<(Ordered, usize)>> = requests
         .iter()
         .enumerate()
-        .map(|(i, r)| Reverse((Time(r.at), i)))
+        .map(|(i, r)| Reverse((Ordered(r.at), i)))
         .collect();
     let mut dispatches: Vec<(i64, usize)> = Vec::with_capacity(requests.len());
     let mut dispatch_seq = 0_u64;
@@ -209,7 +210,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
     );
     let largest_capacity_kw = least_largest_capacity(setup);
 
-    while let Some(Reverse((Time(t), r))) = offers.pop() {
+    while let Some(Reverse((Ordered(t), r))) = offers.pop() {
         for sub in &mut subs {
             heartbeat_due(
                 sub,
@@ -287,7 +288,7 @@ pub fn simulate(requests: &[Request], setup: &Setup) -> Run {
                         deferrals += 1;
                     }
                 }
-                offers.push(Reverse((Time(next), r)));
+                offers.push(Reverse((Ordered(next), r)));
             }
             Decision::Reject { .. } => {
                 fates[r].rejected = true;
@@ -521,22 +522,4 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// A simulated time with a total order, for the offer queue.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Time(f64);
-
-impl Eq for Time {}
-
-impl PartialOrd for Time {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Time {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
-    }
 }

@@ -7,6 +7,7 @@ use std::collections::BinaryHeap;
 
 use super::{POWER_EPSILON_KW, Session};
 use crate::SECONDS_PER_HOUR;
+use crate::units::Ordered;
 
 /// How a substation shares its capacity among the cars it charges (`--allocation`).
 ///
@@ -88,8 +89,8 @@ pub(super) struct Scratch {
     keys: Vec<(f64, u32)>,
     rest: Vec<(f64, u32)>,
     admitted: Vec<bool>,
-    largest: BinaryHeap<(Kwh, u32)>,
-    least: BinaryHeap<Reverse<(Kwh, u32)>>,
+    largest: BinaryHeap<(Ordered, u32)>,
+    least: BinaryHeap<Reverse<(Ordered, u32)>>,
 }
 
 /// Shares `capacity_kw` among `sessions` (in arrival order) at simulated time `now` by
@@ -201,11 +202,11 @@ fn triage(
     for &(d, i) in keys.iter() {
         let r = sessions[i as usize].remaining_kwh();
         due_kwh += r;
-        largest.push((Kwh(r), i));
+        largest.push((Ordered(r), i));
         admitted[i as usize] = true;
         let room_kwh = capacity_kw * (d - now) / SECONDS_PER_HOUR;
         while due_kwh > room_kwh {
-            let Some((Kwh(r), j)) = largest.pop() else {
+            let Some((Ordered(r), j)) = largest.pop() else {
                 break;
             };
             due_kwh -= r;
@@ -246,7 +247,7 @@ fn triage(
         due_kwh += s.remaining_kwh();
         prefix_kw += powers[i as usize];
         if powers[i as usize] < s.max_power_kw {
-            least.push(Reverse((Kwh(s.laxity(now)), i)));
+            least.push(Reverse((Ordered(s.laxity(now)), i)));
         }
         let mut deficit = (due_kwh - TRIAGE_FUTURE_SHARE * capacity_kw * after_h(d)).max(0.0)
             / horizon_h
@@ -303,23 +304,5 @@ fn triage(
                 return;
             }
         }
-    }
-}
-
-/// Energy with a total order, for the admission heap.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Kwh(f64);
-
-impl Eq for Kwh {}
-
-impl PartialOrd for Kwh {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Kwh {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
     }
 }
