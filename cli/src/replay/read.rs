@@ -215,7 +215,9 @@ fn originals<'a>(stored: impl Iterator<Item = &'a Stored>) -> (Vec<Original>, Le
 fn substations(telemetry: &[Stored]) -> Vec<Substation> {
     let mut by_id: HashMap<String, Substation> = HashMap::new();
     for m in telemetry {
-        let Ok(t) = serde_json::from_slice::<Telemetry>(&m.payload) else {
+        // Judged as the services judge it: a body speaking for another substation, or out of
+        // bounds, is not a substation of this grid.
+        let Ok(t) = Telemetry::parse(&m.subject, &m.payload) else {
             continue;
         };
         by_id.insert(

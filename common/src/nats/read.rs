@@ -185,9 +185,14 @@ pub async fn read_last_per_subject(
     while let Some(subject) = listed.next().await {
         subjects.push(subject.map_err(|e| failed(e.into()))?.0);
     }
-    let mut out = Vec::with_capacity(subjects.len());
-    for subject in subjects {
-        let m = match handle.get_last_raw_message_by_subject(&subject).await {
+    let handle = &handle;
+    let reads = futures::stream::iter(subjects)
+        .map(|subject| async move { handle.get_last_raw_message_by_subject(&subject).await })
+        .buffered(READS_IN_FLIGHT);
+    let mut reads = std::pin::pin!(reads);
+    let mut out = Vec::new();
+    while let Some(read) = reads.next().await {
+        let m = match read {
             Ok(m) => m,
             // Expired since it was listed.
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
@@ -223,13 +228,19 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, ReadError> {
         .map_err(|e| ReadError::NoBucket(e.into()))
 }
 
-/// The records of `ids` in the bucket (absent ids are left out).
+/// The records of `ids` in the bucket (absent or deleted ids are left out), each read as the
+/// services read a state a decision depends on ([`crate::streams::read_latest`]: from the
+/// leader of a replicated bucket, where a follower may not have applied the latest write).
 pub async fn records(
     kv: &kv::Store,
     ids: impl IntoIterator<Item = Uuid>,
 ) -> Result<HashMap<Uuid, RequestRecord>, ReadError> {
     let reads = futures::stream::iter(ids)
-        .map(|id| async move { (id, kv.get(id.to_string()).await) })
+        .map(|id| async move {
+            let entry = crate::streams::read_latest(kv, &id.to_string()).await;
+            let value = entry.map(|e| e.filter(|e| e.operation == kv::Operation::Put));
+            (id, value.map(|e| e.map(|e| e.value)))
+        })
         .buffer_unordered(READS_IN_FLIGHT);
     let mut out = HashMap::new();
     let mut reads = std::pin::pin!(reads);
