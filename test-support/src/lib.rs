@@ -125,6 +125,7 @@ impl NatsServer {
         let (p, m) = ports.map_or(("-1".to_owned(), "-1".to_owned()), |(p, m)| {
             (p.to_string(), m.to_string())
         });
+        let log = self.dir.path().join("nats-server.log");
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &p, "-m", &m])
             .arg("--store_dir")
@@ -133,7 +134,7 @@ impl NatsServer {
             .arg(&ports_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(server_stderr())
+            .stderr(server_stderr(&log)?)
             .spawn()
             .with_context(|| {
                 format!(
@@ -143,7 +144,7 @@ impl NatsServer {
             })?;
         self.child = Some(child);
         let (client_url, monitor_url) =
-            wait_for_ports_file(&ports_dir, self.child.as_mut().expect("spawned"))?;
+            wait_for_ports_file(&ports_dir, self.child.as_mut().expect("spawned"), &log)?;
         self.port = port_of(&client_url)?;
         self.monitor_port = port_of(&monitor_url)?;
         self.client_url = client_url;
@@ -192,14 +193,54 @@ impl Drop for NatsServer {
     }
 }
 
-/// Where a test's nats-server logs: the test's stderr with `TEST_LOG` set, else nowhere.
-fn server_stderr() -> Stdio {
+/// Where a test's nats-server logs: the test's stderr with `TEST_LOG` set, else the file `log`
+/// (appended, so a restarted server keeps its history), which a failed start quotes.
+fn server_stderr(log: &Path) -> Result<Stdio> {
     if std::env::var_os("TEST_LOG").is_some() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
+        return Ok(Stdio::inherit());
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    Ok(file.into())
+}
+
+/// A nats-server that exited before it listened, with the end of its log: a port taken in the
+/// meantime, a bad config, a binary too old.
+#[derive(Debug)]
+struct ExitedAtStart {
+    who: String,
+    status: std::process::ExitStatus,
+    log_tail: String,
+}
+
+impl ExitedAtStart {
+    fn new(who: &str, status: std::process::ExitStatus, log: &Path) -> Self {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let log_tail = lines[lines.len().saturating_sub(10)..].join("\n");
+        Self {
+            who: who.to_owned(),
+            status,
+            log_tail,
+        }
     }
 }
+
+impl std::fmt::Display for ExitedAtStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} exited at start with {}", self.who, self.status)?;
+        if self.log_tail.is_empty() {
+            write!(f, " (no log: is the binary too old, or TEST_LOG set?)")
+        } else {
+            write!(f, "; its log ends:\n{}", self.log_tail)
+        }
+    }
+}
+
+impl std::error::Error for ExitedAtStart {}
 
 fn port_of(url: &str) -> Result<u16> {
     url.rsplit(':')
@@ -209,13 +250,11 @@ fn port_of(url: &str) -> Result<u16> {
 }
 
 /// nats-server writes its bound ports to a file once it listens: wait for it (bounded).
-fn wait_for_ports_file(dir: &Path, child: &mut Child) -> Result<(String, String)> {
+fn wait_for_ports_file(dir: &Path, child: &mut Child, log: &Path) -> Result<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!(
-                "nats-server exited at start with {status} (is the port taken, or the binary too old?)"
-            );
+            return Err(ExitedAtStart::new("nats-server", status, log).into());
         }
         let ports_file = std::fs::read_dir(dir)?
             .flatten()
@@ -374,6 +413,23 @@ impl NatsCluster {
     /// (e.g. `sync_interval: always`).
     pub fn start_with(size: usize, jetstream: &str) -> Result<Self> {
         anyhow::ensure!(size >= 1, "a cluster needs at least one node");
+        // The ports are picked before the nodes bind them (each node's config must list every
+        // route), so another process may take one in between: then start again on new ports.
+        let mut attempt = 1;
+        let cluster = loop {
+            match Self::spawn_all(size, jetstream) {
+                Err(e) if attempt < 3 && e.downcast_ref::<ExitedAtStart>().is_some() => {
+                    eprintln!("retrying the cluster on new ports: {e:#}");
+                    attempt += 1;
+                }
+                result => break result?,
+            }
+        };
+        cluster.wait_for_meta_leader(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    fn spawn_all(size: usize, jetstream: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports = free_ports(3 * size)?;
         let route_port = |i: usize| ports[3 * i + 2];
@@ -407,6 +463,7 @@ impl NatsCluster {
                 child: None,
             });
         }
+        // Dropped on an error, which kills the nodes already started.
         let mut cluster = Self {
             bin: nats_server_bin(),
             dir,
@@ -415,25 +472,30 @@ impl NatsCluster {
         for i in 0..size {
             cluster.spawn(i)?;
         }
-        cluster.wait_for_meta_leader(Duration::from_secs(30))?;
         Ok(cluster)
     }
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
+        let log = self.dir.path().join(format!("{}.log", node.name));
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&node.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(server_stderr())
+            .stderr(server_stderr(&log)?)
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         node.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", node.client_port)).is_err() {
             if let Some(status) = node.child.as_mut().expect("spawned").try_wait()? {
-                bail!("nats-server {} exited at start with {status}", node.name);
+                return Err(ExitedAtStart::new(
+                    &format!("nats-server {}", node.name),
+                    status,
+                    &log,
+                )
+                .into());
             }
             if Instant::now() > deadline {
                 bail!("nats-server {} did not listen within 20 s", node.name);
@@ -621,6 +683,19 @@ mod tests {
         let js = async_nats::jetstream::new(server.client().await.unwrap());
         let mut stream = js.get_stream("T").await.unwrap();
         assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    }
+
+    #[test]
+    fn a_start_on_a_taken_port_fails_with_the_servers_log() {
+        let mut server = NatsServer::start().unwrap();
+        server.stop();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", server.port)).unwrap();
+        let err = server.restart().unwrap_err();
+        assert!(err.downcast_ref::<ExitedAtStart>().is_some(), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("address already in use"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]
