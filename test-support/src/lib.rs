@@ -720,7 +720,15 @@ mod tests {
         )
         .await
         .unwrap();
-        js.publish("t", "x".into()).await.unwrap().await.unwrap();
+        // A node learns of a new stream's subjects a moment after it is created: until then a
+        // publish there finds no responders.
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || async { js.publish("t", "x".into()).await.ok()?.await.ok() },
+        )
+        .await
+        .unwrap();
         let info = js
             .get_stream("T")
             .await
