@@ -130,7 +130,9 @@ async fn the_simulator_and_the_live_grid_serve_a_real_day_alike() {
     // simulated minutes), and the substations act on events and heartbeats in wall-clock order
     // with millisecond jitter (1 ms = 7.2 simulated seconds), so a few choices flip from run to
     // run. Measured at these capacities: live 4.8 % below to 0.9 % above the simulator's
-    // energy (14 runs at 1800×–7200×), the share fully served within 2 sessions.
+    // energy (14 runs at 1800×–7200×), the share fully served within 2 sessions; with the
+    // triage that decides rigid cars on purpose (5 December), 1.7 % below to level (4 runs
+    // at 7200×).
     let energy_gap = (c.energy_delivered_kwh - sim_energy).abs() / sim_energy;
     assert!(energy_gap <= 0.07, "energy {energy_gap:.3} apart");
     assert!(

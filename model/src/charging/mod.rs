@@ -873,23 +873,65 @@ mod tests {
         assert!((delivered - 20.0).abs() < 1e-6, "{delivered}");
     }
 
+    /// Runs `station` until `until` and returns the ids of the cars it filled.
+    fn filled(station: &mut Station, mut events: Vec<Event>, until: f64) -> Vec<u128> {
+        events.extend(station.advance_to(until));
+        let mut full: Vec<u128> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Completed)
+            .map(|e| e.id.as_u128())
+            .collect();
+        full.sort();
+        full
+    }
+
+    #[test]
+    fn triage_fills_rigid_cars_when_everyone_fits() {
+        // 40 kW against 57.6 kW of cars. Cars 1 and 2 must draw their max from now to their
+        // departure to be full (rigid, as a request cut to what fits arrives: 17.28 kWh at
+        // 19.2 kW in 0.9 h, whose laxity rounds to -4.5e-13 s); car 3 can wait. Everything
+        // fits, so triage fills all three, as least laxity would. It used to write off cars 1
+        // and 2 for their rounding.
+        let mut station = Station::new(40.0, Allocation::Triage, 0.0);
+        let mut events = station.arrive(0.0, car_leaving(1, 19.2, 17.28, 0.9 * 3600.0));
+        events.extend(station.arrive(0.0, car_leaving(2, 19.2, 32.64, 1.7 * 3600.0)));
+        events.extend(station.arrive(0.0, car_leaving(3, 19.2, 30.0, 3.0 * 3600.0)));
+        assert!(station.sessions()[..2].iter().all(|s| s.laxity(0.0) < 0.0));
+        let drawn = powers(&station);
+        assert!(drawn[..2].iter().all(|&p| p == 19.2), "{drawn:?}");
+        assert_eq!(filled(&mut station, events, 3.0 * 3600.0), [1, 2, 3]);
+    }
+
+    #[test]
+    fn triage_writes_off_a_rigid_car_that_would_push_another_out() {
+        // 10 kW for 2 h is 20 kWh; cars 1 and 2 ask 30 together. Car 2 is rigid (20 kWh at
+        // 10 kW in 2 h): admitting it would leave car 1 nothing. Car 1 is filled instead, and
+        // car 2 gets what car 1 leaves.
+        let mut station = Station::new(10.0, Allocation::Triage, 0.0);
+        let mut events = station.arrive(0.0, car_leaving(1, 10.0, 10.0, 7200.0));
+        events.extend(station.arrive(0.0, car_leaving(2, 10.0, 20.0, 7200.0)));
+        assert_eq!(filled(&mut station, events, 7200.0), [1]);
+        assert!((station.snapshot().delivered_kwh - 20.0).abs() < 1e-6);
+    }
+
     #[test]
     fn triage_serves_a_written_off_car_while_the_others_can_wait() {
         // 10 kW. Car 1 leaves in 30 min wanting 10 kWh: it cannot be full, so it is written
-        // off. Car 2 wants 10 kWh by 3 h: it can wait, so car 1 gets the power now and car 2
+        // off. Car 2 wants 10 kWh by 4 h: it can wait, so car 1 gets the power now and car 2
         // is still full at the end (delivered: 5 + 10 kWh, the most there is).
         let mut station = Station::new(10.0, Allocation::Triage, 0.0);
         station.arrive(0.0, car_leaving(1, 10.0, 10.0, 1800.0));
-        station.arrive(0.0, car_leaving(2, 10.0, 10.0, 3.0 * 3600.0));
+        station.arrive(0.0, car_leaving(2, 10.0, 10.0, 4.0 * 3600.0));
         assert_eq!(powers(&station), [10.0, 0.0]);
-        let events = station.advance_to(3.0 * 3600.0);
+        let events = station.advance_to(4.0 * 3600.0);
         assert!(
             events
                 .iter()
                 .any(|e| e.id == Uuid::from_u128(2) && e.kind == EventKind::Completed),
             "{events:?}"
         );
-        assert!((station.snapshot().delivered_kwh - 15.0).abs() < 1e-6);
+        let delivered = station.snapshot().delivered_kwh;
+        assert!((delivered - 15.0).abs() < 1e-6, "{delivered}");
     }
 
     #[test]
