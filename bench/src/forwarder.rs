@@ -39,7 +39,13 @@ pub struct Config {
 
 /// Forwards until `shutdown`, then finishes what is in flight.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let nats = nats::connect(&config.nats.nats_url, "evgrid-bench-forwarder", &shutdown).await?;
+    let nats = nats::connect(
+        &config.nats.nats_url,
+        &config.nats.auth,
+        "evgrid-bench-forwarder",
+        &shutdown,
+    )
+    .await?;
     streams::ensure(&nats.js, &streams::Retention::default()).await?;
     let subjects: Vec<Arc<str>> = config
         .substations

@@ -44,7 +44,13 @@ pub struct Config {
 /// Connects, puts the streams in place, then serves until `shutdown`. The port is bound only
 /// once NATS is usable, so a 200 on `/readyz` means ready.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let nats = nats::connect(&config.nats.nats_url, "evgrid-bench-minimal", &shutdown).await?;
+    let nats = nats::connect(
+        &config.nats.nats_url,
+        &config.nats.auth,
+        "evgrid-bench-minimal",
+        &shutdown,
+    )
+    .await?;
     streams::ensure(&nats.js, &streams::Retention::default()).await?;
     let listener = http::bind(config.listen).await?;
     let js = nats.js.clone();

@@ -26,7 +26,8 @@ const PRELOAD_IN_FLIGHT: usize = 1024;
 /// A connection for the benchmark itself (not measured).
 pub async fn connect(url: &str) -> Result<nats::Nats> {
     let token = CancellationToken::new();
-    let connecting = nats::connect(url, "evgrid-bench", &token);
+    let auth = evgrid_common::config::NatsAuth::default();
+    let connecting = nats::connect(url, &auth, "evgrid-bench", &token);
     match tokio::time::timeout(Duration::from_secs(10), connecting).await {
         Ok(result) => Ok(result?),
         Err(_) => bail!("cannot reach NATS at {url}"),

@@ -3,6 +3,7 @@
 //! would, at a rate sized to the grid so dispatch is visible as soon as the grid is up and a
 //! request of your own still finds power.
 
+use evgrid_common::config::NatsAuth;
 use std::path::Path;
 use std::time::Duration;
 
@@ -97,7 +98,13 @@ impl Demo {
 
     /// Publishes demo requests at `rate` per second until `shutdown`.
     pub async fn drive(self, nats_url: String, rate: f64, shutdown: CancellationToken) {
-        let Ok(nats) = evgrid_common::nats::connect(&nats_url, "evgrid-up-demo", &shutdown).await
+        let Ok(nats) = evgrid_common::nats::connect(
+            &nats_url,
+            &NatsAuth::default(),
+            "evgrid-up-demo",
+            &shutdown,
+        )
+        .await
         else {
             return;
         };

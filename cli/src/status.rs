@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use evgrid_common::config::NatsAuth;
 use evgrid_common::heartbeats;
 use evgrid_common::streams;
 use evgrid_model::liveness::Observed;
@@ -14,7 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Prints the live line every 2 s (in place on a terminal) until `shutdown`.
 pub async fn live_line(nats_url: String, shutdown: CancellationToken) {
-    let Ok(nats) = evgrid_common::nats::connect(&nats_url, "evgrid-up-status", &shutdown).await
+    let Ok(nats) = evgrid_common::nats::connect(
+        &nats_url,
+        &NatsAuth::default(),
+        "evgrid-up-status",
+        &shutdown,
+    )
+    .await
     else {
         return;
     };

@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 /// The value parsers of durations and positive numbers are the model's, shared with the
@@ -45,6 +46,8 @@ pub struct NatsArgs {
     /// forward at start where the server allows it.
     #[arg(long, env = REPLICAS_ENV, default_value_t = DEFAULT_REPLICAS, value_parser = parse_replicas)]
     pub replicas: usize,
+    #[command(flatten)]
+    pub auth: NatsAuth,
 }
 
 impl NatsArgs {
@@ -53,8 +56,112 @@ impl NatsArgs {
         Self {
             nats_url: nats_url.into(),
             replicas: DEFAULT_REPLICAS,
+            auth: NatsAuth::default(),
         }
     }
+}
+
+/// Who a client is to NATS, and how it checks the server: the server's own authorization
+/// (users with permissions, or decentralized JWT credentials) and TLS, nothing home-made
+/// (docs/security.md). Files are read and checked while the options are parsed.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NatsAuth {
+    /// NATS user, with --nats-password or --nats-password-file.
+    #[arg(
+        long,
+        env = "EVGRID_NATS_USER",
+        requires = "nats_password_given",
+        help_heading = "NATS credentials"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password. A command line is visible to every user of the machine: prefer the
+    /// variable or --nats-password-file.
+    #[arg(long, env = "EVGRID_NATS_PASSWORD", hide_env_values = true, requires = "nats_user",
+          group = "nats_password_given", value_parser = parse_secret,
+          help_heading = "NATS credentials")]
+    pub nats_password: Option<Secret>,
+    /// File whose first line is the NATS password (a mounted secret).
+    #[arg(long, env = "EVGRID_NATS_PASSWORD_FILE", value_name = "FILE", requires = "nats_user",
+          group = "nats_password_given", value_parser = read_secret_file,
+          help_heading = "NATS credentials")]
+    pub nats_password_file: Option<Secret>,
+    /// NATS credentials file (a user JWT and its nkey seed, as `nsc` writes them), for servers
+    /// with decentralized authorization.
+    #[arg(long, env = "EVGRID_NATS_CREDS", value_name = "FILE", conflicts_with = "nats_user",
+          value_parser = readable_file, help_heading = "NATS credentials")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the NATS server's certificate: connect over TLS and
+    /// verify the server with it.
+    #[arg(long, env = "EVGRID_NATS_TLS_CA", value_name = "FILE", value_parser = readable_file,
+          help_heading = "NATS credentials")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify their clients (with --nats-tls-key).
+    #[arg(long, env = "EVGRID_NATS_TLS_CERT", value_name = "FILE", requires = "nats_tls_key",
+          value_parser = readable_file, help_heading = "NATS credentials")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "EVGRID_NATS_TLS_KEY", value_name = "FILE", requires = "nats_tls_cert",
+          value_parser = readable_file, help_heading = "NATS credentials")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// A user and password (tests, embedders).
+    pub fn user(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            nats_user: Some(user.into()),
+            nats_password: Some(Secret(password.into())),
+            ..Self::default()
+        }
+    }
+
+    /// The password given, from the option or its file.
+    pub fn password(&self) -> Option<&str> {
+        self.nats_password
+            .as_ref()
+            .or(self.nats_password_file.as_ref())
+            .map(Secret::expose)
+    }
+}
+
+/// A secret from the command line, the environment or a file: never printed (its `Debug` is
+/// `"***"`), so a logged config does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    if s.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(Secret(s.to_owned()))
+}
+
+/// Reads a secret file: its first line, without the line end.
+pub fn read_secret_file(path: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(format!("{path:?} is empty (its first line is the secret)"));
+    }
+    Ok(Secret(line.to_owned()))
+}
+
+/// A file that exists and can be read now (checked at start, not at the first reconnect).
+fn readable_file(path: &str) -> Result<PathBuf, String> {
+    std::fs::File::open(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    Ok(PathBuf::from(path))
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -218,6 +325,58 @@ pub fn parse_or_exit_renamed<P: clap::Parser>(renamed: &[RenamedEnv]) -> P {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<NatsArgs, String> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("evgrid").chain(args.iter().copied()))
+            .map(|cli| cli.nats)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn nats_credentials_come_from_a_file_and_are_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "hunter2-long\nignored\n").unwrap();
+        let file = file.to_str().unwrap();
+        let args = parse(&["--nats-user", "ingest", "--nats-password-file", file]).unwrap();
+        assert_eq!(args.auth.password(), Some("hunter2-long"));
+        assert!(!format!("{args:?}").contains("hunter2"), "{args:?}");
+        let args = parse(&["--nats-user", "ingest", "--nats-password", "hunter2-long"]).unwrap();
+        assert!(!format!("{args:?}").contains("hunter2"), "{args:?}");
+
+        // Each mistake is one line naming the option, at start.
+        for (bad, names) in [
+            (vec!["--nats-user", "ingest"], "--nats-password"),
+            (vec!["--nats-password", "x"], "--nats-user"),
+            (
+                vec![
+                    "--nats-user",
+                    "a",
+                    "--nats-password",
+                    "x",
+                    "--nats-password-file",
+                    file,
+                ],
+                "--nats-password-file",
+            ),
+            (
+                vec!["--nats-user", "a", "--nats-password-file", "/nonexistent"],
+                "/nonexistent",
+            ),
+            (vec!["--nats-creds", "/nonexistent"], "/nonexistent"),
+            (vec!["--nats-tls-cert", file], "--nats-tls-key"),
+        ] {
+            let err = parse(&bad).unwrap_err();
+            assert!(err.contains(names), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn listen_addresses() {

@@ -83,11 +83,12 @@ async fn route(
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let nats = match nats::connect(&config.nats.nats_url, CLIENT_NAME, stop).await {
-        Ok(nats) => nats,
-        Err(NatsError::Shutdown) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let nats =
+        match nats::connect(&config.nats.nats_url, &config.nats.auth, CLIENT_NAME, stop).await {
+            Ok(nats) => nats,
+            Err(NatsError::Shutdown) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
     readiness.set_nats(nats.clone());
     let retention = streams::Retention::with_replicas(config.nats.replicas);
     let Some(kv) = streams::ensure_until_done(&nats.js, &retention, stop).await? else {

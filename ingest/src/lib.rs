@@ -113,7 +113,14 @@ async fn connect_and_follow(
     readiness: &Readiness,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let nats = match nats::connect(&config.nats.nats_url, CONNECTION_NAME, stop).await {
+    let nats = match nats::connect(
+        &config.nats.nats_url,
+        &config.nats.auth,
+        CONNECTION_NAME,
+        stop,
+    )
+    .await
+    {
         Ok(nats) => nats,
         Err(NatsError::Shutdown) => return Ok(()),
         Err(e) => return Err(e.into()),

@@ -72,7 +72,8 @@ async fn charge(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = format!("evgrid-substation-{}", config.id);
-    let nats = match nats::connect(&config.nats.nats_url, &name, &shutdown).await {
+    let nats = match nats::connect(&config.nats.nats_url, &config.nats.auth, &name, &shutdown).await
+    {
         Ok(nats) => nats,
         Err(NatsError::Shutdown) => return Ok(()),
         Err(e) => return Err(e.into()),

@@ -21,6 +21,7 @@ pub const PINNED_NATS_SERVER: &str = "2.11.8";
 /// A running nats-server with JetStream. Killed on drop.
 pub struct NatsServer {
     bin: PathBuf,
+    config: Option<PathBuf>,
     child: Option<Child>,
     dir: tempfile::TempDir,
     client_url: String,
@@ -102,11 +103,25 @@ impl NatsServer {
         Self::start_with(nats_server_bin())
     }
 
+    /// Starts a server with `config` (nats-server configuration text: `authorization { … }`,
+    /// `tls { … }`) under the flags every test server gets (loopback, free ports, a fresh
+    /// store), which take precedence.
+    pub fn start_configured(config: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("server.conf");
+        std::fs::write(&path, config)?;
+        Self::start_in(dir, nats_server_bin(), Some(path))
+    }
+
     /// Starts the nats-server binary at `bin` (e.g. an old release, to test refusals).
     pub fn start_with(bin: PathBuf) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, bin, None)
+    }
+
+    fn start_in(dir: tempfile::TempDir, bin: PathBuf, config: Option<PathBuf>) -> Result<Self> {
         let mut server = Self {
             bin,
+            config,
             child: None,
             dir,
             client_url: String::new(),
@@ -126,7 +141,11 @@ impl NatsServer {
             (p.to_string(), m.to_string())
         });
         let log = self.dir.path().join("nats-server.log");
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &p, "-m", &m])
             .arg("--store_dir")
             .arg(self.dir.path().join("store"))

@@ -25,7 +25,7 @@ use async_nats::jetstream;
 use chrono::Utc;
 use clap::ArgGroup;
 use evgrid_common::config::{
-    DEFAULT_NATS_URL, NATS_URL_ENV, parse_nats_url, parse_positive,
+    DEFAULT_NATS_URL, NATS_URL_ENV, NatsAuth, parse_nats_url, parse_positive,
     parse_positive_duration as parse_duration,
 };
 use evgrid_common::nats;
@@ -175,6 +175,10 @@ pub struct LoadArgs {
     /// Exit non-zero when errors ÷ sent is above this (0: any error fails the run).
     #[arg(long, default_value_t = 0.0, value_parser = parse_ratio, help_heading = "Output")]
     pub max_error_ratio: f64,
+
+    /// Credentials and TLS for every NATS connection this command makes.
+    #[command(flatten)]
+    pub auth: NatsAuth,
 }
 
 /// `evgrid load` from the command line: runs until done or SIGINT/SIGTERM, prints the report,
@@ -373,7 +377,7 @@ async fn connect(
     if !args.url.is_empty() {
         let target = Target::http(&args.url, connections)?;
         let events = if args.wait_complete {
-            let nats = connect_nats(&args.events_nats_url, shutdown)
+            let nats = connect_nats(&args.events_nats_url, &args.auth, shutdown)
                 .await
                 .context(
                     "--wait-complete follows session events on --events-nats-url (env NATS_URL)",
@@ -386,7 +390,7 @@ async fn connect(
         return Ok((target, name.join(","), events));
     }
     let url = args.nats_url.as_deref().context("no target")?;
-    let nats = connect_nats(url, shutdown).await?;
+    let nats = connect_nats(url, &args.auth, shutdown).await?;
     nats.js
         .stream_by_subject(subjects::REQUESTS)
         .await
@@ -414,10 +418,11 @@ async fn connect(
 /// Connects to NATS at `url` as the `evgrid` tools do, giving up after [`CONNECT_TIMEOUT`].
 pub(crate) async fn connect_nats(
     url: &str,
+    auth: &NatsAuth,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<nats::Nats> {
     let attempt = shutdown.child_token();
-    let connecting = nats::connect(url, "evgrid-load", &attempt);
+    let connecting = nats::connect(url, auth, "evgrid-load", &attempt);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(result) => Ok(result?),
         Err(_) => {

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::load::plan::{Mix, RequestSpec, Schedule};
 use crate::load::stats::Report;
+use evgrid_common::config::NatsAuth;
+
 use crate::load::{self, LoadArgs};
 
 use super::window::Original;
@@ -48,13 +50,14 @@ pub fn plan(originals: &[Original], speed: f64) -> (Vec<Duration>, Vec<RequestSp
 
 /// `evgrid load`'s options for re-injecting: `target` (its `--url` or `--nats-url` and value),
 /// followed to completion when `wait_complete` (session events on `events_nats_url` for an
-/// HTTP target), without a progress bar when `quiet`.
+/// HTTP target), without a progress bar when `quiet`, with `auth` for every NATS connection.
 #[derive(Debug, Clone)]
 pub struct Injection<'a> {
     pub target: (&'a str, &'a str),
     pub wait_complete: bool,
     pub events_nats_url: Option<&'a str>,
     pub quiet: bool,
+    pub auth: &'a NatsAuth,
 }
 
 #[derive(Parser, Debug)]
@@ -81,7 +84,8 @@ pub async fn run(
     if how.quiet {
         words.push("--quiet");
     }
-    let args = LoadCli::try_parse_from(words)?.load;
+    let mut args = LoadCli::try_parse_from(words)?.load;
+    args.auth = how.auth.clone();
     let (offsets, specs, left_out) = plan(originals, speed);
     if specs.is_empty() {
         anyhow::bail!("no request of the window can be sent again: every departure had passed");

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use chrono::{DateTime, Utc};
-use evgrid_common::config::{DEFAULT_NATS_URL, NATS_URL_ENV, parse_nats_url};
+use evgrid_common::config::{DEFAULT_NATS_URL, NATS_URL_ENV, NatsAuth, parse_nats_url};
 use evgrid_common::nats::read::Start;
 use evgrid_model::charging::Allocation;
 use evgrid_model::decision::Policy;
@@ -124,6 +124,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "nats://HOST:PORT", value_parser = parse_nats_url,
           requires = "to", conflicts_with = "to_nats_url", help_heading = "Re-inject")]
     pub to_events_nats_url: Option<String>,
+
+    /// Credentials and TLS for every NATS connection this command makes.
+    #[command(flatten)]
+    pub auth: NatsAuth,
 }
 
 impl ReplayArgs {
@@ -275,13 +279,14 @@ pub async fn reinject(
         wait_complete: args.wait_complete,
         events_nats_url: args.to_events_nats_url.as_deref(),
         quiet: args.json,
+        auth: &args.auth,
     };
     inject::run(&recorded.originals, args.speed, how, shutdown).await
 }
 
 async fn read_window(args: &ReplayArgs, shutdown: &CancellationToken) -> anyhow::Result<Recorded> {
     args.check()?;
-    let nats = crate::load::connect_nats(&args.nats_url, shutdown).await?;
+    let nats = crate::load::connect_nats(&args.nats_url, &args.auth, shutdown).await?;
     Ok(read::window(&nats, args.start(Utc::now()), args.until).await?)
 }
 

@@ -7,9 +7,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use tokio_util::sync::CancellationToken;
 
+use evgrid_common::config::NatsAuth;
 use evgrid_common::nats::{self, consumer};
 use evgrid_common::streams::{self, EnsureError, Retention};
 use evgrid_test_support::{NatsCluster, NatsServer, eventually};
+
+mod auth;
 
 /// Every stream evgrid defines, and the bucket's own stream.
 fn all_streams() -> Vec<String> {
@@ -84,7 +87,7 @@ async fn connect(urls: &str) -> nats::Nats {
     let stop = CancellationToken::new();
     tokio::time::timeout(
         Duration::from_secs(20),
-        nats::connect(urls, "evgrid-test", &stop),
+        nats::connect(urls, &NatsAuth::default(), "evgrid-test", &stop),
     )
     .await
     .expect("connected within 20 s")
