@@ -46,6 +46,12 @@ pub struct NatsArgs {
     /// forward at start where the server allows it.
     #[arg(long, env = REPLICAS_ENV, default_value_t = DEFAULT_REPLICAS, value_parser = parse_replicas)]
     pub replicas: usize,
+    /// Create and update the streams and the request-state bucket at start (`true`), or only
+    /// check that they exist, waiting for them (`false`: for a NATS user that may not manage
+    /// streams; in evgrid's roles only the dispatcher and the operator may).
+    #[arg(long, env = "EVGRID_MANAGE_STREAMS", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "true|false")]
+    pub manage_streams: bool,
     #[command(flatten)]
     pub auth: NatsAuth,
 }
@@ -56,6 +62,7 @@ impl NatsArgs {
         Self {
             nats_url: nats_url.into(),
             replicas: DEFAULT_REPLICAS,
+            manage_streams: true,
             auth: NatsAuth::default(),
         }
     }

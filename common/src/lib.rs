@@ -15,6 +15,7 @@ pub mod heartbeats;
 pub mod http;
 pub mod metrics;
 pub mod nats;
+pub mod roles;
 pub mod service;
 pub mod shutdown;
 pub mod streams;

@@ -353,6 +353,16 @@ pub enum EnsureError {
         #[source]
         error: jetstream::context::CreateKeyValueError,
     },
+    /// With `--manage-streams false`: a stream (or the bucket) is not there yet; the service
+    /// that manages them (the dispatcher) creates it.
+    #[error(
+        "stream {name} does not exist yet (the dispatcher, or a service with --manage-streams true, creates it)"
+    )]
+    Missing {
+        name: String,
+        #[source]
+        error: async_nats::Error,
+    },
 }
 
 impl EnsureError {
@@ -403,18 +413,44 @@ fn stream_error(
     }
 }
 
-/// [`ensure`], retried with backoff (the server may have just started, or be restarting) until
-/// it works, logging each failure. `Ok(None)` when `stop` fires first; `Err` when the server
-/// refuses for good ([`EnsureError::is_permanent`]): the service exits with that one line.
+/// Checks that every stream and the request-state bucket exist, changing nothing: for a
+/// service whose NATS user may read them but not manage them. Returns the bucket.
+pub async fn expect(js: &jetstream::Context) -> Result<kv::Store, EnsureError> {
+    for config in stream_configs(&Retention::default()) {
+        js.get_stream(&config.name)
+            .await
+            .map_err(|error| EnsureError::Missing {
+                name: config.name.clone(),
+                error: error.into(),
+            })?;
+    }
+    js.get_key_value(REQUEST_STATE_BUCKET)
+        .await
+        .map_err(|error| EnsureError::Missing {
+            name: format!("KV_{REQUEST_STATE_BUCKET}"),
+            error: error.into(),
+        })
+}
+
+/// [`ensure`] (or [`expect`] when not `manage`), retried with backoff (the server may have
+/// just started, or be restarting; the streams may not be created yet) until it works, logging
+/// each failure. `Ok(None)` when `stop` fires first; `Err` when the server refuses for good
+/// ([`EnsureError::is_permanent`]): the service exits with that one line.
 pub async fn ensure_until_done(
     js: &jetstream::Context,
     r: &Retention,
+    manage: bool,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<Option<kv::Store>, EnsureError> {
     // A permanent refusal ends the retries as a success of the outer `Result`, carrying the
     // inner error out.
     let outcome = crate::backoff::retry("set up the streams", stop, || async {
-        match ensure(js, r).await {
+        let done = if manage {
+            ensure(js, r).await
+        } else {
+            expect(js).await
+        };
+        match done {
             Ok(store) => Ok(Ok(store)),
             Err(e) if e.is_permanent() => Ok(Err(e)),
             Err(e) => Err(e),

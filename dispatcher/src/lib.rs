@@ -91,7 +91,9 @@ async fn route(
         };
     readiness.set_nats(nats.clone());
     let retention = streams::Retention::with_replicas(config.nats.replicas);
-    let Some(kv) = streams::ensure_until_done(&nats.js, &retention, stop).await? else {
+    let Some(kv) =
+        streams::ensure_until_done(&nats.js, &retention, config.nats.manage_streams, stop).await?
+    else {
         return Ok(());
     };
     readiness.set_streams_ready(true);

@@ -127,7 +127,9 @@ async fn connect_and_follow(
     };
     readiness.set_nats(nats.clone());
     let retention = streams::Retention::with_replicas(config.nats.replicas);
-    let Some(request_states) = streams::ensure_until_done(&nats.js, &retention, stop).await? else {
+    let Some(request_states) =
+        streams::ensure_until_done(&nats.js, &retention, config.nats.manage_streams, stop).await?
+    else {
         return Ok(());
     };
     let requests = nats

@@ -80,7 +80,10 @@ async fn charge(
     };
     readiness.set_nats(nats.clone());
     let retention = streams::Retention::with_replicas(config.nats.replicas);
-    let Some(kv) = streams::ensure_until_done(&nats.js, &retention, &shutdown).await? else {
+    let Some(kv) =
+        streams::ensure_until_done(&nats.js, &retention, config.nats.manage_streams, &shutdown)
+            .await?
+    else {
         return Ok(());
     };
     readiness.set_streams_ready(true);

@@ -181,6 +181,11 @@ impl NatsServer {
         &self.monitor_url
     }
 
+    /// What the server logged so far (empty with `TEST_LOG` set: it went to stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")

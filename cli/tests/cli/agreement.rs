@@ -81,6 +81,7 @@ async fn the_simulator_and_the_live_grid_serve_a_real_day_alike() {
         time_scale: SPEED,
         heartbeat_interval: "100ms",
         dispatcher_args: &["--defer-delay", "100ms"],
+        ..Options::default()
     })
     .await;
     let live = tokio::time::timeout(

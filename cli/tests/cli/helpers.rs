@@ -246,6 +246,22 @@ pub async fn evgrid(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// POSTs `body` (JSON text) to the ingest at `api`, requires a 202 and returns the request id.
+pub async fn submit(http: &reqwest::Client, api: &str, body: String) -> String {
+    let response = http
+        .post(format!("{api}/v1/charge-requests"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<serde_json::Value>().await.unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// `GET url` read as JSON; `None` while it cannot be read (yet), for `eventually` loops.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     http.get(url).send().await.ok()?.json().await.ok()

@@ -16,6 +16,7 @@ async fn the_original_load_test_completes_on_the_live_pipeline() {
         time_scale: 36_000.0,
         heartbeat_interval: "250ms",
         dispatcher_args: &["--defer-delay", "200ms"],
+        ..Options::default()
     })
     .await;
     let url = pipeline.nats.url();

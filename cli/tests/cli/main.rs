@@ -12,4 +12,5 @@ mod observability;
 mod pipeline;
 mod quickstart;
 mod replay;
+mod secured;
 mod up;

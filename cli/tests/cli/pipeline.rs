@@ -32,6 +32,9 @@ pub struct Options<'a> {
     pub time_scale: f64,
     pub heartbeat_interval: &'a str,
     pub dispatcher_args: &'a [&'a str],
+    /// NATS with evgrid's roles (`evgrid_common::roles`): every service connects as its own
+    /// user, with [`password`] of its user name; only the dispatcher manages the streams.
+    pub secured: bool,
 }
 
 impl Default for Options<'_> {
@@ -41,8 +44,35 @@ impl Default for Options<'_> {
             time_scale: 3600.0,
             heartbeat_interval: "200ms",
             dispatcher_args: &[],
+            secured: false,
         }
     }
+}
+
+/// The test password of a role's user in a secured pipeline.
+pub fn password(user: &str) -> String {
+    format!("pw-{user}-test")
+}
+
+/// The nats-server configuration of a secured pipeline with substations `ids`: every role's
+/// user, with [`password`].
+fn roles_config(ids: &[String]) -> String {
+    use evgrid_common::roles::{Role, User, authorization};
+    let mut roles = vec![
+        Role::Ingest,
+        Role::Dispatcher,
+        Role::Operator,
+        Role::Observer,
+    ];
+    roles.extend(ids.iter().cloned().map(Role::Substation));
+    let users: Vec<User> = roles
+        .into_iter()
+        .map(|role| User {
+            password: password(&role.user()),
+            role,
+        })
+        .collect();
+    authorization(&users)
 }
 
 fn words(items: &[&str]) -> Vec<String> {
@@ -56,14 +86,35 @@ async fn listener() -> TcpListener {
 impl Pipeline {
     pub async fn start(opts: Options<'_>) -> Pipeline {
         evgrid_common::telemetry::init_for_tests();
-        let nats = NatsServer::start().unwrap();
+        let ids: Vec<String> = (1..=opts.capacities.len())
+            .map(|i| format!("s{i}"))
+            .collect();
+        let nats = if opts.secured {
+            NatsServer::start_configured(&roles_config(&ids)).unwrap()
+        } else {
+            NatsServer::start().unwrap()
+        };
         let url = nats.url().to_owned();
+        // The words that connect a service as `user` (none on an open server).
+        let connect_as = |user: &str, manages_streams: bool| -> Vec<String> {
+            let mut w = words(&["--nats-url", &url]);
+            if opts.secured {
+                w.extend(words(&[
+                    "--nats-user",
+                    user,
+                    "--nats-password",
+                    &password(user),
+                ]));
+                w.extend(words(&["--manage-streams", &manages_streams.to_string()]));
+            }
+            w
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
 
         let ingest_listener = listener().await;
         let ingest = ingest_listener.local_addr().unwrap();
-        let config: evgrid_ingest::Config = service_config(&words(&["--nats-url", &url])).unwrap();
+        let config: evgrid_ingest::Config = service_config(&connect_as("ingest", false)).unwrap();
         tasks.push((
             "ingest".to_owned(),
             tokio::spawn(evgrid_ingest::run(
@@ -73,7 +124,7 @@ impl Pipeline {
             )),
         ));
 
-        let mut dispatcher_words = words(&["--nats-url", &url]);
+        let mut dispatcher_words = connect_as("dispatcher", true);
         dispatcher_words.extend(words(opts.dispatcher_args));
         let config: evgrid_dispatcher::Config = service_config(&dispatcher_words).unwrap();
         let dispatcher_listener = listener().await;
@@ -90,11 +141,9 @@ impl Pipeline {
         let mut substations = Vec::new();
         let mut substation_ops = Vec::new();
         let mut substation_runs = Vec::new();
-        for (i, capacity) in opts.capacities.iter().enumerate() {
-            let id = format!("s{}", i + 1);
-            let args = words(&[
-                "--nats-url",
-                &url,
+        for (id, capacity) in ids.into_iter().zip(opts.capacities) {
+            let mut args = connect_as(&format!("substation-{id}"), false);
+            args.extend(words(&[
                 "--id",
                 &id,
                 "--capacity-kw",
@@ -103,7 +152,7 @@ impl Pipeline {
                 &opts.time_scale.to_string(),
                 "--heartbeat-interval",
                 opts.heartbeat_interval,
-            ]);
+            ]));
             let stop = shutdown.child_token();
             let (ops, task) = start_substation(&args, stop.clone()).await;
             substation_ops.push(ops);

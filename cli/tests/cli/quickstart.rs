@@ -95,18 +95,7 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
     // "submit a request, then follow it": the README's curl body, posted to this grid.
     let post = words(&readme_command("# submit a request"));
     let body = &post[post.iter().position(|w| w == "-d").expect("curl -d") + 1];
-    let response = http
-        .post(format!("{api}/v1/charge-requests"))
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = crate::helpers::submit(&http, &api, body.clone()).await;
     let done = eventually(
         Duration::from_secs(120),
         Duration::from_millis(250),

@@ -58,6 +58,7 @@ fn grid() -> Options<'static> {
         time_scale: 3600.0,
         heartbeat_interval: "200ms",
         dispatcher_args: &["--defer-delay", "200ms"],
+        ..Options::default()
     }
 }
 

@@ -189,17 +189,8 @@ async fn post_and_await_completion(
 ) -> String {
     let mut completed = client.subscribe("ev.sessions.*.completed").await.unwrap();
     client.flush().await.unwrap();
-    let response = http
-        .post(format!("{api}/v1/charge-requests"))
-        .json(&serde_json::json!({"vehicle_id": vehicle, "energy_kwh": 5, "max_power_kw": 11}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let body = serde_json::json!({"vehicle_id": vehicle, "energy_kwh": 5, "max_power_kw": 11});
+    let id = crate::helpers::submit(http, api, body.to_string()).await;
     let done = tokio::time::timeout(Duration::from_secs(30), completed.next())
         .await
         .expect("the request completes within 30 s")

@@ -34,7 +34,12 @@ async fn a_user_with_its_password_gets_jetstream_and_anyone_else_is_refused_at_o
         .unwrap();
     tokio::time::timeout(
         Duration::from_secs(30),
-        streams::ensure_until_done(&nats.js, &Retention::default(), &CancellationToken::new()),
+        streams::ensure_until_done(
+            &nats.js,
+            &Retention::default(),
+            true,
+            &CancellationToken::new(),
+        ),
     )
     .await
     .unwrap()

@@ -75,7 +75,7 @@ async fn ensure(js: &jetstream::Context, replicas: usize) -> async_nats::jetstre
     let retention = Retention::with_replicas(replicas);
     tokio::time::timeout(
         Duration::from_secs(30),
-        streams::ensure_until_done(js, &retention, &stop),
+        streams::ensure_until_done(js, &retention, true, &stop),
     )
     .await
     .expect("streams in place within 30 s")
@@ -158,7 +158,7 @@ async fn a_single_server_refuses_replicas_3_with_one_clear_line_and_no_retries()
     let stop = CancellationToken::new();
     let err = tokio::time::timeout(
         Duration::from_secs(10),
-        streams::ensure_until_done(&nats.js, &Retention::with_replicas(3), &stop),
+        streams::ensure_until_done(&nats.js, &Retention::with_replicas(3), true, &stop),
     )
     .await
     .expect("a refusal is not retried")

@@ -1,0 +1,145 @@
+//! The whole pipeline on a NATS with evgrid's roles (`evgrid_common::roles`, issue #11): every
+//! service connects as its own user with only its role's permissions, the grid still charges,
+//! and what a role may not send or read is refused by the server.
+
+use std::time::Duration;
+
+use evgrid_test_support::eventually;
+use tokio::sync::mpsc;
+
+use crate::helpers::{get_json, submit};
+use crate::pipeline::{Options, Pipeline, password};
+
+/// A client connected as `user`, and the server's errors to it (permission violations).
+async fn connect_as(
+    url: &str,
+    user: &str,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = tx.send(error.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Waits (bounded) for the server to refuse `what` on `subject`.
+async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, what: &str, subject: &str) {
+    let expected = format!("permissions violation for {what} to \"{subject}\"");
+    let within = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(error) = errors.recv().await {
+            if error.to_lowercase().contains(&expected) {
+                return;
+            }
+        }
+    });
+    within
+        .await
+        .unwrap_or_else(|_| panic!("no refusal of {what} to {subject} within 5 s"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do() {
+    let mut pipeline = Pipeline::start(Options {
+        secured: true,
+        ..Options::default()
+    })
+    .await;
+    let url = pipeline.nats.url().to_owned();
+
+    // The grid works with each service as its own user.
+    let body =
+        serde_json::json!({"vehicle_id": "ev-secure", "energy_kwh": 10.0, "max_power_kw": 11.0});
+    let id = submit(&pipeline.http, &pipeline.url(""), body.to_string()).await;
+    let state_url = pipeline.url(&format!("/v1/charge-requests/{id}"));
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let record = get_json(&pipeline.http, &state_url).await?;
+            (record["state"] == "completed").then_some(())
+        },
+    )
+    .await
+    .expect("completed within 30 s");
+
+    // A grid-operator limit, sent as the operator, reaches s1; s1 restarts and resumes.
+    let (operator, _) = connect_as(&url, "operator").await;
+    let limit = serde_json::json!({"capacity_kw": 20.0});
+    async_nats::jetstream::new(operator)
+        .publish("ev.limits.s1", limit.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .expect("the limit is stored");
+    let substations_url = pipeline.url("/v1/substations");
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let view = get_json(&pipeline.http, &substations_url).await?;
+            let s1 = view
+                .as_array()?
+                .iter()
+                .find(|s| s["substation_id"] == "s1")?
+                .clone();
+            (s1["capacity_kw"] == 20.0).then_some(())
+        },
+    )
+    .await
+    .expect("s1 reports the limit within 20 s");
+    pipeline.restart_substation(0).await;
+    let violations: Vec<String> = pipeline
+        .nats
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "a service was refused: {violations:#?}"
+    );
+
+    // Substation s1's credentials speak for s1 only.
+    let (s1, mut errors) = connect_as(&url, "substation-s1").await;
+    for subject in [
+        "ev.telemetry.s2",
+        "ev.limits.s1",
+        "ev.dispatch.s1",
+        "ev.requests",
+        "ev.sessions.s2.completed",
+    ] {
+        s1.publish(subject, "{}".into()).await.unwrap();
+        s1.flush().await.unwrap();
+        refused(&mut errors, "publish", subject).await;
+    }
+    let _sub = s1.subscribe("ev.dispatch.s2").await.unwrap();
+    refused(&mut errors, "subscription", "ev.dispatch.s2").await;
+
+    // The observer reads but sends nothing; ingest cannot dispatch.
+    let (observer, mut errors) = connect_as(&url, "observer").await;
+    observer.publish("ev.requests", "{}".into()).await.unwrap();
+    observer.flush().await.unwrap();
+    refused(&mut errors, "publish", "ev.requests").await;
+    let (ingest, mut errors) = connect_as(&url, "ingest").await;
+    ingest.publish("ev.dispatch.s1", "{}".into()).await.unwrap();
+    ingest.flush().await.unwrap();
+    refused(&mut errors, "publish", "ev.dispatch.s1").await;
+
+    // No one without credentials.
+    assert!(
+        async_nats::connect(&url).await.is_err(),
+        "anonymous connection accepted"
+    );
+
+    pipeline.stop().await;
+}
