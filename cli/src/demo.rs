@@ -97,14 +97,15 @@ impl Demo {
     }
 
     /// Publishes demo requests at `rate` per second until `shutdown`.
-    pub async fn drive(self, nats_url: String, rate: f64, shutdown: CancellationToken) {
-        let Ok(nats) = evgrid_common::nats::connect(
-            &nats_url,
-            &NatsAuth::default(),
-            "evgrid-up-demo",
-            &shutdown,
-        )
-        .await
+    pub async fn drive(
+        self,
+        nats_url: String,
+        auth: NatsAuth,
+        rate: f64,
+        shutdown: CancellationToken,
+    ) {
+        let Ok(nats) =
+            evgrid_common::nats::connect(&nats_url, &auth, "evgrid-up-demo", &shutdown).await
         else {
             return;
         };

@@ -14,14 +14,9 @@ use evgrid_model::liveness::Observed;
 use tokio_util::sync::CancellationToken;
 
 /// Prints the live line every 2 s (in place on a terminal) until `shutdown`.
-pub async fn live_line(nats_url: String, shutdown: CancellationToken) {
-    let Ok(nats) = evgrid_common::nats::connect(
-        &nats_url,
-        &NatsAuth::default(),
-        "evgrid-up-status",
-        &shutdown,
-    )
-    .await
+pub async fn live_line(nats_url: String, auth: NatsAuth, shutdown: CancellationToken) {
+    let Ok(nats) =
+        evgrid_common::nats::connect(&nats_url, &auth, "evgrid-up-status", &shutdown).await
     else {
         return;
     };

@@ -79,6 +79,21 @@ fn jittered(step: Duration) -> Duration {
 pub async fn retry<T, E, Fut>(
     what: &str,
     stop: &CancellationToken,
+    f: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    E: std::error::Error + 'static,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_expecting(what, stop, |_| false, f).await
+}
+
+/// [`retry`], logging the failures that are `expected` (waiting for another service, say) at
+/// info level rather than as warnings.
+pub async fn retry_expecting<T, E, Fut>(
+    what: &str,
+    stop: &CancellationToken,
+    expected: impl Fn(&E) -> bool,
     mut f: impl FnMut() -> Fut,
 ) -> Option<T>
 where
@@ -93,6 +108,9 @@ where
         };
         match attempt {
             Ok(value) => return Some(value),
+            Err(e) if expected(&e) => {
+                tracing::info!(error = %chain(&e), "cannot {what} yet; retrying");
+            }
             Err(e) => tracing::warn!(error = %chain(&e), "cannot {what} yet; retrying"),
         }
         if !backoff.wait(stop).await {

@@ -22,6 +22,9 @@ pub enum Role {
     Dispatcher,
     /// One substation, by id: its own heartbeats, sessions and dispatch consumer only.
     Substation(String),
+    /// An app or fleet system submitting requests straight to NATS (`nats pub ev.requests`,
+    /// `evgrid load --nats-url`): stores requests, nothing else.
+    Client,
     /// A person or tool running the grid: grid-operator limits, stream management, reads
     /// everything.
     Operator,
@@ -36,6 +39,7 @@ impl Role {
             Self::Ingest => "ingest".into(),
             Self::Dispatcher => "dispatcher".into(),
             Self::Substation(id) => format!("substation-{id}"),
+            Self::Client => "client".into(),
             Self::Operator => "operator".into(),
             Self::Observer => "observer".into(),
         }
@@ -85,6 +89,13 @@ impl Role {
                 // The last limit stored for this substation, read at start.
                 publish.push(format!("$JS.API.STREAM.MSG.GET.{}", streams::LIMITS));
                 publish.push(format!("$JS.API.DIRECT.GET.{}.>", streams::LIMITS));
+                (publish, replies)
+            }
+            Self::Client => {
+                publish.push(subjects::REQUESTS.to_owned());
+                publish.push(format!("$JS.API.STREAM.INFO.{}", streams::REQUESTS));
+                // `evgrid load` finds the stream that stores its subject.
+                publish.push("$JS.API.STREAM.NAMES".to_owned());
                 (publish, replies)
             }
             Self::Operator => (

@@ -444,7 +444,9 @@ pub async fn ensure_until_done(
 ) -> Result<Option<kv::Store>, EnsureError> {
     // A permanent refusal ends the retries as a success of the outer `Result`, carrying the
     // inner error out.
-    let outcome = crate::backoff::retry("set up the streams", stop, || async {
+    // Streams the dispatcher has not created yet are expected at a grid's first start.
+    let expected = |e: &EnsureError| matches!(e, EnsureError::Missing { .. });
+    let outcome = crate::backoff::retry_expecting("set up the streams", stop, expected, || async {
         let done = if manage {
             ensure(js, r).await
         } else {

@@ -25,6 +25,8 @@ pub(super) struct BannerNotes<'a> {
     pub(super) time_scale: f64,
     pub(super) log_file: Option<PathBuf>,
     pub(super) demo: Option<(&'a crate::demo::Demo, f64)>,
+    /// The directory of the NATS users' passwords, when evgrid started NATS with users.
+    pub(super) credentials: Option<PathBuf>,
 }
 
 pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
@@ -36,6 +38,13 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
         out.push_str(&format!("  NATS monitoring   {m}\n"));
     }
     out.push_str(&format!("  NATS store        {}\n", notes.nats_store));
+    match &notes.credentials {
+        Some(dir) => out.push_str(&format!(
+            "  NATS users        a password per role in {}/: client (submits), observer\n                    (reads), operator (limits, streams); no anonymous access\n",
+            dir.display()
+        )),
+        None => out.push_str("  NATS users        none: anyone who reaches NATS may publish anything\n"),
+    }
     out.push_str(&format!(
         "  dispatcher        http://{}/metrics\n",
         e.dispatcher_metrics
@@ -71,11 +80,24 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
         e.ingest
     ));
     out.push_str(&format!("  curl -s http://{}/v1/substations\n", e.ingest));
+    // The nats CLI as a client and as an observer (its --user/--password).
+    let as_user = |user: &str| match &notes.credentials {
+        Some(dir) => format!(
+            " --user {user} --password \"$(cat {})\"",
+            dir.join(user).display()
+        ),
+        None => String::new(),
+    };
     out.push_str(&format!(
-        "  nats -s {} pub ev.requests '{{\"vehicle_id\":\"ev-2\",\"energy_kwh\":20,\"max_power_kw\":7}}'\n",
-        e.nats_url
+        "  nats -s {}{} pub ev.requests '{{\"vehicle_id\":\"ev-2\",\"energy_kwh\":20,\"max_power_kw\":7}}'\n",
+        e.nats_url,
+        as_user("client")
     ));
-    out.push_str(&format!("  nats -s {} sub 'ev.sessions.>'\n", e.nats_url));
+    out.push_str(&format!(
+        "  nats -s {}{} sub 'ev.sessions.>'\n",
+        e.nats_url,
+        as_user("observer")
+    ));
     out.push_str("\nCtrl-C stops everything.\n");
     println!("{out}");
 }

@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use evgrid_common::config::{LogFormat, parse_duration, parse_listen, parse_positive};
+use evgrid_common::roles::Role;
 use evgrid_dispatcher::Policy;
 
 mod banner;
+pub mod credentials;
 mod process;
 mod prometheus;
 
@@ -48,6 +50,12 @@ pub struct UpArgs {
     /// nats-server binary to start when no --nats-url is given.
     #[arg(long, default_value = "nats-server")]
     pub nats_server_bin: PathBuf,
+    /// Start NATS without users: anyone who can reach its port may publish anything, as a
+    /// grid operator or as any substation. By default each service has its own user with only
+    /// its role's permissions, and the passwords are in `<data-dir>/credentials`
+    /// (docs/security.md).
+    #[arg(long)]
+    pub insecure_nats: bool,
     /// Client port of the NATS server evgrid starts (0 = any free port); with --nats-cluster
     /// N, the first of N consecutive ports.
     #[arg(long, default_value_t = 4222)]
@@ -213,7 +221,12 @@ impl UpArgs {
             );
         }
         // The services' own parsers, with a stand-in URL (the real one is known once NATS runs).
-        ServiceConfigs::new(self, &capacities, evgrid_common::config::DEFAULT_NATS_URL)?;
+        ServiceConfigs::new(
+            self,
+            &capacities,
+            evgrid_common::config::DEFAULT_NATS_URL,
+            None,
+        )?;
         Ok(())
     }
 
@@ -334,6 +347,13 @@ async fn run_prepared(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
 
 async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()> {
     let capacities = args.capacities();
+    // The users of a NATS this command starts; a server given with --nats-url is the
+    // operator's, with its own users (EVGRID_NATS_USER and the others reach the services).
+    let credentials = (args.nats_url.is_none() && !args.insecure_nats)
+        .then(|| {
+            credentials::Credentials::load_or_create(&args.data_dir, &substation_ids(&capacities))
+        })
+        .transpose()?;
 
     // Bind every port first: a port in use fails before anything has started.
     let ingest_listener = evgrid_common::http::bind(args.ingest_listen).await?;
@@ -360,7 +380,11 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
                     ),
                 )?;
             }
-            let started = or_shutdown(shutdown, start_nats(&args, &args.data_dir)).await?;
+            let started = or_shutdown(
+                shutdown,
+                start_nats(&args, &args.data_dir, credentials.as_ref()),
+            )
+            .await?;
             (Some(started.children), started.urls, Some(started.monitors))
         }
     };
@@ -376,6 +400,7 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
         },
         &nats_url,
         nats_monitor,
+        credentials.as_ref(),
         services,
     )
     .await;
@@ -393,33 +418,52 @@ struct ServiceConfigs {
 }
 
 impl ServiceConfigs {
-    fn new(args: &UpArgs, capacities: &[f64], nats_url: &str) -> Result<Self> {
-        let nats = [
-            "--nats-url".to_owned(),
-            nats_url.to_owned(),
-            "--replicas".to_owned(),
-            args.replicas().to_string(),
-        ];
-        let ingest = service_config(&nats).context("ingest")?;
-        let mut dispatcher_words = nats.to_vec();
+    fn new(
+        args: &UpArgs,
+        capacities: &[f64],
+        nats_url: &str,
+        credentials: Option<&credentials::Credentials>,
+    ) -> Result<Self> {
+        // How `user` connects; with users, only the dispatcher manages the streams.
+        let nats = |user: &str| -> Vec<String> {
+            let mut words = vec![
+                "--nats-url".to_owned(),
+                nats_url.to_owned(),
+                "--replicas".to_owned(),
+                args.replicas().to_string(),
+            ];
+            if let Some(credentials) = credentials {
+                let auth = credentials.auth(user);
+                words.extend([
+                    "--nats-user".to_owned(),
+                    user.to_owned(),
+                    "--nats-password".to_owned(),
+                    auth.password().unwrap_or_default().to_owned(),
+                    "--manage-streams".to_owned(),
+                    (user == "dispatcher").to_string(),
+                ]);
+            }
+            words
+        };
+        let ingest = service_config(&nats("ingest")).context("ingest")?;
+        let mut dispatcher_words = nats("dispatcher");
         if let Some(policy) = args.policy {
             dispatcher_words.extend(["--policy".to_owned(), policy.as_str().to_owned()]);
         }
         let dispatcher = service_config(&dispatcher_words).context("dispatcher")?;
         let mut substations = Vec::new();
-        for (i, capacity) in capacities.iter().enumerate() {
-            let mut words = nats.to_vec();
+        for (id, capacity) in substation_ids(capacities).into_iter().zip(capacities) {
+            let mut words = nats(&Role::Substation(id.clone()).user());
             words.extend([
                 "--id".to_owned(),
-                format!("substation-{}", i + 1),
+                id.clone(),
                 "--capacity-kw".to_owned(),
                 capacity.to_string(),
                 "--time-scale".to_owned(),
                 args.time_scale.to_string(),
             ]);
             substations.push(
-                service_config::<evgrid_substation::Config>(&words)
-                    .with_context(|| format!("substation-{}", i + 1))?,
+                service_config::<evgrid_substation::Config>(&words).with_context(|| id.clone())?,
             );
         }
         Ok(Self {
@@ -442,13 +486,16 @@ async fn run_services(
     listeners: Listeners,
     nats_url: &str,
     nats_monitor: Option<String>,
+    credentials: Option<&credentials::Credentials>,
     token: CancellationToken,
 ) -> Result<()> {
     let ServiceConfigs {
         ingest: ingest_config,
         dispatcher: dispatcher_config,
         substations: substation_configs,
-    } = ServiceConfigs::new(args, capacities, nats_url)?;
+    } = ServiceConfigs::new(args, capacities, nats_url, credentials)?;
+    // The demo submits as a client would; the live line reads as an observer.
+    let auth = |user: &str| credentials.map(|c| c.auth(user)).unwrap_or_default();
 
     let endpoints = Endpoints {
         ingest: listeners.ingest.local_addr()?,
@@ -508,14 +555,19 @@ async fn run_services(
                 time_scale: args.time_scale,
                 log_file: (!args.logs).then(|| args.data_dir.join(LOG_FILE)),
                 demo: demo.as_ref().zip(demo_rate),
+                credentials: credentials.map(|_| credentials::dir(&args.data_dir)),
             },
         );
     }
     if let (Some(demo), Some(rate)) = (demo, demo_rate) {
-        tracker.spawn(demo.drive(nats_url.to_owned(), rate, token.clone()));
+        tracker.spawn(demo.drive(nats_url.to_owned(), auth("client"), rate, token.clone()));
     }
     if !args.quiet {
-        tracker.spawn(crate::status::live_line(nats_url.to_owned(), token.clone()));
+        tracker.spawn(crate::status::live_line(
+            nats_url.to_owned(),
+            auth("observer"),
+            token.clone(),
+        ));
     }
 
     // Run until a signal, or until a service fails (then stop the rest and report it).
@@ -554,6 +606,13 @@ async fn run_services(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The ids of the substations `evgrid up` runs: `substation-1`, `substation-2`, ...
+fn substation_ids(capacities: &[f64]) -> Vec<String> {
+    (1..=capacities.len())
+        .map(|i| format!("substation-{i}"))
+        .collect()
 }
 
 /// The banner's account of durability: how many servers, how many copies, which fsync.

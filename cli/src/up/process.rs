@@ -98,7 +98,11 @@ pub(super) struct StartedNats {
 /// or a cluster whose nodes route to each other on loopback (stores `nats-cluster/n1`…). Each
 /// gets a config file with the JetStream fsync policy (`--nats-sync`) and, in a cluster, its
 /// routes; ports and paths stay on the command line.
-pub(super) async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<StartedNats> {
+pub(super) async fn start_nats(
+    args: &UpArgs,
+    data_dir: &Path,
+    credentials: Option<&super::credentials::Credentials>,
+) -> Result<StartedNats> {
     check_nats_server_bin(&args.nats_server_bin).await?;
     let size = usize::from(args.nats_cluster);
     // Route ports are internal to the cluster: any free ones, new each run (the nodes find each
@@ -114,7 +118,7 @@ pub(super) async fn start_nats(args: &UpArgs, data_dir: &Path) -> Result<Started
         monitors: String::new(),
     };
     for i in 0..size {
-        match start_node(args, data_dir, i, &route_ports).await {
+        match start_node(args, data_dir, i, &route_ports, credentials).await {
             Ok((child, url, monitor)) => {
                 started.children.push(child);
                 for (list, item) in [(&mut started.urls, url), (&mut started.monitors, monitor)] {
@@ -153,6 +157,7 @@ async fn start_node(
     data_dir: &Path,
     i: usize,
     route_ports: &[u16],
+    credentials: Option<&super::credentials::Credentials>,
 ) -> Result<(ChildProcess, String, String)> {
     let clustered = !route_ports.is_empty();
     let (name, store, ports_dir) = if clustered {
@@ -179,6 +184,9 @@ async fn start_node(
         "# Written by `evgrid up` at every start.\njetstream {{\n  sync_interval: {}\n}}\n",
         args.nats_sync.conf_value()
     );
+    if let Some(credentials) = credentials {
+        conf.push_str(&credentials.authorization());
+    }
     if clustered {
         let routes: Vec<String> = route_ports
             .iter()

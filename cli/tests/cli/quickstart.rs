@@ -111,7 +111,8 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
     // The README's 100-concurrent command, word for word but for the addresses.
     let load = readme_command("# the original 100-concurrent test")
         .replace(README_API, &api)
-        .replace(README_NATS, &nats);
+        .replace(README_NATS, &nats)
+        .replace(".evgrid/", &format!("{}/", up.data_dir));
     let load = words(&load);
     let from = load.iter().position(|w| w == "load").expect("evgrid load");
     assert_eq!(

@@ -140,6 +140,18 @@ impl UpProcess {
 
     /// SIGINT, as Ctrl-C: requires a clean exit with nothing left running; returns the data
     /// directory, kept until the caller drops it.
+    /// A client of this grid's NATS (`servers`: its URL, or several) as `user`, with the
+    /// password `evgrid up` keeps in the data directory.
+    pub async fn connect_as(&self, servers: Vec<String>, user: &str) -> async_nats::Client {
+        let path = Path::new(&self.data_dir).join("credentials").join(user);
+        let password =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.trim().into())
+            .connect(servers)
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         self.stop_within(Duration::from_secs(15)).await
     }
@@ -219,7 +231,12 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     let http = reqwest::Client::new();
     crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(30)).await;
 
-    let client = async_nats::connect(&nats).await.unwrap();
+    // NATS has users: none without a password, and the observer follows the sessions.
+    assert!(
+        async_nats::connect(nats).await.is_err(),
+        "an anonymous client got in"
+    );
+    let client = up.connect_as(vec![nats.to_owned()], "observer").await;
     let id = post_and_await_completion(&http, api, &client, "ev-up").await;
     drop(client);
 
@@ -269,7 +286,7 @@ async fn up_with_a_3_node_cluster_replicates_everything_and_completes_a_request(
 
     let http = reqwest::Client::new();
     crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(60)).await;
-    let client = async_nats::connect(servers).await.unwrap();
+    let client = up.connect_as(servers, "observer").await;
     post_and_await_completion(&http, api, &client, "ev-r3").await;
 
     // Everything evgrid created is on all three nodes.

@@ -1,0 +1,121 @@
+//! The NATS users of the grid `evgrid up` starts: one per role (docs/security.md), each with a
+//! random password kept in `<data-dir>/credentials/<user>` (mode 0600, made once and kept across
+//! runs, so a saved `nats` context keeps working; `--fresh` makes new ones), and the
+//! nats-server `authorization` block that gives each its role's permissions.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use evgrid_common::config::NatsAuth;
+use evgrid_common::roles::{self, Role, User};
+
+/// Where the credentials of a grid live, under its data directory.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("credentials")
+}
+
+/// The users of a grid and their passwords.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    dir: PathBuf,
+    users: Vec<User>,
+}
+
+impl Credentials {
+    /// Reads the password of every role's user from `<data_dir>/credentials`, writing a new
+    /// random one for any that has none.
+    pub fn load_or_create(data_dir: &Path, substation_ids: &[String]) -> Result<Self> {
+        let dir = dir(data_dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut roles = vec![
+            Role::Ingest,
+            Role::Dispatcher,
+            Role::Client,
+            Role::Operator,
+            Role::Observer,
+        ];
+        roles.extend(substation_ids.iter().cloned().map(Role::Substation));
+        let users = roles
+            .into_iter()
+            .map(|role| {
+                let path = dir.join(role.user());
+                let password = match std::fs::read_to_string(&path) {
+                    Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+                    _ => write_new_password(&path)?,
+                };
+                Ok(User { role, password })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { dir, users })
+    }
+
+    /// The nats-server `authorization` block of these users.
+    pub fn authorization(&self) -> String {
+        roles::authorization(&self.users)
+    }
+
+    /// How `user` connects.
+    pub fn auth(&self, user: &str) -> NatsAuth {
+        let password = self
+            .users
+            .iter()
+            .find(|u| u.role.user() == user)
+            .map(|u| u.password.clone())
+            .unwrap_or_default();
+        NatsAuth::user(user, password)
+    }
+
+    /// The file holding `user`'s password.
+    pub fn file(&self, user: &str) -> PathBuf {
+        self.dir.join(user)
+    }
+}
+
+/// A new random password (122 random bits, as hex), written to `path` readable by its owner
+/// only.
+fn write_new_password(path: &Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{password}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(password)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_made_once_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let data = tempfile::tempdir().unwrap();
+        let ids = ["substation-1".to_owned()];
+        let first = Credentials::load_or_create(data.path(), &ids).unwrap();
+        let file = first.file("observer");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Credentials::load_or_create(data.path(), &ids).unwrap();
+        assert_eq!(
+            first.auth("observer").password(),
+            again.auth("observer").password()
+        );
+        assert_ne!(
+            first.auth("observer").password(),
+            first.auth("operator").password()
+        );
+        assert_eq!(first.auth("observer").password().map(str::len), Some(32));
+        assert!(
+            first
+                .authorization()
+                .contains("\"substation-substation-1\"")
+        );
+    }
+}
