@@ -110,6 +110,16 @@ pub struct NatsAuth {
     #[arg(long, env = "EVGRID_NATS_TLS_KEY", value_name = "FILE", requires = "nats_tls_cert",
           value_parser = readable_file, help_heading = "NATS credentials")]
     pub nats_tls_key: Option<PathBuf>,
+    /// Subject prefix of this client's replies. Default: `_INBOX_<user>` with --nats-user (what
+    /// evgrid's roles allow each user to subscribe to, so no one reads another's replies),
+    /// else `_INBOX`.
+    #[arg(
+        long,
+        env = "EVGRID_NATS_INBOX_PREFIX",
+        value_name = "PREFIX",
+        help_heading = "NATS credentials"
+    )]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 impl NatsAuth {
@@ -122,6 +132,16 @@ impl NatsAuth {
         }
     }
 
+    /// The prefix of this client's reply subjects: [`Self::nats_inbox_prefix`], else
+    /// `_INBOX_<user>` with a user, else NATS's `_INBOX`.
+    pub fn inbox_prefix(&self) -> String {
+        match (&self.nats_inbox_prefix, &self.nats_user) {
+            (Some(prefix), _) => prefix.clone(),
+            (None, Some(user)) => inbox_prefix_of(user),
+            (None, None) => "_INBOX".to_owned(),
+        }
+    }
+
     /// The password given, from the option or its file.
     pub fn password(&self) -> Option<&str> {
         self.nats_password
@@ -129,6 +149,11 @@ impl NatsAuth {
             .or(self.nats_password_file.as_ref())
             .map(Secret::expose)
     }
+}
+
+/// The reply subject prefix of NATS user `user`, as evgrid's roles allow it.
+pub fn inbox_prefix_of(user: &str) -> String {
+    format!("_INBOX_{user}")
 }
 
 /// A secret from the command line, the environment or a file: never printed (its `Debug` is

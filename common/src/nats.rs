@@ -182,6 +182,7 @@ async fn options(
     let log_url = url.to_owned();
     let mut options = ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(auth.inbox_prefix())
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         // Reconnect quickly at first, then at most every 2 s (jittered, so a grid's services do

@@ -5,12 +5,14 @@
 //!
 //! Each service connects as its role's user; NATS refuses anything else with a permissions
 //! violation before any evgrid code sees it. What a role may publish is what its job sends;
-//! what it may subscribe to is its replies (`_INBOX.>`: JetStream answers there) and nothing it
-//! does not read. JetStream is reached through its API subjects, allowed per stream and, for
-//! durable consumers, per consumer.
+//! what it may subscribe to is its own replies (`_INBOX_<user>.>`: JetStream answers and
+//! delivers there; clients with a user take that prefix by default) and nothing it does not
+//! read. JetStream is reached through its API subjects, allowed per stream and, for durable
+//! consumers, per consumer.
 
 use evgrid_model::subjects;
 
+use crate::config::inbox_prefix_of;
 use crate::streams;
 
 /// A role of the grid, and the NATS user of that name.
@@ -47,7 +49,7 @@ impl Role {
 
     /// The subjects this role may publish to, and subscribe to.
     pub fn permissions(&self) -> (Vec<String>, Vec<String>) {
-        let replies = vec!["_INBOX.>".to_owned()];
+        let replies = vec![format!("{}.>", inbox_prefix_of(&self.user()))];
         let mut publish = vec!["$JS.API.INFO".to_owned()];
         match self {
             Self::Ingest => {

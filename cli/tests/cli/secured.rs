@@ -33,7 +33,7 @@ async fn connect_as(
 
 /// Waits (bounded) for the server to refuse `what` on `subject`.
 async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, what: &str, subject: &str) {
-    let expected = format!("permissions violation for {what} to \"{subject}\"");
+    let expected = format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
     let within = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(error) = errors.recv().await {
             if error.to_lowercase().contains(&expected) {
@@ -122,8 +122,12 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
         s1.flush().await.unwrap();
         refused(&mut errors, "publish", subject).await;
     }
-    let _sub = s1.subscribe("ev.dispatch.s2").await.unwrap();
-    refused(&mut errors, "subscription", "ev.dispatch.s2").await;
+    // Nor can it read what is delivered to others: their dispatches, or replies to anyone.
+    for subject in ["ev.dispatch.s2", "_INBOX.>", "_INBOX_substation-s2.>"] {
+        let _sub = s1.subscribe(subject).await.unwrap();
+        s1.flush().await.unwrap();
+        refused(&mut errors, "subscription", subject).await;
+    }
 
     // The observer reads but sends nothing; ingest cannot dispatch.
     let (observer, mut errors) = connect_as(&url, "observer").await;
