@@ -3,6 +3,7 @@
 
 mod demo;
 pub mod load;
+pub mod nats_users;
 pub mod replay;
 mod status;
 pub mod up;

@@ -29,6 +29,9 @@ enum Command {
     Sim(Box<evgrid_sim::SimArgs>),
     /// Replay what a live grid recorded through the simulator, beside what it actually did.
     Replay(Box<evgrid::replay::ReplayArgs>),
+    /// Write NATS users for evgrid's roles (passwords, and the nats-server authorization block)
+    /// for a NATS you run yourself.
+    NatsUsers(evgrid::nats_users::NatsUsersArgs),
 }
 
 #[tokio::main]
@@ -45,6 +48,9 @@ async fn main() -> std::process::ExitCode {
         Command::Load(args) => evgrid::load::main(*args).await,
         Command::Sim(args) => evgrid_sim::main(*args),
         Command::Replay(args) => evgrid::replay::main(*args).await,
+        Command::NatsUsers(args) => {
+            evgrid::nats_users::main(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -23,10 +23,10 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads the password of every role's user from `<data_dir>/credentials`, writing a new
+    /// Reads the password of every role's user from `dir` (one file per user), writing a new
     /// random one for any that has none.
-    pub fn load_or_create(data_dir: &Path, substation_ids: &[String]) -> Result<Self> {
-        let dir = dir(data_dir);
+    pub fn load_or_create(dir: &Path, substation_ids: &[String]) -> Result<Self> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut roles = vec![
@@ -99,6 +99,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let ids = ["substation-1".to_owned()];
         let first = Credentials::load_or_create(data.path(), &ids).unwrap();
+        assert_eq!(first.file("observer"), data.path().join("observer"));
         let file = first.file("observer");
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

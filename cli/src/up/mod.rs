@@ -351,7 +351,10 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
     // operator's, with its own users (EVGRID_NATS_USER and the others reach the services).
     let credentials = (args.nats_url.is_none() && !args.insecure_nats)
         .then(|| {
-            credentials::Credentials::load_or_create(&args.data_dir, &substation_ids(&capacities))
+            credentials::Credentials::load_or_create(
+                &credentials::dir(&args.data_dir),
+                &substation_ids(&capacities),
+            )
         })
         .transpose()?;
 

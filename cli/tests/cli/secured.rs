@@ -147,3 +147,39 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
 
     pipeline.stop().await;
 }
+
+#[tokio::test]
+async fn nats_users_writes_passwords_and_the_block_a_server_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (credentials, block) = (
+        dir.path().join("credentials"),
+        dir.path().join("users.conf"),
+    );
+    let (ok, _, stderr) = crate::helpers::evgrid(&[
+        "nats-users",
+        "--substation",
+        "s1,s2",
+        "--dir",
+        credentials.to_str().unwrap(),
+        "--out",
+        block.to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    let server = evgrid_test_support::NatsServer::start_configured(
+        &std::fs::read_to_string(&block).unwrap(),
+    )
+    .unwrap();
+    let password = std::fs::read_to_string(credentials.join("substation-s2")).unwrap();
+    async_nats::ConnectOptions::with_user_and_password(
+        "substation-s2".into(),
+        password.trim().into(),
+    )
+    .connect(server.url())
+    .await
+    .expect("substation-s2 connects with its password");
+    assert!(async_nats::connect(server.url()).await.is_err());
+
+    let (ok, _, stderr) = crate::helpers::evgrid(&["nats-users", "--substation", "s 1"]).await;
+    assert!(!ok && stderr.contains("--substation"), "{stderr}");
+}

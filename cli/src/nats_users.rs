@@ -1,0 +1,52 @@
+//! `evgrid nats-users`: the NATS users of evgrid's roles for a NATS you run yourself (docker
+//! compose, a cluster, a deployment): a password per user in a directory, and the nats-server
+//! `authorization` block that gives each user its role's permissions (docs/security.md), the
+//! same that `evgrid up` writes for its own NATS.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use evgrid_substation::config::parse_substation_id;
+
+use crate::up::credentials::Credentials;
+
+/// Options of `evgrid nats-users`.
+#[derive(Args, Debug, Clone)]
+pub struct NatsUsersArgs {
+    /// A substation's id, one per substation (repeated, or comma-separated): each gets its
+    /// user `substation-<id>`.
+    #[arg(long = "substation", value_name = "ID", value_delimiter = ',', required = true,
+          value_parser = parse_substation_id)]
+    pub substations: Vec<String>,
+    /// Directory of the passwords, one file per user (mode 0600): kept when they exist, made
+    /// when they do not.
+    #[arg(long, default_value = "credentials")]
+    pub dir: PathBuf,
+    /// Write the authorization block to this file (for nats-server's `include`) instead of
+    /// standard output.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// Writes the passwords and prints (or writes) the authorization block.
+pub fn main(args: NatsUsersArgs) -> Result<()> {
+    let credentials = Credentials::load_or_create(&args.dir, &args.substations)?;
+    let block = format!(
+        "# evgrid's NATS users and their permissions (evgrid nats-users; docs/security.md).\n{}",
+        credentials.authorization()
+    );
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, block)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "wrote {}; passwords in {}/",
+                path.display(),
+                args.dir.display()
+            );
+        }
+        None => print!("{block}"),
+    }
+    Ok(())
+}
