@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -93,7 +94,32 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
-/// Serves `routes` on `listener` until `shutdown` fires, then lets in-flight requests finish.
+/// Bounds of an HTTP server against clients that hold connections open (slowloris).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A client must send a request's whole header within this, or the connection is closed.
+    pub header_timeout: Duration,
+    /// Connections open at once; more wait in the listen backlog until one closes. Below the
+    /// process's file descriptor limit, so the server never runs out of them.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Default [`Limits::header_timeout`]: a real client sends its header in milliseconds.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`Limits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Serves `routes` on `listener` with the default [`Limits`] until `shutdown` fires, then lets
+/// in-flight requests finish.
 ///
 /// The error type is fixed to [`warp::Rejection`] because the bound warp itself needs
 /// (`IsReject`) is private: any filter chain, and a `.recover(…)` returning
@@ -103,9 +129,122 @@ where
     F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
     F::Extract: Reply,
 {
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run()
-        .await;
+    serve_with(listener, routes, shutdown, Limits::default()).await;
+}
+
+/// [`serve`] within `limits`. warp's own loop sets neither bound: 3,000 half-sent request heads
+/// stayed open for ever, and at a 256-descriptor limit `/healthz` stopped answering (issue #11).
+pub async fn serve_with<F>(
+    listener: TcpListener,
+    routes: F,
+    shutdown: CancellationToken,
+    limits: Limits,
+) where
+    F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        // A free slot before accepting: beyond the limit, connections wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, say: wait a moment rather than spin.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A GET of `/` on `addr`, answered within `within`: its status line.
+    async fn get(addr: SocketAddr, within: Duration) -> String {
+        tokio::time::timeout(within, async {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer.lines().next().unwrap_or_default().to_owned()
+        })
+        .await
+        .expect("answered in time")
+    }
+
+    #[tokio::test]
+    async fn half_sent_headers_are_cut_off_and_their_slots_serve_others() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            max_connections: 3,
+        };
+        let routes = warp::path::end().map(|| "ok");
+        let server = tokio::spawn(serve_with(listener, routes, stop.clone(), limits));
+
+        // Every slot taken by a request head that never ends.
+        let mut slow = Vec::new();
+        for _ in 0..3 {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+                .await
+                .unwrap();
+            slow.push(stream);
+        }
+        // A real client waits for a slot, and gets one when the heads time out.
+        assert_eq!(get(addr, Duration::from_secs(5)).await, "HTTP/1.1 200 OK");
+        for mut stream in slow {
+            let mut rest = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+                    .await
+                    .expect("the server closes a half-sent head within 5 s");
+            assert!(closed.is_ok() || closed.is_err(), "closed: {closed:?}");
+        }
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("stops within 5 s")
+            .unwrap();
+    }
 }

@@ -66,6 +66,29 @@ pub struct Config {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
     )]
     pub recent_accepts: usize,
+
+    /// A client must send a request's whole header within this, or its connection is closed
+    /// (100 ms to 10 min).
+    #[arg(long, env = "EVGRID_HTTP_HEADER_TIMEOUT", default_value = "10s",
+          value_parser = parse_header_timeout)]
+    pub http_header_timeout: std::time::Duration,
+
+    /// Connections open at once; more wait until one closes. Keep it below the process's file
+    /// descriptor limit (`ulimit -n`).
+    #[arg(
+        long,
+        env = "EVGRID_HTTP_MAX_CONNECTIONS",
+        default_value_t = http::DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000),
+    )]
+    pub http_max_connections: usize,
+}
+
+fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
+    evgrid_common::config::parse_duration_in(
+        s,
+        std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(600),
+    )
 }
 
 /// Serves the HTTP API on `listener` until `shutdown`, then lets in-flight requests finish.
@@ -89,10 +112,14 @@ pub async fn run(
 
     let addr = listener.local_addr().context("listener has no address")?;
     tracing::info!(%addr, "serving HTTP");
-    let server = http::serve(
+    let server = http::serve_with(
         listener,
         routes::routes(state.clone(), registry, readiness.clone()),
         stop.clone(),
+        http::Limits {
+            header_timeout: config.http_header_timeout,
+            max_connections: config.http_max_connections,
+        },
     );
     let nats_side = async {
         let result = connect_and_follow(&config, &state, &readiness, &stop).await;

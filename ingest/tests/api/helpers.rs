@@ -37,13 +37,20 @@ pub async fn spawn_app(nats: &NatsServer) -> TestApp {
 
 /// Starts ingest against `nats_url` without waiting for NATS.
 pub async fn spawn_app_at(nats_url: &str) -> TestApp {
+    spawn_app_with(evgrid_ingest::Config {
+        nats: NatsArgs::new(nats_url),
+        recent_accepts: 1000,
+        http_header_timeout: evgrid_common::http::DEFAULT_HEADER_TIMEOUT,
+        http_max_connections: evgrid_common::http::DEFAULT_MAX_CONNECTIONS,
+    })
+    .await
+}
+
+/// Starts ingest with `config` without waiting for NATS.
+pub async fn spawn_app_with(config: evgrid_ingest::Config) -> TestApp {
     evgrid_common::telemetry::init_for_tests();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = evgrid_ingest::Config {
-        nats: NatsArgs::new(nats_url),
-        recent_accepts: 1000,
-    };
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(evgrid_ingest::run(config, listener, shutdown.clone()));
     TestApp {

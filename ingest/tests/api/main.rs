@@ -8,3 +8,4 @@ mod lifecycle;
 mod openapi;
 mod post;
 mod reads;
+mod slow_clients;
