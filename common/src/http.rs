@@ -24,7 +24,13 @@ pub struct Readiness(Arc<ReadinessInner>);
 struct ReadinessInner {
     nats: OnceLock<Nats>,
     streams: AtomicBool,
+    /// Until when a write refused for a full store keeps the service unready.
+    store_full_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long one write refused for a full store keeps `/readyz` at 503: long enough for a load
+/// balancer to notice, short enough that the service is tried again once room is made.
+pub const STORE_FULL_UNREADY: Duration = Duration::from_secs(30);
 
 impl Readiness {
     pub fn new() -> Self {
@@ -45,8 +51,28 @@ impl Readiness {
         self.0.nats.get().is_some_and(Nats::is_connected)
     }
 
+    /// Records that NATS refused a write because its store (or a stream) is full: the
+    /// service is unready for [`STORE_FULL_UNREADY`].
+    pub fn set_store_full(&self) {
+        *self
+            .0
+            .store_full_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now() + STORE_FULL_UNREADY);
+    }
+
+    /// Whether a write was refused for a full store within the last [`STORE_FULL_UNREADY`].
+    pub fn store_full(&self) -> bool {
+        self.0
+            .store_full_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.nats_connected() && self.0.streams.load(Ordering::Acquire)
+        self.nats_connected() && self.0.streams.load(Ordering::Acquire) && !self.store_full()
     }
 }
 
@@ -76,6 +102,7 @@ pub fn ops_routes(
             "ready": ready,
             "nats": if readiness.nats_connected() { "connected" } else { "disconnected" },
             "streams": readiness.0.streams.load(Ordering::Acquire),
+            "store": if readiness.store_full() { "full" } else { "ok" },
         });
         let status = if ready {
             StatusCode::OK

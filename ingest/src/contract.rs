@@ -80,15 +80,17 @@ pub(crate) enum Rejection {
     TooLarge,
     UnsupportedMediaType,
     NatsUnavailable,
+    StoreFull,
 }
 
 impl Rejection {
-    pub(crate) const ALL: [Rejection; 5] = [
+    pub(crate) const ALL: [Rejection; 6] = [
         Self::MalformedJson,
         Self::InvalidFields,
         Self::TooLarge,
         Self::UnsupportedMediaType,
         Self::NatsUnavailable,
+        Self::StoreFull,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -98,6 +100,7 @@ impl Rejection {
             Self::TooLarge => "too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NatsUnavailable => "nats_unavailable",
+            Self::StoreFull => "store_full",
         }
     }
 }

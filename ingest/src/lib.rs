@@ -102,11 +102,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = evgrid_common::metrics::registry();
+    let readiness = Readiness::new();
     let state = Arc::new(AppState::new(
         config.recent_accepts,
         Metrics::register(&registry),
+        readiness.clone(),
     ));
-    let readiness = Readiness::new();
     // A fatal NATS error stops the HTTP server too, without cancelling the caller's token.
     let stop = shutdown.child_token();
 

@@ -36,6 +36,10 @@ pub(crate) enum ApiError {
     NotFound(Uuid),
     #[error("NATS is unreachable; retry in a few seconds")]
     NatsUnavailable,
+    /// NATS answered, but refused to store the request: the stream (or the server's store) is
+    /// full. Not an outage: an operator must make room.
+    #[error("the request store is full ({0}); retry later")]
+    StoreFull(String),
     #[error("internal error; the server log has the cause")]
     Internal,
 }
@@ -58,6 +62,7 @@ impl ApiError {
             Self::BodyRead(_) => ProblemType::BadRequest,
             Self::NotFound(_) => ProblemType::NotFound,
             Self::NatsUnavailable => ProblemType::ServiceUnavailable,
+            Self::StoreFull(_) => ProblemType::StoreFull,
             Self::Internal => ProblemType::Internal,
         }
     }
@@ -70,6 +75,7 @@ impl ApiError {
             Self::TooLarge => Some(Rejection::TooLarge),
             Self::UnsupportedMediaType { .. } => Some(Rejection::UnsupportedMediaType),
             Self::NatsUnavailable => Some(Rejection::NatsUnavailable),
+            Self::StoreFull(_) => Some(Rejection::StoreFull),
             Self::BodyRead(_) | Self::NotFound(_) | Self::Internal => None,
         }
     }
@@ -94,6 +100,7 @@ enum ProblemType {
     NotFound,
     MethodNotAllowed,
     ServiceUnavailable,
+    StoreFull,
     Internal,
 }
 
@@ -108,6 +115,7 @@ impl ProblemType {
             Self::NotFound => "https://evgrid.dev/problems/not-found",
             Self::MethodNotAllowed => "https://evgrid.dev/problems/method-not-allowed",
             Self::ServiceUnavailable => "https://evgrid.dev/problems/service-unavailable",
+            Self::StoreFull => "https://evgrid.dev/problems/store-full",
             Self::Internal => "https://evgrid.dev/problems/internal",
         }
     }
@@ -122,6 +130,7 @@ impl ProblemType {
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
             Self::ServiceUnavailable => "Service unavailable",
+            Self::StoreFull => "Store full",
             Self::Internal => "Internal server error",
         }
     }
@@ -134,7 +143,7 @@ impl ProblemType {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ServiceUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -209,11 +209,40 @@ async fn publish(
                 .observe_publish_ack(started.elapsed().as_secs_f64());
             Ok(ack)
         }
-        Err(e) => {
-            tracing::warn!(%request_id, error = %e, "charge request not stored; answering 503");
-            Err(ApiError::NatsUnavailable)
-        }
+        Err(e) => match store_full(&e) {
+            Some(cause) => {
+                tracing::error!(%request_id, error = %e, "charge request not stored: the store is full; answering 503");
+                state.readiness.set_store_full();
+                Err(ApiError::StoreFull(cause))
+            }
+            None => {
+                tracing::warn!(%request_id, error = %e, "charge request not stored; answering 503");
+                Err(ApiError::NatsUnavailable)
+            }
+        },
     }
+}
+
+/// Whether NATS refused to store a publish because a stream (or the server's store) is full,
+/// and the server's words for it: an operator's problem, not an outage.
+fn store_full(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use async_nats::jetstream::{Error as JsError, ErrorCode};
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<JsError>()
+            && [
+                ErrorCode::STREAM_STORE_FAILED,
+                ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+                ErrorCode::INSUFFICIENT_RESOURCES,
+                ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+            ]
+            .contains(&js.error_code())
+        {
+            return Some(js.to_string());
+        }
+        source = e.source();
+    }
+    None
 }
 
 async fn get_charge_request(raw_id: String, state: Arc<AppState>) -> Response {

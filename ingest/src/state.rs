@@ -5,6 +5,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use async_nats::jetstream::{kv, stream};
 use chrono::{DateTime, Utc};
+use evgrid_common::http::Readiness;
 use evgrid_common::nats::Nats;
 use evgrid_model::liveness::Observed;
 
@@ -18,6 +19,8 @@ pub(crate) struct AppState {
     pub(crate) recent: RecentlyAccepted,
     grid: Mutex<LatestHeartbeats>,
     pub(crate) metrics: Metrics,
+    /// What `/readyz` reports; a full store is recorded here by the POST that met it.
+    pub(crate) readiness: Readiness,
 }
 
 /// The connection and the handles built on it once, when the streams exist.
@@ -29,12 +32,13 @@ pub(crate) struct Connected {
 }
 
 impl AppState {
-    pub(crate) fn new(recent_accepts: usize, metrics: Metrics) -> Self {
+    pub(crate) fn new(recent_accepts: usize, metrics: Metrics, readiness: Readiness) -> Self {
         Self {
             connected: OnceLock::new(),
             recent: RecentlyAccepted::new(recent_accepts),
             grid: Mutex::default(),
             metrics,
+            readiness,
         }
     }
 

@@ -156,3 +156,59 @@ async fn the_metrics_page_names_every_ingest_metric() {
         assert!(metrics.contains(series), "{series} is shown");
     }
 }
+
+/// Attack 13 of issue #11, and any grid that outgrows its store: when NATS refuses to store a
+/// request because the stream is full, the answer says so (not "unreachable"), `/readyz`
+/// turns 503 naming the store, and the refusal is counted for the `RequestStoreFull` alert.
+#[tokio::test]
+async fn a_full_store_is_named_as_such_and_makes_ingest_unready() {
+    let nats = NatsServer::start().unwrap();
+    let app = spawn_app(&nats).await;
+    // Shrink the request stream (it refuses new messages when full) to a few requests.
+    let js = async_nats::jetstream::new(nats.client().await.unwrap());
+    let mut config = js
+        .get_stream("EV_REQUESTS")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_bytes = 4096;
+    js.update_stream(config).await.unwrap();
+
+    let mut refused = None;
+    for i in 0..200 {
+        let reply = app
+            .post(&serde_json::json!({"vehicle_id": format!("ev-{i}"), "energy_kwh": 10, "max_power_kw": 11}))
+            .await;
+        if reply.status != 202 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let reply = refused.expect("the 4 KiB stream refused a request within 200");
+    assert_eq!(reply.status, 503, "{}", reply.text);
+    let problem = reply.json();
+    assert_eq!(
+        problem["type"], "https://evgrid.dev/problems/store-full",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("store is full"),
+        "{problem}"
+    );
+    assert!(reply.header("retry-after").is_some());
+
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert_eq!(ready.json()["store"], "full");
+    assert!(
+        app.metrics()
+            .await
+            .contains("evgrid_ingest_rejected_total{reason=\"store_full\"} 1"),
+        "counted as store_full"
+    );
+}
