@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event, jetstream};
-
-use crate::config::NatsAuth;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsAuth;
 
 pub mod consumer;
 pub mod intake;

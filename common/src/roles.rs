@@ -115,8 +115,14 @@ impl Role {
                     "$JS.API.CONSUMER.NAMES.*".to_owned(),
                     "$JS.API.CONSUMER.LIST.*".to_owned(),
                 ]);
+                // Ordered consumers to read streams, without deleting any: a consumer's name
+                // does not tell an ephemeral one from the pipeline's durables.
                 for stream in all_streams() {
-                    publish.extend(ordered(&stream));
+                    publish.extend(
+                        ordered(&stream)
+                            .into_iter()
+                            .filter(|s| !s.starts_with("$JS.API.CONSUMER.DELETE.")),
+                    );
                 }
                 (publish, vec![">".to_owned()])
             }
@@ -219,4 +225,61 @@ pub fn authorization(users: &[User]) -> String {
     }
     out.push_str("  ]\n}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_role_sends_only_what_its_job_needs() {
+        let (publish, subscribe) = Role::Substation("s1".into()).permissions();
+        let pipeline: Vec<&String> = publish.iter().filter(|s| s.starts_with("ev.")).collect();
+        assert_eq!(pipeline, ["ev.telemetry.s1", "ev.sessions.s1.*"]);
+        assert!(publish.contains(&"$JS.ACK.EV_DISPATCH.substation-s1.>".to_owned()));
+        assert!(
+            !publish
+                .iter()
+                .any(|s| s.contains("substation-s2") || s.contains(".UPDATE."))
+        );
+        assert_eq!(subscribe, ["_INBOX_substation-s1.>"]);
+
+        // The observer reads: no evgrid subject, no state write, no deletion, no management.
+        let (publish, subscribe) = Role::Observer.permissions();
+        for subject in &publish {
+            assert!(
+                subject.starts_with("$JS.API.")
+                    && !subject.contains("DELETE")
+                    && !subject.contains(".UPDATE.")
+                    && !subject.starts_with("$JS.API.STREAM.CREATE"),
+                "observer may publish {subject}"
+            );
+        }
+        assert_eq!(subscribe, [">"]);
+
+        // Only the dispatcher and the operator manage streams; only the operator sets limits.
+        for role in [Role::Ingest, Role::Client, Role::Substation("s1".into())] {
+            let (publish, _) = role.permissions();
+            assert!(
+                !publish
+                    .iter()
+                    .any(|s| s.contains(".UPDATE.") || s.starts_with("ev.limits")),
+                "{role:?}"
+            );
+        }
+        let (client, _) = Role::Client.permissions();
+        assert!(client.contains(&"ev.requests".to_owned()));
+        assert!(!client.iter().any(|s| s.starts_with("$KV")));
+    }
+
+    #[test]
+    fn the_block_quotes_every_user_and_subject() {
+        let block = authorization(&[User {
+            role: Role::Substation("s1".into()),
+            password: "p\"w".into(),
+        }]);
+        assert!(block.contains("user: \"substation-s1\""), "{block}");
+        assert!(block.contains("password: \"p\\\"w\""), "{block}");
+        assert!(block.contains("\"$JS.API.INFO\""), "{block}");
+    }
 }
