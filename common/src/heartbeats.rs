@@ -10,7 +10,7 @@
 //! handed to the caller's `refused` (each service counts them in a metric).
 
 use async_nats::jetstream::consumer;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::nats::Nats;
@@ -51,7 +51,7 @@ pub async fn follow_telemetry(
         let stored_at = msg
             .info()
             .ok()
-            .map(|i| DateTime::from_timestamp_nanos(i.published.unix_timestamp_nanos() as i64))
+            .map(|i| crate::nats::to_utc(i.published))
             .unwrap_or_else(Utc::now);
         match Telemetry::parse(&msg.subject, &msg.payload) {
             Ok(telemetry) => {

@@ -265,6 +265,12 @@ const CHECK_CREDENTIALS: &str =
 const CHECK_TLS: &str =
     "check --nats-tls-ca, the client certificate, and that the server speaks TLS";
 
+/// A JetStream time (async-nats reports them as `time::OffsetDateTime`) as the `chrono` time
+/// the rest of evgrid uses. Nanosecond precision; JetStream's times fit (until 2262).
+pub fn to_utc(t: time::OffsetDateTime) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_nanos(t.unix_timestamp_nanos() as i64)
+}
+
 /// Compares a server version string such as `2.11.8` or `2.12.0-beta.1` with `min`.
 pub fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
     let core = version

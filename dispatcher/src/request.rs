@@ -134,9 +134,7 @@ impl Handler {
             Ok(info) => Delivery {
                 stream_seq: info.stream_sequence,
                 delivered: info.delivered,
-                stored_at: DateTime::from_timestamp_nanos(
-                    info.published.unix_timestamp_nanos() as i64
-                ),
+                stored_at: evgrid_common::nats::to_utc(info.published),
             },
             Err(e) => {
                 tracing::warn!(subject = %msg.subject, error = %e, "ignoring a message without JetStream metadata");

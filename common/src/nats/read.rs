@@ -155,7 +155,7 @@ pub async fn read_stream(
             payload: message.payload.clone(),
             headers: message.headers.clone(),
             sequence,
-            published: DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64),
+            published: super::to_utc(info.published),
         });
         if sequence >= state.last_sequence || pending == 0 {
             return Ok(out);
@@ -203,7 +203,7 @@ pub async fn read_last_per_subject(
             payload: m.payload,
             headers: Some(m.headers),
             sequence: m.sequence,
-            published: DateTime::from_timestamp_nanos(m.time.unix_timestamp_nanos() as i64),
+            published: super::to_utc(m.time),
         });
     }
     Ok(out)
