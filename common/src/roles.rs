@@ -95,9 +95,20 @@ impl Role {
             }
             Self::Client => {
                 publish.push(subjects::REQUESTS.to_owned());
-                publish.push(format!("$JS.API.STREAM.INFO.{}", streams::REQUESTS));
                 // `evgrid load` finds the stream that stores its subject.
                 publish.push("$JS.API.STREAM.NAMES".to_owned());
+                publish.push(format!("$JS.API.STREAM.INFO.{}", streams::REQUESTS));
+                // Following its requests to completion (`evgrid load --wait-complete`) reads
+                // session events, rejections and heartbeats: of every client, since their
+                // subjects are per substation, not per client.
+                for stream in [streams::SESSIONS, streams::REJECTED, streams::TELEMETRY] {
+                    publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+                    publish.extend(
+                        ordered(stream)
+                            .into_iter()
+                            .filter(|s| !s.starts_with("$JS.API.CONSUMER.DELETE.")),
+                    );
+                }
                 (publish, replies)
             }
             Self::Operator => (
