@@ -290,7 +290,7 @@ impl Follower {
 
 async fn next_sequence(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
     let stream = js.get_stream(stream).await.with_context(|| {
-        format!("--wait-complete needs stream {stream}: is the evgrid pipeline running on this NATS server?")
+        format!("--wait-complete needs stream {stream}: is the evgrid pipeline running on this NATS server, and may this NATS user read it?")
     })?;
     Ok(stream.cached_info().state.last_sequence + 1)
 }
