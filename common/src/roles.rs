@@ -65,7 +65,9 @@ impl Role {
                 publish.extend([
                     subjects::DISPATCH_ALL.to_owned(),
                     subjects::REJECTED.to_owned(),
-                    // A failed substation's sessions are interrupted on its behalf.
+                    // A failed substation's requests go back on the request stream, and its
+                    // sessions are interrupted on its behalf.
+                    subjects::REQUESTS.to_owned(),
                     subjects::SESSIONS_ALL.to_owned(),
                 ]);
                 publish.extend(stream_info());

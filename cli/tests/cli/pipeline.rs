@@ -191,23 +191,29 @@ impl Pipeline {
         .await;
     }
 
-    /// Stops substation `i` as SIGTERM would (its sessions interrupted and handed back), requires
-    /// it to return `Ok` within 10 s, starts it again and waits until the grid is whole.
-    pub async fn restart_substation(&mut self, i: usize) {
-        let (args, stop) = &mut self.substation_runs[i];
-        stop.cancel();
+    /// Stops substation `i` as SIGTERM would (its sessions interrupted and handed back) and
+    /// requires it to return `Ok` within 10 s. It stays stopped.
+    pub async fn stop_substation(&mut self, i: usize) {
+        self.substation_runs[i].1.cancel();
         let id = &self.substations[i].0;
         let at = self
             .tasks
             .iter()
             .position(|(name, _)| name == id)
-            .expect("a task per substation");
+            .expect("a running substation");
         let (name, task) = self.tasks.remove(at);
         let result = tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .unwrap_or_else(|_| panic!("{name} did not stop within 10 s"))
             .unwrap_or_else(|e| panic!("{name} panicked: {e}"));
         result.unwrap_or_else(|e| panic!("{name} failed: {e:#}"));
+    }
+
+    /// [`Pipeline::stop_substation`], then starts it again and waits until the grid is whole.
+    pub async fn restart_substation(&mut self, i: usize) {
+        self.stop_substation(i).await;
+        let name = self.substations[i].0.clone();
+        let (args, stop) = &mut self.substation_runs[i];
         *stop = self.shutdown.child_token();
         let (ops, task) = start_substation(args, stop.clone()).await;
         self.substation_ops[i] = ops;

@@ -148,6 +148,70 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
     pipeline.stop().await;
 }
 
+/// The dispatcher's failover under the roles: a substation that stops for good has its
+/// requests moved to the others, and every one completes, with no refusal of any service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_substations_requests_move_under_the_roles() {
+    let mut pipeline = Pipeline::start(Options {
+        secured: true,
+        dispatcher_args: &["--substation-timeout", "1s"],
+        ..Options::default()
+    })
+    .await;
+    let api = pipeline.url("");
+    // Long charges (100 kWh at 11 kW: 9 grid-hours, 9 s here), so s1 still holds some.
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let body = serde_json::json!({"vehicle_id": format!("ev-{i}"), "energy_kwh": 100, "max_power_kw": 11});
+        ids.push(submit(&pipeline.http, &api, body.to_string()).await);
+    }
+    let state = |id: &String| format!("{api}/v1/charge-requests/{id}");
+    let on_s1 = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let mut on_s1 = 0;
+            for id in &ids {
+                let record = get_json(&pipeline.http, &state(id)).await?;
+                if record["substation_id"].is_null() {
+                    return None;
+                }
+                on_s1 += usize::from(record["substation_id"] == "s1");
+            }
+            Some(on_s1)
+        },
+    )
+    .await
+    .expect("every request dispatched within 10 s");
+    assert!(on_s1 > 0, "s1 got none of the 9 requests");
+
+    pipeline.stop_substation(0).await;
+    for id in &ids {
+        let record = eventually(
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || async {
+                let record = get_json(&pipeline.http, &state(id)).await?;
+                (record["state"] == "completed").then_some(record)
+            },
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{id} completed within 60 s"));
+        assert_ne!(record["substation_id"], "s1", "{record}");
+    }
+    let violations: Vec<String> = pipeline
+        .nats
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "a service was refused: {violations:#?}"
+    );
+}
+
 #[tokio::test]
 async fn nats_users_writes_passwords_and_the_block_a_server_takes() {
     let dir = tempfile::tempdir().unwrap();
