@@ -31,6 +31,21 @@ async fn connect_as(
     (client, rx)
 }
 
+/// Fails if the server logged a permissions violation (of any of the pipeline's services).
+fn assert_no_service_refused(pipeline: &Pipeline) {
+    let violations: Vec<String> = pipeline
+        .nats
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "a service was refused: {violations:#?}"
+    );
+}
+
 /// Waits (bounded) for the server to refuse `what` on `subject`.
 async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, what: &str, subject: &str) {
     let expected = format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
@@ -97,17 +112,7 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
     .await
     .expect("s1 reports the limit within 20 s");
     pipeline.restart_substation(0).await;
-    let violations: Vec<String> = pipeline
-        .nats
-        .log()
-        .lines()
-        .filter(|l| l.contains("Violation"))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "a service was refused: {violations:#?}"
-    );
+    assert_no_service_refused(&pipeline);
 
     // Substation s1's credentials speak for s1 only.
     let (s1, mut errors) = connect_as(&url, "substation-s1").await;
@@ -199,17 +204,7 @@ async fn a_lost_substations_requests_move_under_the_roles() {
         .unwrap_or_else(|_| panic!("{id} completed within 60 s"));
         assert_ne!(record["substation_id"], "s1", "{record}");
     }
-    let violations: Vec<String> = pipeline
-        .nats
-        .log()
-        .lines()
-        .filter(|l| l.contains("Violation"))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "a service was refused: {violations:#?}"
-    );
+    assert_no_service_refused(&pipeline);
 }
 
 #[tokio::test]
