@@ -24,7 +24,14 @@ pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(600);
 #[derive(Debug, Default)]
 pub(crate) struct LatestHeartbeats {
     latest: BTreeMap<String, Observed>,
+    /// When a full view was last swept for room. A flood of new ids meets a full view at every
+    /// heartbeat; sweeping 10,000 entries for each would cost more than the flood itself.
+    last_sweep: Option<DateTime<Utc>>,
+    sweeps: u64,
 }
+
+/// A full view is swept for room at most this often (by the heartbeats' stored times).
+const SWEEP_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 /// One substation as `GET /v1/substations` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -56,6 +63,14 @@ impl LatestHeartbeats {
         let full = |latest: &BTreeMap<String, Observed>| latest.len() >= MAX_SUBSTATIONS;
         let id = &observed.heartbeat.substation_id;
         if full(&self.latest) && !self.latest.contains_key(id) {
+            let due = self
+                .last_sweep
+                .is_none_or(|at| observed.stored_at - at >= SWEEP_EVERY);
+            if !due {
+                return false;
+            }
+            self.last_sweep = Some(observed.stored_at);
+            self.sweeps += 1;
             self.forget_silent(observed.stored_at);
             if full(&self.latest) {
                 return false;
@@ -182,6 +197,21 @@ mod tests {
             .map(|v| v.substation_id)
             .collect();
         assert_eq!(ids, ["new", "s0"]);
+    }
+
+    #[test]
+    fn a_flood_of_new_ids_sweeps_a_full_view_once_a_second() {
+        let mut grid = LatestHeartbeats::default();
+        for i in 0..MAX_SUBSTATIONS {
+            grid.observe(observed(&format!("s{i}"), 0.0, t0()));
+        }
+        for i in 0..1000 {
+            let at = t0() + Duration::milliseconds(i);
+            assert!(!grid.observe(observed(&format!("ghost{i}"), 0.0, at)));
+        }
+        assert_eq!(grid.sweeps, 1, "one sweep in the first second");
+        assert!(!grid.observe(observed("ghost", 0.0, t0() + Duration::seconds(2))));
+        assert_eq!(grid.sweeps, 2);
     }
 
     #[test]
