@@ -56,15 +56,14 @@ impl Credentials {
         roles::authorization(&self.users)
     }
 
-    /// How `user` connects.
-    pub fn auth(&self, user: &str) -> NatsAuth {
-        let password = self
+    /// How `role`'s user connects.
+    pub fn auth(&self, role: &Role) -> NatsAuth {
+        let user = self
             .users
             .iter()
-            .find(|u| u.role.user() == user)
-            .map(|u| u.password.clone())
-            .unwrap_or_default();
-        NatsAuth::user(user, password)
+            .find(|u| &u.role == role)
+            .expect("a user for every role of the grid");
+        NatsAuth::user(role.user(), user.password.clone())
     }
 
     /// The file holding `user`'s password.
@@ -105,14 +104,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = Credentials::load_or_create(data.path(), &ids).unwrap();
         assert_eq!(
-            first.auth("observer").password(),
-            again.auth("observer").password()
+            first.auth(&Role::Observer).password(),
+            again.auth(&Role::Observer).password()
         );
         assert_ne!(
-            first.auth("observer").password(),
-            first.auth("operator").password()
+            first.auth(&Role::Observer).password(),
+            first.auth(&Role::Operator).password()
         );
-        assert_eq!(first.auth("observer").password().map(str::len), Some(32));
+        assert_eq!(
+            first.auth(&Role::Observer).password().map(str::len),
+            Some(32)
+        );
         assert!(
             first
                 .authorization()

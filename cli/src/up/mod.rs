@@ -427,8 +427,8 @@ impl ServiceConfigs {
         nats_url: &str,
         credentials: Option<&credentials::Credentials>,
     ) -> Result<Self> {
-        // How `user` connects; with users, only the dispatcher manages the streams.
-        let nats = |user: &str| -> Vec<String> {
+        // How `role` connects; with users, only the dispatcher manages the streams.
+        let nats = |role: Role| -> Vec<String> {
             let mut words = vec![
                 "--nats-url".to_owned(),
                 nats_url.to_owned(),
@@ -436,27 +436,27 @@ impl ServiceConfigs {
                 args.replicas().to_string(),
             ];
             if let Some(credentials) = credentials {
-                let auth = credentials.auth(user);
+                let auth = credentials.auth(&role);
                 words.extend([
                     "--nats-user".to_owned(),
-                    user.to_owned(),
+                    role.user(),
                     "--nats-password".to_owned(),
                     auth.password().unwrap_or_default().to_owned(),
                     "--manage-streams".to_owned(),
-                    (user == "dispatcher").to_string(),
+                    (role == Role::Dispatcher).to_string(),
                 ]);
             }
             words
         };
-        let ingest = service_config(&nats("ingest")).context("ingest")?;
-        let mut dispatcher_words = nats("dispatcher");
+        let ingest = service_config(&nats(Role::Ingest)).context("ingest")?;
+        let mut dispatcher_words = nats(Role::Dispatcher);
         if let Some(policy) = args.policy {
             dispatcher_words.extend(["--policy".to_owned(), policy.as_str().to_owned()]);
         }
         let dispatcher = service_config(&dispatcher_words).context("dispatcher")?;
         let mut substations = Vec::new();
         for (id, capacity) in substation_ids(capacities).into_iter().zip(capacities) {
-            let mut words = nats(&Role::Substation(id.clone()).user());
+            let mut words = nats(Role::Substation(id.clone()));
             words.extend([
                 "--id".to_owned(),
                 id.clone(),
@@ -498,7 +498,7 @@ async fn run_services(
         substations: substation_configs,
     } = ServiceConfigs::new(args, capacities, nats_url, credentials)?;
     // The demo submits as a client would; the live line reads as an observer.
-    let auth = |user: &str| credentials.map(|c| c.auth(user)).unwrap_or_default();
+    let auth = |role: Role| credentials.map(|c| c.auth(&role)).unwrap_or_default();
 
     let endpoints = Endpoints {
         ingest: listeners.ingest.local_addr()?,
@@ -563,12 +563,12 @@ async fn run_services(
         );
     }
     if let (Some(demo), Some(rate)) = (demo, demo_rate) {
-        tracker.spawn(demo.drive(nats_url.to_owned(), auth("client"), rate, token.clone()));
+        tracker.spawn(demo.drive(nats_url.to_owned(), auth(Role::Client), rate, token.clone()));
     }
     if !args.quiet {
         tracker.spawn(crate::status::live_line(
             nats_url.to_owned(),
-            auth("observer"),
+            auth(Role::Observer),
             token.clone(),
         ));
     }
