@@ -3,7 +3,11 @@ recipes do: watch heartbeats, publish a raw charge request (as `nats pub` would)
 session to `completed`, read its state from the key-value bucket, and replay the request stream
 from a sequence. Driven by cli/tests/cli/nats_client.rs; prints one JSON line of what it saw.
 
-usage: nats_client.py NATS_URL VEHICLE_ID
+With evgrid's NATS roles (as `evgrid up` runs them), the request is published as the `client`
+user and everything else is read as the `observer`: give each its URL, credentials included
+(nats://user:password@host:port).
+
+usage: nats_client.py CLIENT_URL OBSERVER_URL VEHICLE_ID
 """
 
 import asyncio
@@ -16,8 +20,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 TIMEOUT = 30
 
 
-async def main(url, vehicle_id):
-    nc = await nats.connect(url)
+async def main(client_url, observer_url, vehicle_id):
+    client = await nats.connect(client_url)
+    nc = await nats.connect(observer_url)
     js = nc.jetstream()
     seen = {}
 
@@ -29,7 +34,9 @@ async def main(url, vehicle_id):
     # nats sub 'ev.sessions.*.completed', then nats pub ev.requests '{...}'
     completed = await nc.subscribe("ev.sessions.*.completed")
     request = {"vehicle_id": vehicle_id, "energy_kwh": 5, "max_power_kw": 11}
-    await nc.publish("ev.requests", json.dumps(request).encode())
+    await nc.flush()
+    await client.publish("ev.requests", json.dumps(request).encode())
+    await client.flush()
     while True:
         event = json.loads((await completed.next_msg(timeout=TIMEOUT)).data)
         if event["vehicle_id"] == vehicle_id:
@@ -54,8 +61,9 @@ async def main(url, vehicle_id):
             break
 
     await nc.close()
+    await client.close()
     print(json.dumps(seen))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -5,18 +5,30 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::pipeline::{Options, Pipeline};
+use crate::pipeline::{Options, Pipeline, password};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_party_client_submits_follows_reads_and_replays_a_request() {
-    let pipeline = Pipeline::start(Options::default()).await;
-    let url = pipeline.nats.url().to_owned();
+    // On NATS with evgrid's roles: the request is published as `client`, the rest read as
+    // `observer`, as the README's nats CLI contexts do.
+    let pipeline = Pipeline::start(Options {
+        secured: true,
+        ..Options::default()
+    })
+    .await;
+    let with_user = |user: &str| {
+        pipeline
+            .nats
+            .url()
+            .replacen("nats://", &format!("nats://{user}:{}@", password(user)), 1)
+    };
+    let (client_url, observer_url) = (with_user("client"), with_user("observer"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cli/nats_client.py");
     let run = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::task::spawn_blocking(move || {
             Command::new(evgrid_test_support::python())
-                .args([script, &url, "ev-nats-py"])
+                .args([script, &client_url, &observer_url, "ev-nats-py"])
                 .output()
         }),
     )

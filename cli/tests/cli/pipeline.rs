@@ -61,6 +61,7 @@ fn roles_config(ids: &[String]) -> String {
     let mut roles = vec![
         Role::Ingest,
         Role::Dispatcher,
+        Role::Client,
         Role::Operator,
         Role::Observer,
     ];
