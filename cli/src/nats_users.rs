@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use evgrid_substation::config::parse_substation_id;
 
@@ -38,8 +38,8 @@ pub fn main(args: NatsUsersArgs) -> Result<()> {
     );
     match &args.out {
         Some(path) => {
-            std::fs::write(path, block)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            // It holds the passwords too.
+            crate::up::credentials::write_private(path, &block)?;
             eprintln!(
                 "wrote {}; passwords in {}/",
                 path.display(),

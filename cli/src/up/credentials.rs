@@ -75,8 +75,16 @@ impl Credentials {
 /// A new random password (122 random bits, as hex), written to `path` readable by its owner
 /// only.
 fn write_new_password(path: &Path) -> Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let password = uuid::Uuid::new_v4().simple().to_string();
+    write_private(path, &format!("{password}\n"))?;
+    Ok(password)
+}
+
+/// Writes `contents` to `path`, readable and writable by its owner only (mode 0600), also when
+/// the file was already there with a wider mode: passwords, and server configurations that
+/// hold them.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -84,8 +92,10 @@ fn write_new_password(path: &Path) -> Result<String> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(file, "{password}").with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(password)
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

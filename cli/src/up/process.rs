@@ -200,8 +200,8 @@ async fn start_node(
         ));
     }
     let conf_path = data_dir.join("run").join(format!("{name}.conf"));
-    std::fs::write(&conf_path, conf)
-        .with_context(|| format!("cannot write {}", conf_path.display()))?;
+    // With users, the configuration holds their passwords.
+    super::credentials::write_private(&conf_path, &conf)?;
     let port = if args.nats_port == 0 {
         "-1".to_owned()
     } else {

@@ -225,6 +225,11 @@ async fn nats_users_writes_passwords_and_the_block_a_server_takes() {
     ])
     .await;
     assert!(ok, "{stderr}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&block).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the block holds the passwords");
+    }
     let server = evgrid_test_support::NatsServer::start_configured(
         &std::fs::read_to_string(&block).unwrap(),
     )

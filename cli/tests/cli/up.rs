@@ -249,6 +249,15 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
         data.path().join("nats").exists(),
         "the JetStream store is kept for the next run"
     );
+    // The passwords, and the server configuration that holds them, are the owner's only.
+    for private in ["credentials/observer", "run/evgrid-local.conf"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.path().join(private))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{private}");
+    }
 
     // One grep follows the request through ingest, the dispatcher and the substation.
     let logs = std::fs::read_to_string(data.path().join(STDERR_LOG)).unwrap();
