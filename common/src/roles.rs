@@ -35,6 +35,19 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role of a grid whose substations are `substation_ids`: one user each.
+    pub fn of_grid(substation_ids: &[String]) -> Vec<Role> {
+        let mut roles = vec![
+            Self::Ingest,
+            Self::Dispatcher,
+            Self::Client,
+            Self::Operator,
+            Self::Observer,
+        ];
+        roles.extend(substation_ids.iter().cloned().map(Self::Substation));
+        roles
+    }
+
     /// The NATS user name: `ingest`, `dispatcher`, `substation-<id>`, `operator`, `observer`.
     pub fn user(&self) -> String {
         match self {

@@ -29,15 +29,7 @@ impl Credentials {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut roles = vec![
-            Role::Ingest,
-            Role::Dispatcher,
-            Role::Client,
-            Role::Operator,
-            Role::Observer,
-        ];
-        roles.extend(substation_ids.iter().cloned().map(Role::Substation));
-        let users = roles
+        let users = Role::of_grid(substation_ids)
             .into_iter()
             .map(|role| {
                 let path = dir.join(role.user());

@@ -58,15 +58,7 @@ pub fn password(user: &str) -> String {
 /// user, with [`password`].
 fn roles_config(ids: &[String]) -> String {
     use evgrid_common::roles::{Role, User, authorization};
-    let mut roles = vec![
-        Role::Ingest,
-        Role::Dispatcher,
-        Role::Client,
-        Role::Operator,
-        Role::Observer,
-    ];
-    roles.extend(ids.iter().cloned().map(Role::Substation));
-    let users: Vec<User> = roles
+    let users: Vec<User> = Role::of_grid(ids)
         .into_iter()
         .map(|role| User {
             password: password(&role.user()),
