@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use evgrid_substation::config::parse_substation_id;
 
-use crate::up::credentials::Credentials;
+use crate::credentials::Credentials;
 
 /// Options of `evgrid nats-users`.
 #[derive(Args, Debug, Clone)]
@@ -39,7 +39,7 @@ pub fn main(args: NatsUsersArgs) -> Result<()> {
     match &args.out {
         Some(path) => {
             // It holds the passwords too.
-            crate::up::credentials::write_private(path, &block)?;
+            crate::credentials::write_private(path, &block)?;
             eprintln!(
                 "wrote {}; passwords in {}/",
                 path.display(),

@@ -14,10 +14,11 @@ use tokio_util::task::TaskTracker;
 
 use evgrid_common::config::{LogFormat, parse_duration, parse_listen, parse_positive};
 use evgrid_common::roles::Role;
+
+use crate::credentials;
 use evgrid_dispatcher::Policy;
 
 mod banner;
-pub mod credentials;
 mod process;
 mod prometheus;
 

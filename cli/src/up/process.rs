@@ -101,7 +101,7 @@ pub(super) struct StartedNats {
 pub(super) async fn start_nats(
     args: &UpArgs,
     data_dir: &Path,
-    credentials: Option<&super::credentials::Credentials>,
+    credentials: Option<&crate::credentials::Credentials>,
 ) -> Result<StartedNats> {
     check_nats_server_bin(&args.nats_server_bin).await?;
     let size = usize::from(args.nats_cluster);
@@ -157,7 +157,7 @@ async fn start_node(
     data_dir: &Path,
     i: usize,
     route_ports: &[u16],
-    credentials: Option<&super::credentials::Credentials>,
+    credentials: Option<&crate::credentials::Credentials>,
 ) -> Result<(ChildProcess, String, String)> {
     let clustered = !route_ports.is_empty();
     let (name, store, ports_dir) = if clustered {
@@ -201,7 +201,7 @@ async fn start_node(
     }
     let conf_path = data_dir.join("run").join(format!("{name}.conf"));
     // With users, the configuration holds their passwords.
-    super::credentials::write_private(&conf_path, &conf)?;
+    crate::credentials::write_private(&conf_path, &conf)?;
     let port = if args.nats_port == 0 {
         "-1".to_owned()
     } else {

@@ -1,7 +1,8 @@
-//! The NATS users of the grid `evgrid up` starts: one per role (docs/security.md), each with a
-//! random password kept in `<data-dir>/credentials/<user>` (mode 0600, made once and kept across
-//! runs, so a saved `nats` context keeps working; `--fresh` makes new ones), and the
-//! nats-server `authorization` block that gives each its role's permissions.
+//! The NATS users of a grid: one per role (docs/security.md), each with a random password kept
+//! in a file of its own (mode 0600, made once and kept, so a saved `nats` context keeps
+//! working), and the nats-server `authorization` block that gives each its role's permissions.
+//! `evgrid up` keeps them in `<data-dir>/credentials/` (`--fresh` makes new ones); `evgrid
+//! nats-users` writes them for a NATS run elsewhere.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
