@@ -5,7 +5,9 @@
 
 use std::fmt;
 
-/// Displays `error` followed by each of its causes, separated by `: `.
+/// Displays `error` followed by each of its causes, separated by `: `. A cause whose message
+/// the text so far already holds is left out: some libraries' errors (async-nats's among them)
+/// print their source in their own message.
 pub fn chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
     Chain(error)
 }
@@ -16,13 +18,17 @@ pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut text = self.0.to_string();
         let mut cause = self.0.source();
         while let Some(error) = cause {
-            write!(f, ": {error}")?;
+            let message = error.to_string();
+            if !text.contains(&message) {
+                text.push_str(": ");
+                text.push_str(&message);
+            }
             cause = error.source();
         }
-        Ok(())
+        f.write_str(&text)
     }
 }
 
@@ -41,5 +47,20 @@ mod tests {
             "no such file",
         ));
         assert_eq!(chain(&e).to_string(), "cannot read trace.csv: no such file");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("timed out: {0}")]
+    struct SaysItsSource(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = Outer(std::io::Error::other(SaysItsSource(std::io::Error::other(
+            "deadline has elapsed",
+        ))));
+        assert_eq!(
+            chain(&e).to_string(),
+            "cannot read trace.csv: timed out: deadline has elapsed"
+        );
     }
 }

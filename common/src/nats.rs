@@ -236,17 +236,7 @@ async fn options(
 /// Why a first connection was refused, with its cause, if it was (not merely unreachable).
 fn refusal_of(error: &async_nats::ConnectError) -> Option<String> {
     use async_nats::ConnectErrorKind as Kind;
-    let mut chain = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        // async-nats's errors already print their source: add only what is new.
-        let cause_text = cause.to_string();
-        if !chain.contains(&cause_text) {
-            chain.push_str(": ");
-            chain.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
+    let chain = crate::error::chain(error).to_string();
     let tls = error.kind() == Kind::Tls
         || ["certificate", "TLS", "tls"]
             .iter()
