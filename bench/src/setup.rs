@@ -240,9 +240,13 @@ impl Pipeline {
                     routers
                         .push(Proc::service(&name, "evgrid-dispatcher", nats_arg(), logs).await?);
                 }
+                // Without API keys, as the reference has none: the benchmarks compare the
+                // pipelines; what keys cost is `evgrid-bench ingest --api-key`'s ratio.
+                let mut words = nats_arg();
+                words.push("--insecure-no-auth".to_owned());
                 (
                     routers,
-                    Proc::service("ingest", "evgrid-ingest", nats_arg(), logs).await?,
+                    Proc::service("ingest", "evgrid-ingest", words, logs).await?,
                 )
             }
             Kind::Reference => {

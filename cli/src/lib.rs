@@ -1,6 +1,7 @@
 //! Library behind the `evgrid` command line: each subcommand is a module, so tests drive the
 //! same code the binary runs.
 
+pub mod api_key;
 pub mod credentials;
 mod demo;
 pub mod load;

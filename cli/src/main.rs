@@ -32,6 +32,8 @@ enum Command {
     /// Write NATS users for evgrid's roles (passwords, and the nats-server authorization block)
     /// for a NATS you run yourself.
     NatsUsers(evgrid::nats_users::NatsUsersArgs),
+    /// Make an API key for ingest's HTTP API and add its hash to a keys file.
+    ApiKey(evgrid::api_key::ApiKeyArgs),
 }
 
 #[tokio::main]
@@ -50,6 +52,9 @@ async fn main() -> std::process::ExitCode {
         Command::Replay(args) => evgrid::replay::main(*args).await,
         Command::NatsUsers(args) => {
             evgrid::nats_users::main(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::ApiKey(args) => {
+            evgrid::api_key::main(args).map(|()| std::process::ExitCode::SUCCESS)
         }
     };
     match result {

@@ -11,6 +11,7 @@ pub(crate) enum Route {
     ChargeRequests,
     ChargeRequest,
     Substations,
+    ApiKey,
     Metrics,
     Healthz,
     Readyz,
@@ -19,10 +20,11 @@ pub(crate) enum Route {
 }
 
 impl Route {
-    pub(crate) const ALL: [Route; 7] = [
+    pub(crate) const ALL: [Route; 8] = [
         Self::ChargeRequests,
         Self::ChargeRequest,
         Self::Substations,
+        Self::ApiKey,
         Self::Metrics,
         Self::Healthz,
         Self::Readyz,
@@ -34,6 +36,7 @@ impl Route {
             Self::ChargeRequests => "/v1/charge-requests",
             Self::ChargeRequest => "/v1/charge-requests/{request_id}",
             Self::Substations => "/v1/substations",
+            Self::ApiKey => "/v1/api-key",
             Self::Metrics => "/metrics",
             Self::Healthz => "/healthz",
             Self::Readyz => "/readyz",
@@ -51,6 +54,7 @@ impl Route {
         match path {
             "/v1/charge-requests" => Self::ChargeRequests,
             "/v1/substations" => Self::Substations,
+            "/v1/api-key" => Self::ApiKey,
             "/metrics" => Self::Metrics,
             "/healthz" => Self::Healthz,
             "/readyz" => Self::Readyz,
@@ -81,16 +85,25 @@ pub(crate) enum Rejection {
     UnsupportedMediaType,
     NatsUnavailable,
     StoreFull,
+    /// No API key, or an unknown one.
+    Unauthorized,
+    /// A key without the `submit` scope.
+    Forbidden,
+    /// A key over its rate limit.
+    RateLimited,
 }
 
 impl Rejection {
-    pub(crate) const ALL: [Rejection; 6] = [
+    pub(crate) const ALL: [Rejection; 9] = [
         Self::MalformedJson,
         Self::InvalidFields,
         Self::TooLarge,
         Self::UnsupportedMediaType,
         Self::NatsUnavailable,
         Self::StoreFull,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::RateLimited,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -101,6 +114,9 @@ impl Rejection {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NatsUnavailable => "nats_unavailable",
             Self::StoreFull => "store_full",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! and substations keep current, and `GET /v1/substations` from the substations' heartbeats.
 //! The HTTP contract is `docs/api.md` and `docs/openapi.yaml`.
 
+pub mod auth;
 mod contract;
 mod metrics;
 mod problem;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use contract::BODY_LIMIT_BYTES;
 
+use crate::auth::{Access, ApiKeys};
 use crate::metrics::Metrics;
 use crate::state::AppState;
 
@@ -82,6 +84,52 @@ pub struct Config {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000),
     )]
     pub http_max_connections: usize,
+
+    /// The API keys file: a `secret` line and one line per key with its SHA-256, scopes and
+    /// rate (docs/security.md); `evgrid api-key` writes it. Read at start: restart ingest
+    /// to take in a change.
+    #[arg(long, env = "EVGRID_API_KEYS", value_name = "FILE", value_parser = parse_api_keys)]
+    pub api_keys: Option<Arc<ApiKeys>>,
+
+    /// Serve without API keys: anyone who reaches the API may submit requests and read every
+    /// request and the grid. For local experiments only.
+    #[arg(long, env = "EVGRID_INSECURE_NO_AUTH", conflicts_with = "api_keys")]
+    pub insecure_no_auth: bool,
+
+    /// Requests a second each API key may make (bursts of a second's worth), unless its line
+    /// in the keys file sets its own `rate=`.
+    #[arg(long, env = "EVGRID_API_RATE_LIMIT", default_value_t = DEFAULT_API_RATE_LIMIT,
+          value_parser = parse_rate_limit)]
+    pub api_rate_limit: f64,
+}
+
+impl Config {
+    /// What the options cannot say by themselves: that one of `--api-keys` and
+    /// `--insecure-no-auth` is given.
+    pub fn check(&self) -> Result<(), String> {
+        if self.api_keys.is_none() && !self.insecure_no_auth {
+            return Err("no API keys: give --api-keys FILE (`evgrid api-key` makes one), or --insecure-no-auth for a local experiment".into());
+        }
+        Ok(())
+    }
+}
+
+/// Default of `--api-rate-limit`: requests a second per API key.
+pub const DEFAULT_API_RATE_LIMIT: f64 = 100.0;
+
+fn parse_api_keys(path: &str) -> Result<Arc<ApiKeys>, String> {
+    ApiKeys::read(std::path::Path::new(path))
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_rate_limit(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1e6 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate above 0 and at most 1000000 a second"
+        )),
+    }
 }
 
 fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
@@ -101,9 +149,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.check().map_err(anyhow::Error::msg)?;
+    let access = match &config.api_keys {
+        Some(keys) => Access::Keys {
+            keys: keys.clone(),
+            default_rate: config.api_rate_limit,
+        },
+        None => {
+            tracing::warn!(
+                "serving without API keys (--insecure-no-auth): anyone who reaches the API may submit, and read every request"
+            );
+            Access::Open
+        }
+    };
     let registry = evgrid_common::metrics::registry();
     let readiness = Readiness::new();
     let state = Arc::new(AppState::new(
+        access,
         config.recent_accepts,
         Metrics::register(&registry),
         readiness.clone(),

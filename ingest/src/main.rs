@@ -29,6 +29,10 @@ struct Cli {
 async fn main() -> ExitCode {
     // Bad config: one line and status 2, before anything is bound.
     let cli: Cli = evgrid_common::config::parse_or_exit_renamed(evgrid_ingest::RENAMED_ENV);
+    if let Err(e) = cli.config.check() {
+        eprintln!("evgrid-ingest: {e}");
+        return ExitCode::from(2);
+    }
     evgrid_common::service::main(
         "evgrid-ingest",
         cli.listen,

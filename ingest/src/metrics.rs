@@ -32,10 +32,11 @@ const PUBLISH_ACK_BUCKETS: &[f64] = &[
 /// The statuses each route can answer, pre-created so they show as 0.
 fn statuses(route: Route) -> &'static [u16] {
     match route {
-        Route::ChargeRequests => &[202, 400, 405, 413, 415, 422, 500, 503],
-        Route::ChargeRequest => &[200, 404, 405, 422, 500, 503],
+        Route::ChargeRequests => &[202, 400, 401, 403, 405, 413, 415, 422, 429, 500, 503],
+        Route::ChargeRequest => &[200, 401, 403, 404, 405, 422, 429, 500, 503],
+        Route::Substations | Route::ApiKey => &[200, 401, 403, 405, 429],
         Route::Readyz => &[200, 405, 503],
-        Route::Substations | Route::Metrics | Route::Healthz => &[200, 405],
+        Route::Metrics | Route::Healthz => &[200, 405],
         Route::Other => &[404],
     }
 }

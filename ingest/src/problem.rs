@@ -40,6 +40,15 @@ pub(crate) enum ApiError {
     /// full. Not an outage: an operator must make room.
     #[error("the request store is full ({0}); retry later")]
     StoreFull(String),
+    /// No API key, or one the keys file does not know (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A known key without the scope this needs (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The key is over its rate limit; a request will be taken again after this (429).
+    #[error("this API key is over its rate limit; retry in {:.1} s", .0.as_secs_f64())]
+    RateLimited(std::time::Duration),
     #[error("internal error; the server log has the cause")]
     Internal,
 }
@@ -63,6 +72,9 @@ impl ApiError {
             Self::NotFound(_) => ProblemType::NotFound,
             Self::NatsUnavailable => ProblemType::ServiceUnavailable,
             Self::StoreFull(_) => ProblemType::StoreFull,
+            Self::Unauthorized(_) => ProblemType::Unauthorized,
+            Self::Forbidden(_) => ProblemType::Forbidden,
+            Self::RateLimited(_) => ProblemType::RateLimited,
             Self::Internal => ProblemType::Internal,
         }
     }
@@ -76,6 +88,9 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => Some(Rejection::UnsupportedMediaType),
             Self::NatsUnavailable => Some(Rejection::NatsUnavailable),
             Self::StoreFull(_) => Some(Rejection::StoreFull),
+            Self::Unauthorized(_) => Some(Rejection::Unauthorized),
+            Self::Forbidden(_) => Some(Rejection::Forbidden),
+            Self::RateLimited(_) => Some(Rejection::RateLimited),
             Self::BodyRead(_) | Self::NotFound(_) | Self::Internal => None,
         }
     }
@@ -85,7 +100,23 @@ impl ApiError {
             Self::Request(RequestError::Invalid(errors)) => errors.as_slice(),
             _ => &[],
         };
-        problem_response(self.kind(), &self.to_string(), errors)
+        let mut response = problem_response(self.kind(), &self.to_string(), errors);
+        let headers = response.headers_mut();
+        match &self {
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"evgrid\""),
+                );
+            }
+            Self::RateLimited(wait) => {
+                // Whole seconds, rounded up: a client that waits that long is let in.
+                let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -101,6 +132,9 @@ enum ProblemType {
     MethodNotAllowed,
     ServiceUnavailable,
     StoreFull,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
     Internal,
 }
 
@@ -116,6 +150,9 @@ impl ProblemType {
             Self::MethodNotAllowed => "https://evgrid.dev/problems/method-not-allowed",
             Self::ServiceUnavailable => "https://evgrid.dev/problems/service-unavailable",
             Self::StoreFull => "https://evgrid.dev/problems/store-full",
+            Self::Unauthorized => "https://evgrid.dev/problems/unauthorized",
+            Self::Forbidden => "https://evgrid.dev/problems/forbidden",
+            Self::RateLimited => "https://evgrid.dev/problems/rate-limited",
             Self::Internal => "https://evgrid.dev/problems/internal",
         }
     }
@@ -131,6 +168,9 @@ impl ProblemType {
             Self::MethodNotAllowed => "Method not allowed",
             Self::ServiceUnavailable => "Service unavailable",
             Self::StoreFull => "Store full",
+            Self::Unauthorized => "Unauthorized",
+            Self::Forbidden => "Forbidden",
+            Self::RateLimited => "Too many requests",
             Self::Internal => "Internal server error",
         }
     }
@@ -144,6 +184,9 @@ impl ProblemType {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::ServiceUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -281,6 +324,10 @@ mod tests {
             ProblemType::NotFound,
             ProblemType::MethodNotAllowed,
             ProblemType::ServiceUnavailable,
+            ProblemType::StoreFull,
+            ProblemType::Unauthorized,
+            ProblemType::Forbidden,
+            ProblemType::RateLimited,
             ProblemType::Internal,
         ];
         let uris: std::collections::HashSet<_> = all.iter().map(|k| k.uri()).collect();

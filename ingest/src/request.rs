@@ -3,7 +3,6 @@
 //! request id the request names (`Idempotency-Key` header, body `request_id`, or a new one).
 
 use bytes::{Buf, Bytes, BytesMut};
-use evgrid_model::messages::request_id_from_idempotency_key;
 use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
@@ -65,12 +64,15 @@ where
 }
 
 /// The request id: the `Idempotency-Key` header if given, else the body's `request_id`, else
-/// `new()`. A header and a body naming different ids is a contradiction the client must fix.
+/// `new()`, each through `map` (which turns a key, or an id the client chose, into the id
+/// stored). A header and a body naming different ids is a contradiction the client must fix.
 pub(crate) fn resolve_request_id(
     idempotency_key: Option<&str>,
     body_id: Option<Uuid>,
+    map: impl Fn(&str) -> Uuid,
     new: impl FnOnce() -> Uuid,
 ) -> Result<Uuid, ApiError> {
+    let body_id = body_id.map(|id| map(&id.to_string()));
     let Some(key) = idempotency_key else {
         return Ok(body_id.unwrap_or_else(new));
     };
@@ -81,7 +83,7 @@ pub(crate) fn resolve_request_id(
             format!("header must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} characters"),
         ));
     }
-    let id = request_id_from_idempotency_key(key);
+    let id = map(key);
     match body_id {
         Some(body_id) if body_id != id => Err(ApiError::field(
             "request_id",
@@ -95,6 +97,8 @@ pub(crate) fn resolve_request_id(
 
 #[cfg(test)]
 mod tests {
+    use evgrid_model::messages::request_id_from_idempotency_key;
+
     use super::*;
 
     #[test]
@@ -160,16 +164,28 @@ mod tests {
     #[test]
     fn the_header_names_the_id_then_the_body_then_a_new_one() {
         let body = Uuid::from_u128(7);
-        assert_eq!(resolve_request_id(None, None, fresh).unwrap(), fresh());
-        assert_eq!(resolve_request_id(None, Some(body), fresh).unwrap(), body);
+        assert_eq!(
+            resolve_request_id(None, None, request_id_from_idempotency_key, fresh).unwrap(),
+            fresh()
+        );
+        assert_eq!(
+            resolve_request_id(None, Some(body), request_id_from_idempotency_key, fresh).unwrap(),
+            body
+        );
         let key = "order-42";
         let from_key = request_id_from_idempotency_key(key);
         assert_eq!(
-            resolve_request_id(Some(key), None, fresh).unwrap(),
+            resolve_request_id(Some(key), None, request_id_from_idempotency_key, fresh).unwrap(),
             from_key
         );
         assert_eq!(
-            resolve_request_id(Some(&body.to_string()), Some(body), fresh).unwrap(),
+            resolve_request_id(
+                Some(&body.to_string()),
+                Some(body),
+                request_id_from_idempotency_key,
+                fresh
+            )
+            .unwrap(),
             body
         );
     }
@@ -185,16 +201,27 @@ mod tests {
             field(resolve_request_id(
                 Some("order-42"),
                 Some(Uuid::from_u128(7)),
+                request_id_from_idempotency_key,
                 fresh
             )),
             "request_id"
         );
         assert_eq!(
-            field(resolve_request_id(Some("  "), None, fresh)),
+            field(resolve_request_id(
+                Some("  "),
+                None,
+                request_id_from_idempotency_key,
+                fresh
+            )),
             "Idempotency-Key"
         );
         assert_eq!(
-            field(resolve_request_id(Some(&"k".repeat(256)), None, fresh)),
+            field(resolve_request_id(
+                Some(&"k".repeat(256)),
+                None,
+                request_id_from_idempotency_key,
+                fresh
+            )),
             "Idempotency-Key"
         );
     }

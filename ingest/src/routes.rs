@@ -24,6 +24,7 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::path::FullPath;
 use warp::reply::Response;
 
+use crate::auth::Scope;
 use crate::contract::Route;
 use crate::problem::{self, ApiError};
 use crate::state::{AppState, Connected};
@@ -44,9 +45,11 @@ pub(crate) fn routes(
         warp::any().map(move || state.clone())
     };
     // Path before method everywhere, so a known path with the wrong method is a 405, not a 404.
+    let authorization = || warp::header::optional::<String>("authorization");
     let post = warp::path!("v1" / "charge-requests")
         .and(warp::post())
         .and(with_state.clone())
+        .and(authorization())
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::header::optional::<u64>("content-length"))
@@ -55,15 +58,41 @@ pub(crate) fn routes(
     let get_one = warp::path!("v1" / "charge-requests" / String)
         .and(warp::get())
         .and(with_state.clone())
+        .and(authorization())
         .then(get_charge_request);
     let substations = warp::path!("v1" / "substations")
         .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .map(|state: Arc<AppState>, authorization: Option<String>| {
+            match state.access.check(
+                authorization.as_deref(),
+                Some(Scope::Operator),
+                Instant::now(),
+            ) {
+                Ok(_) => json_response(StatusCode::OK, &state.substations(Utc::now())),
+                Err(e) => e.into_response(),
+            }
+        });
+    let api_key = warp::path!("v1" / "api-key")
+        .and(warp::get())
         .and(with_state)
-        .map(|state: Arc<AppState>| json_response(StatusCode::OK, &state.substations(Utc::now())));
+        .and(authorization())
+        .map(|state: Arc<AppState>, authorization: Option<String>| {
+            match state
+                .access
+                .check(authorization.as_deref(), None, Instant::now())
+            {
+                Ok(caller) => json_response(StatusCode::OK, &caller.describe()),
+                Err(e) => e.into_response(),
+            }
+        });
     let api = post
         .or(get_one)
         .unify()
         .or(substations)
+        .unify()
+        .or(api_key)
         .unify()
         .or(ops_routes(registry, readiness))
         .unify()
@@ -90,6 +119,7 @@ struct Queued {
 
 async fn post_charge_request<S, B>(
     state: Arc<AppState>,
+    authorization: Option<String>,
     content_type: Option<String>,
     idempotency_key: Option<String>,
     content_length: Option<u64>,
@@ -101,6 +131,7 @@ where
 {
     let accepted = accept(
         &state,
+        authorization.as_deref(),
         content_type.as_deref(),
         idempotency_key.as_deref(),
         content_length,
@@ -137,6 +168,7 @@ where
 /// energy it can expect when that is less than it asked for (best effort).
 async fn accept<S, B>(
     state: &AppState,
+    authorization: Option<&str>,
     content_type: Option<&str>,
     idempotency_key: Option<&str>,
     content_length: Option<u64>,
@@ -146,11 +178,16 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
+    let caller = state
+        .access
+        .check(authorization, Some(Scope::Submit), Instant::now())?;
     let now = Utc::now();
     request::check_content_type(content_type)?;
     let body = request::read_body(content_length, body).await?;
     let mut charge = validate::parse_charge_request(&body, now)?;
-    let request_id = request::resolve_request_id(idempotency_key, charge.request_id, Uuid::new_v4)?;
+    let request_id = state
+        .access
+        .request_id(&caller, idempotency_key, charge.request_id)?;
     charge.request_id = Some(request_id);
     let payload = serde_json::to_vec(&charge).map_err(|e| {
         tracing::error!(%request_id, error = %e, "cannot serialize a charge request");
@@ -245,17 +282,32 @@ fn store_full(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
-async fn get_charge_request(raw_id: String, state: Arc<AppState>) -> Response {
-    match lookup(&state, &raw_id).await {
+async fn get_charge_request(
+    raw_id: String,
+    state: Arc<AppState>,
+    authorization: Option<String>,
+) -> Response {
+    match lookup(&state, authorization.as_deref(), &raw_id).await {
         Ok(record) => json_response(StatusCode::OK, &crate::view::RequestView::from(record)),
         Err(e) => e.into_response(),
     }
 }
 
 /// The request's state from `EV_REQUEST_STATE`, else `queued` if this process accepted it.
-async fn lookup(state: &AppState, raw_id: &str) -> Result<RequestRecord, ApiError> {
+/// Another client's request is not found: its existence is not the caller's to know.
+async fn lookup(
+    state: &AppState,
+    authorization: Option<&str>,
+    raw_id: &str,
+) -> Result<RequestRecord, ApiError> {
+    let caller = state
+        .access
+        .check(authorization, Some(Scope::Read), Instant::now())?;
     let request_id =
         Uuid::parse_str(raw_id).map_err(|_| ApiError::field("request_id", "must be a UUID"))?;
+    if !caller.may_read(request_id) {
+        return Err(ApiError::NotFound(request_id));
+    }
     let nats = state.nats()?;
     match nats.request_states.get(request_id.to_string()).await {
         Ok(Some(value)) => serde_json::from_slice(&value).map_err(|e| {

@@ -9,12 +9,15 @@ use evgrid_common::http::Readiness;
 use evgrid_common::nats::Nats;
 use evgrid_model::liveness::Observed;
 
+use crate::auth::Access;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::recent::RecentlyAccepted;
 use crate::substations::{LatestHeartbeats, SubstationStatus};
 
 pub(crate) struct AppState {
+    /// Who may call, and the ids their requests get.
+    pub(crate) access: Access,
     connected: OnceLock<Connected>,
     pub(crate) recent: RecentlyAccepted,
     grid: Mutex<LatestHeartbeats>,
@@ -32,8 +35,14 @@ pub(crate) struct Connected {
 }
 
 impl AppState {
-    pub(crate) fn new(recent_accepts: usize, metrics: Metrics, readiness: Readiness) -> Self {
+    pub(crate) fn new(
+        access: Access,
+        recent_accepts: usize,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> Self {
         Self {
+            access,
             connected: OnceLock::new(),
             recent: RecentlyAccepted::new(recent_accepts),
             grid: Mutex::default(),

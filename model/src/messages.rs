@@ -69,6 +69,22 @@ pub fn request_id_from_idempotency_key(key: &str) -> Uuid {
     })
 }
 
+/// The first 48 bits of a request id ingest made for an API key: they name the key's owner
+/// (ingest keys them with a secret, docs/security.md), so that the id tells whose it is.
+pub type OwnerTag = [u8; 6];
+
+/// The owner tag of `id` (its first 48 bits).
+pub fn owner_tag(id: Uuid) -> OwnerTag {
+    id.as_bytes()[..6].try_into().expect("6 bytes")
+}
+
+/// `id` with its first 48 bits replaced by `tag`; its version and variant stay.
+pub fn with_owner_tag(tag: OwnerTag, id: Uuid) -> Uuid {
+    let mut bytes = *id.as_bytes();
+    bytes[..6].copy_from_slice(&tag);
+    Uuid::from_bytes(bytes)
+}
+
 /// A heartbeat on `ev.telemetry.<substation_id>`: the substation's state at `sent_at`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {

@@ -128,7 +128,8 @@ impl LocalGrid {
                 service(
                     numbered("ingest", shape.ingests, i),
                     "evgrid-ingest",
-                    vec![],
+                    // The faults are the subject here, not who may call.
+                    vec!["--insecure-no-auth".to_owned()],
                 )
             })
             .collect::<Result<_>>()?;

@@ -25,7 +25,7 @@ use async_nats::jetstream;
 use chrono::Utc;
 use clap::ArgGroup;
 use evgrid_common::config::{
-    DEFAULT_NATS_URL, NATS_URL_ENV, NatsAuth, parse_nats_url, parse_positive,
+    DEFAULT_NATS_URL, NATS_URL_ENV, NatsAuth, Secret, parse_nats_url, parse_positive,
     parse_positive_duration as parse_duration,
 };
 use evgrid_common::nats;
@@ -63,6 +63,19 @@ pub struct LoadArgs {
     #[arg(long, value_name = "http://HOST:PORT", value_parser = parse_http_url, value_delimiter = ',',
           help_heading = "Target")]
     pub url: Vec<reqwest::Url>,
+
+    /// API key for --url, sent as `Authorization: Bearer <key>` (`evgrid up` keeps its operator
+    /// key in `<data-dir>/api-key`). A command line is visible to every user of the machine:
+    /// prefer the variable or --api-key-file.
+    #[arg(long, env = "EVGRID_API_KEY", hide_env_values = true,
+          value_parser = evgrid_common::config::parse_secret, help_heading = "Target")]
+    pub api_key: Option<Secret>,
+
+    /// File whose first line is the API key for --url.
+    #[arg(long, env = "EVGRID_API_KEY_FILE", value_name = "FILE",
+          conflicts_with = "api_key", value_parser = evgrid_common::config::read_secret_file,
+          help_heading = "Target")]
+    pub api_key_file: Option<Secret>,
 
     /// Resend a request that got no answer (no connection, --timeout) or a 5xx, with the same
     /// Idempotency-Key (so it is stored once), backing off from 100 ms to 1 s, for up to this
@@ -241,7 +254,12 @@ pub async fn run_plan(
     };
 
     let (target, target_name, events) = connect(&args, connections, &shutdown).await?;
-    let ids = RunIds::new(rand::random());
+    // With an API key, ids carry the key's owner (docs/security.md): made so, they are stored
+    // as sent and the session events still map straight back to their requests.
+    let ids = match target.owner_tag().await? {
+        Some(tag) => RunIds::owned_by(tag, rand::random()),
+        None => RunIds::new(rand::random()),
+    };
     let recorder = Arc::new(Recorder::default());
     let tracker = args
         .wait_complete
@@ -375,7 +393,8 @@ async fn connect(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Target, String, Option<nats::Nats>)> {
     if !args.url.is_empty() {
-        let target = Target::http(&args.url, connections)?;
+        let key = args.api_key.as_ref().or(args.api_key_file.as_ref());
+        let target = Target::http(&args.url, connections, key.map(Secret::expose))?;
         let events = if args.wait_complete {
             let nats = connect_nats(&args.events_nats_url, &args.auth, shutdown)
                 .await

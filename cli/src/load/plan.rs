@@ -180,6 +180,15 @@ impl RunIds {
         Self { prefix }
     }
 
+    /// Ids whose first 48 bits are `tag` (an API key's owner, as ingest makes them).
+    pub fn owned_by(tag: evgrid_model::messages::OwnerTag, random: u128) -> Self {
+        let prefix =
+            evgrid_model::messages::with_owner_tag(tag, Uuid::from_u128(Self::new(random).prefix));
+        Self {
+            prefix: prefix.as_u128(),
+        }
+    }
+
     pub fn id(&self, i: u64) -> Uuid {
         Uuid::from_u128(self.prefix | (u128::from(i) & INDEX_MASK))
     }

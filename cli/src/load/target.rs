@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
+use evgrid_model::messages::{OwnerTag, owner_tag};
 use evgrid_model::subjects;
-use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use uuid::Uuid;
 
 use super::stats::{ErrorKind, SendError};
@@ -24,6 +26,8 @@ pub enum Target {
     Http {
         client: reqwest::Client,
         endpoints: Vec<reqwest::Url>,
+        /// Whether `client` sends an API key.
+        keyed: bool,
     },
     /// JetStream publish to `ev.requests` with `Nats-Msg-Id` = request id, awaiting the PubAck.
     JetStream(jetstream::Context),
@@ -34,7 +38,11 @@ pub enum Target {
 impl Target {
     /// An HTTP target over `bases` (ingest replicas) with a pool of up to `connections`
     /// kept-alive connections each.
-    pub fn http(bases: &[reqwest::Url], connections: usize) -> anyhow::Result<Self> {
+    pub fn http(
+        bases: &[reqwest::Url],
+        connections: usize,
+        api_key: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let endpoints = bases
             .iter()
             .map(|base| {
@@ -43,22 +51,75 @@ impl Target {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!endpoints.is_empty(), "no --url");
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+                .map_err(|_| anyhow::anyhow!("the API key is not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
         // No redirects or retries: a load tool reports what the target answered, once.
         let client = reqwest::Client::builder()
+            .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
             .retry(reqwest::retry::never())
             .pool_max_idle_per_host(connections)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        Ok(Target::Http { client, endpoints })
+        Ok(Target::Http {
+            client,
+            endpoints,
+            keyed: api_key.is_some(),
+        })
+    }
+
+    /// The owner tag of the ids the target makes for this client's API key
+    /// (`GET /v1/api-key`), when it has one; a key the target refuses stops the run here.
+    pub async fn owner_tag(&self) -> anyhow::Result<Option<OwnerTag>> {
+        let Target::Http {
+            client,
+            endpoints,
+            keyed: true,
+        } = self
+        else {
+            return Ok(None);
+        };
+        // `{base}/v1/charge-requests` → `{base}/v1/api-key`.
+        let url = endpoints[0].join("api-key")?;
+        let response = client
+            .get(url.clone())
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .with_context(|| format!("GET {url} answered {status}, not JSON"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{url} refused the API key ({status}): {}; give one with --api-key or --api-key-file",
+                body["detail"].as_str().unwrap_or("no detail")
+            );
+        }
+        let Some(prefix) = body["request_id_prefix"].as_str() else {
+            return Ok(None);
+        };
+        let id =
+            Uuid::parse_str(&format!("{prefix}-0000-0000-000000000000")).with_context(|| {
+                format!("{url}: request_id_prefix {prefix:?} is not a UUID's start")
+            })?;
+        Ok(Some(owner_tag(id)))
     }
 
     /// Sends one request body: request `i`'s `attempt`-th send (0 first), which for HTTP picks
     /// the replica, so a retry goes to another. The caller bounds the wait (`--timeout`).
     pub async fn send(&self, id: Uuid, body: Bytes, i: u64, attempt: u32) -> Result<(), SendError> {
         match self {
-            Target::Http { client, endpoints } => {
+            Target::Http {
+                client, endpoints, ..
+            } => {
                 let n = endpoints.len() as u64;
                 let endpoint = &endpoints[((i + u64::from(attempt)) % n) as usize];
                 let response = client

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::load::plan::{Mix, RequestSpec, Schedule};
 use crate::load::stats::Report;
-use evgrid_common::config::NatsAuth;
+use evgrid_common::config::{NatsAuth, Secret};
 
 use crate::load::{self, LoadArgs};
 
@@ -50,7 +50,8 @@ pub fn plan(originals: &[Original], speed: f64) -> (Vec<Duration>, Vec<RequestSp
 
 /// `evgrid load`'s options for re-injecting: `target` (its `--url` or `--nats-url` and value),
 /// followed to completion when `wait_complete` (session events on `events_nats_url` for an
-/// HTTP target), without a progress bar when `quiet`, with `auth` for every NATS connection.
+/// HTTP target), without a progress bar when `quiet`, with `auth` for every NATS connection
+/// and `api_key` for the target ingest.
 #[derive(Debug, Clone)]
 pub struct Injection<'a> {
     pub target: (&'a str, &'a str),
@@ -58,6 +59,8 @@ pub struct Injection<'a> {
     pub events_nats_url: Option<&'a str>,
     pub quiet: bool,
     pub auth: &'a NatsAuth,
+    /// The target ingest's API key.
+    pub api_key: Option<&'a Secret>,
 }
 
 #[derive(Parser, Debug)]
@@ -86,6 +89,10 @@ pub async fn run(
     }
     let mut args = LoadCli::try_parse_from(words)?.load;
     args.auth = how.auth.clone();
+    if let Some(key) = how.api_key {
+        args.api_key = Some(key.clone());
+        args.api_key_file = None;
+    }
     let (offsets, specs, left_out) = plan(originals, speed);
     if specs.is_empty() {
         anyhow::bail!("no request of the window can be sent again: every departure had passed");

@@ -110,6 +110,12 @@ pub struct ReplayArgs {
           help_heading = "Re-inject")]
     pub to_nats_url: Option<String>,
 
+    /// With --to-url: the file whose first line is the target ingest's API key (as `evgrid
+    /// load --api-key-file`; `evgrid up` keeps its operator key in `<data-dir>/api-key`).
+    #[arg(long, value_name = "FILE", value_parser = evgrid_common::config::read_secret_file,
+          requires = "to_url", help_heading = "Re-inject")]
+    pub to_api_key_file: Option<evgrid_common::config::Secret>,
+
     /// Re-injection pace: request i is sent at (its stored time − the first's) ÷ SPEED. Run
     /// the target's substations at --time-scale × SPEED for the cars' stays to match.
     #[arg(long, default_value_t = 1.0, value_parser = parse_positive, requires = "to",
@@ -280,6 +286,7 @@ pub async fn reinject(
         events_nats_url: args.to_events_nats_url.as_deref(),
         quiet: args.json,
         auth: &args.auth,
+        api_key: args.to_api_key_file.as_ref(),
     };
     inject::run(&recorded.originals, args.speed, how, shutdown).await
 }

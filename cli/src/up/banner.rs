@@ -27,12 +27,23 @@ pub(super) struct BannerNotes<'a> {
     pub(super) demo: Option<(&'a crate::demo::Demo, f64)>,
     /// The directory of the NATS users' passwords, when evgrid started NATS with users.
     pub(super) credentials: Option<PathBuf>,
+    /// The file of the operator's API key, unless the API runs without keys.
+    pub(super) api_key: Option<PathBuf>,
 }
 
 pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
     let mut out = String::new();
     out.push_str("evgrid is up\n\n");
     out.push_str(&format!("  API (ingest)      http://{}\n", e.ingest));
+    match &notes.api_key {
+        Some(file) => out.push_str(&format!(
+            "  API key           {} (operator: submit, read all); more with `evgrid api-key`\n",
+            file.display()
+        )),
+        None => out.push_str(
+            "  API key           none: anyone who reaches the API may submit and read everything\n",
+        ),
+    }
     out.push_str(&format!("  NATS              {}\n", e.nats_url));
     if let Some(m) = &e.nats_monitor {
         out.push_str(&format!("  NATS monitoring   {m}\n"));
@@ -75,11 +86,18 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
         None => out.push_str("  Logs              on stderr (--logs)\n"),
     }
     out.push_str("\nTry:\n");
+    let bearer = match &notes.api_key {
+        Some(file) => format!(" -H \"Authorization: Bearer $(cat {})\"", file.display()),
+        None => String::new(),
+    };
     out.push_str(&format!(
-        "  curl -si -X POST http://{}/v1/charge-requests -H 'content-type: application/json' \\\n       -d '{{\"vehicle_id\":\"ev-1\",\"energy_kwh\":30,\"max_power_kw\":11}}'\n",
+        "  curl -si -X POST http://{}/v1/charge-requests{bearer} \\\n       -H 'content-type: application/json' -d '{{\"vehicle_id\":\"ev-1\",\"energy_kwh\":30,\"max_power_kw\":11}}'\n",
         e.ingest
     ));
-    out.push_str(&format!("  curl -s http://{}/v1/substations\n", e.ingest));
+    out.push_str(&format!(
+        "  curl -s http://{}/v1/substations{bearer}\n",
+        e.ingest
+    ));
     // The nats CLI as a client and as an observer (its --user/--password).
     let as_user = |user: &str| match &notes.credentials {
         Some(dir) => format!(

@@ -57,6 +57,10 @@ pub struct UpArgs {
     /// (docs/security.md).
     #[arg(long)]
     pub insecure_nats: bool,
+    /// Serve the HTTP API without API keys: anyone who reaches it may submit and read every
+    /// request. By default an operator key is made in `<data-dir>/api-key` (docs/security.md).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Client port of the NATS server evgrid starts (0 = any free port); with --nats-cluster
     /// N, the first of N consecutive ports.
     #[arg(long, default_value_t = 4222)]
@@ -221,11 +225,13 @@ impl UpArgs {
                 self.nats_cluster
             );
         }
-        // The services' own parsers, with a stand-in URL (the real one is known once NATS runs).
+        // The services' own parsers, with a stand-in URL (the real one is known once NATS runs)
+        // and no keys file (made once the data directory is in place).
         ServiceConfigs::new(
             self,
             &capacities,
             evgrid_common::config::DEFAULT_NATS_URL,
+            None,
             None,
         )?;
         Ok(())
@@ -264,6 +270,23 @@ pub fn service_config<C: Args>(words: &[String]) -> Result<C> {
         .try_get_matches_from(words)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Wrapper::<C>::from_arg_matches(&matches)?.config)
+}
+
+/// The keys file of ingest, unless `--insecure-no-auth`: in the credentials directory, with
+/// the operator key beside the data (`api_key_file`).
+fn api_keys_file(args: &UpArgs) -> Option<PathBuf> {
+    (!args.insecure_no_auth).then(|| credentials::dir(&args.data_dir).join("api-keys"))
+}
+
+/// Where `evgrid up` keeps its operator API key.
+pub fn api_key_file(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("api-key")
+}
+
+fn path_word(path: &std::path::Path) -> Result<String> {
+    path.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 async fn bind_metrics(base: u16, offset: u16) -> Result<tokio::net::TcpListener> {
@@ -358,6 +381,9 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
             )
         })
         .transpose()?;
+    if let Some(keys) = api_keys_file(&args) {
+        crate::api_key::operator_key(&keys, &api_key_file(&args.data_dir))?;
+    }
 
     // Bind every port first: a port in use fails before anything has started.
     let ingest_listener = evgrid_common::http::bind(args.ingest_listen).await?;
@@ -427,6 +453,7 @@ impl ServiceConfigs {
         capacities: &[f64],
         nats_url: &str,
         credentials: Option<&credentials::Credentials>,
+        api_keys: Option<&std::path::Path>,
     ) -> Result<Self> {
         // How `role` connects; with users, only the dispatcher manages the streams.
         let nats = |role: Role| -> Vec<String> {
@@ -449,7 +476,12 @@ impl ServiceConfigs {
             }
             words
         };
-        let ingest = service_config(&nats(Role::Ingest)).context("ingest")?;
+        let mut ingest_words = nats(Role::Ingest);
+        match api_keys {
+            Some(file) => ingest_words.extend(["--api-keys".to_owned(), path_word(file)?]),
+            None => ingest_words.push("--insecure-no-auth".to_owned()),
+        }
+        let ingest = service_config(&ingest_words).context("ingest")?;
         let mut dispatcher_words = nats(Role::Dispatcher);
         if let Some(policy) = args.policy {
             dispatcher_words.extend(["--policy".to_owned(), policy.as_str().to_owned()]);
@@ -497,7 +529,13 @@ async fn run_services(
         ingest: ingest_config,
         dispatcher: dispatcher_config,
         substations: substation_configs,
-    } = ServiceConfigs::new(args, capacities, nats_url, credentials)?;
+    } = ServiceConfigs::new(
+        args,
+        capacities,
+        nats_url,
+        credentials,
+        api_keys_file(args).as_deref(),
+    )?;
     // The demo submits as a client would; the live line reads as an observer.
     let auth = |role: Role| credentials.map(|c| c.auth(&role)).unwrap_or_default();
 
@@ -560,6 +598,7 @@ async fn run_services(
                 log_file: (!args.logs).then(|| args.data_dir.join(LOG_FILE)),
                 demo: demo.as_ref().zip(demo_rate),
                 credentials: credentials.map(|_| credentials::dir(&args.data_dir)),
+                api_key: api_keys_file(args).map(|_| api_key_file(&args.data_dir)),
             },
         );
     }

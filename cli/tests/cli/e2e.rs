@@ -266,7 +266,7 @@ async fn every_service_refuses_a_server_that_is_too_old() {
         );
     };
     let ingest = evgrid_ingest::run(
-        service_config(&words(&[])).unwrap(),
+        service_config(&words(&["--insecure-no-auth"])).unwrap(),
         listener().await,
         token.clone(),
     );

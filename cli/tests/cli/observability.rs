@@ -328,7 +328,7 @@ async fn prometheus_scraping_evgrid_up_has_data_for_every_panel_and_recording_ru
         prometheus.starts_with("http://"),
         "evgrid up did not start Prometheus (install Debian's prometheus package): {prometheus}"
     );
-    let http = reqwest::Client::new();
+    let http = up.http();
 
     // The small load beside the demo's (which publishes to NATS directly): HTTP requests, so
     // ingest's panels (requests, latency, publish acks, 5xx ratio, rejections) have data.

@@ -17,7 +17,10 @@ pub struct Pipeline {
     pub ingest: SocketAddr,
     /// The dispatcher's ops endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub dispatcher: SocketAddr,
+    /// An HTTP client of ingest: as the operator's key in a secured pipeline.
     pub http: reqwest::Client,
+    /// The API keys of a secured pipeline.
+    pub keys: Option<Keys>,
     pub substations: Vec<(String, f64)>,
     /// Each substation's ops endpoint, in the order of `substations`.
     pub substation_ops: Vec<SocketAddr>,
@@ -33,8 +36,55 @@ pub struct Options<'a> {
     pub heartbeat_interval: &'a str,
     pub dispatcher_args: &'a [&'a str],
     /// NATS with evgrid's roles (`evgrid_common::roles`): every service connects as its own
-    /// user, with [`password`] of its user name; only the dispatcher manages the streams.
+    /// user, with [`password`] of its user name; only the dispatcher manages the streams. And
+    /// ingest with API keys ([`Keys`]), as `evgrid up` runs it.
     pub secured: bool,
+}
+
+/// The API keys of a secured pipeline, made with `evgrid api-key`'s code before ingest starts.
+pub struct Keys {
+    pub operator: String,
+    /// Two clients with `submit,read`: the victim and the attacker of the attack tests.
+    pub alice: String,
+    pub mallory: String,
+    /// `submit,read` at 5 requests a second.
+    pub slow: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Keys {
+    /// Makes the keys; returns them and the keys file.
+    fn make() -> (Keys, std::path::PathBuf) {
+        use evgrid_ingest::auth::{Rate, Scope, Scopes};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("api-keys");
+        let add = |name: &str, scopes: &[Scope], rate: Rate| {
+            evgrid::api_key::add(&file, name, Scopes::of(scopes), rate).unwrap()
+        };
+        let client = [Scope::Submit, Scope::Read];
+        let keys = Keys {
+            operator: add("operator", &[Scope::Operator], Rate::Unlimited),
+            alice: add("alice", &client, Rate::Unlimited),
+            mallory: add("mallory", &client, Rate::Unlimited),
+            slow: add("slow", &client, Rate::PerSecond(5.0)),
+            _dir: dir,
+        };
+        (keys, file)
+    }
+}
+
+/// An HTTP client that sends `key` with every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }
 
 impl Default for Options<'_> {
@@ -107,7 +157,16 @@ impl Pipeline {
 
         let ingest_listener = listener().await;
         let ingest = ingest_listener.local_addr().unwrap();
-        let config: evgrid_ingest::Config = service_config(&connect_as("ingest", false)).unwrap();
+        let mut ingest_words = connect_as("ingest", false);
+        let keys = if opts.secured {
+            let (keys, file) = Keys::make();
+            ingest_words.extend(words(&["--api-keys", file.to_str().unwrap()]));
+            Some(keys)
+        } else {
+            ingest_words.push("--insecure-no-auth".to_owned());
+            None
+        };
+        let config: evgrid_ingest::Config = service_config(&ingest_words).unwrap();
         tasks.push((
             "ingest".to_owned(),
             tokio::spawn(evgrid_ingest::run(
@@ -158,7 +217,10 @@ impl Pipeline {
             nats,
             ingest,
             dispatcher,
-            http: reqwest::Client::new(),
+            http: keys
+                .as_ref()
+                .map_or_else(reqwest::Client::new, |k| client_with_key(&k.operator)),
+            keys,
             substations,
             substation_ops,
             substation_runs,

@@ -86,10 +86,7 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
         "{}",
         up.banner("Demo")
     );
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = up.http();
     wait_until_grid_is_up(&http, &api, 3, Duration::from_secs(30)).await;
 
     // "submit a request, then follow it": the README's curl body, posted to this grid.

@@ -8,7 +8,7 @@ use evgrid_test_support::eventually;
 use tokio::sync::mpsc;
 
 use crate::helpers::{get_json, submit};
-use crate::pipeline::{Options, Pipeline, password};
+use crate::pipeline::{Options, Pipeline, client_with_key, password};
 
 /// A client connected as `user`, and the server's errors to it (permission violations).
 async fn connect_as(
@@ -246,4 +246,161 @@ async fn nats_users_writes_passwords_and_the_block_a_server_takes() {
 
     let (ok, _, stderr) = crate::helpers::evgrid(&["nats-users", "--substation", "s 1"]).await;
     assert!(!ok && stderr.contains("--substation"), "{stderr}");
+}
+
+/// `POST /v1/charge-requests` with `client`, an optional `Idempotency-Key` and `body`.
+async fn post(
+    client: &reqwest::Client,
+    api: &str,
+    idempotency_key: Option<&str>,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    let mut request = client
+        .post(format!("{api}/v1/charge-requests"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(key) = idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.unwrap()
+}
+
+/// The status and problem type of an answer.
+async fn problem(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let kind = body["type"].as_str().unwrap_or_default();
+    (status, kind.rsplit('/').next().unwrap().to_owned())
+}
+
+/// Attacks 7 and 8 of issue #11 over HTTP, with ingest's keys as `evgrid up` runs it: a key
+/// reads only its own requests, and nobody can name (so overwrite) another's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_decide_who_submits_and_reads_and_ids_cannot_be_taken() {
+    let pipeline = Pipeline::start(Options {
+        secured: true,
+        ..Options::default()
+    })
+    .await;
+    let api = pipeline.url("");
+    let keys = pipeline.keys.as_ref().unwrap();
+    let (alice, mallory) = (client_with_key(&keys.alice), client_with_key(&keys.mallory));
+    let body =
+        serde_json::json!({"vehicle_id": "alice-car", "energy_kwh": 5.0, "max_power_kw": 11.0});
+
+    // Without a key, or with an unknown one: 401, and nothing is stored.
+    let anonymous = reqwest::Client::new();
+    let response = post(&anonymous, &api, None, &body).await;
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer realm=\"evgrid\""
+    );
+    assert_eq!(problem(response).await, (401, "unauthorized".into()));
+    let forged = client_with_key("evg_0000");
+    assert_eq!(
+        problem(post(&forged, &api, None, &body).await).await,
+        (401, "unauthorized".into())
+    );
+    // A client key may not see the grid: that is the operator's.
+    let response = mallory
+        .get(pipeline.url("/v1/substations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(response).await, (403, "forbidden".into()));
+
+    // Alice's request, under her Idempotency-Key; its id is not the UUIDv5 of the key anyone
+    // could compute (attack 7's premise).
+    let response = post(&alice, &api, Some("order-1"), &body).await;
+    assert_eq!(response.status(), 202);
+    let id: String = response.json::<serde_json::Value>().await.unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        id,
+        evgrid_model::messages::request_id_from_idempotency_key("order-1").to_string()
+    );
+    let state_url = pipeline.url(&format!("/v1/charge-requests/{id}"));
+    let completed = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let record = get_json(&alice, &state_url).await?;
+            (record["state"] == "completed").then_some(record)
+        },
+    )
+    .await
+    .expect("alice's request completes within 30 s");
+
+    // Attack 8: another key cannot read it (404, as for an id that does not exist); the
+    // operator can.
+    let response = mallory.get(&state_url).send().await.unwrap();
+    assert_eq!(problem(response).await, (404, "not-found".into()));
+    assert_eq!(
+        get_json(&pipeline.http, &state_url).await.unwrap(),
+        completed
+    );
+
+    // Attack 7: Mallory sends Alice's Idempotency-Key and names Alice's id in the body, with a
+    // body no substation can deliver. Both map into Mallory's own ids: hers is another request,
+    // rejected on its own, and Alice's completed record stays exactly as it was.
+    let undeliverable = serde_json::json!({
+        "request_id": id,
+        "vehicle_id": "mallory-car",
+        "energy_kwh": 50.0,
+        "max_power_kw": 11.0,
+        "departure": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+        "all_or_nothing": true,
+    });
+    let mut mallorys = Vec::new();
+    for key in [Some("order-1"), None] {
+        let mut body = undeliverable.clone();
+        if key.is_some() {
+            body.as_object_mut().unwrap().remove("request_id");
+        }
+        let response = post(&mallory, &api, key, &body).await;
+        assert_eq!(response.status(), 202);
+        let theirs = response.json::<serde_json::Value>().await.unwrap()["request_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(theirs, id, "Mallory named Alice's request");
+        mallorys.push(theirs);
+    }
+    for theirs in &mallorys {
+        let url = pipeline.url(&format!("/v1/charge-requests/{theirs}"));
+        eventually(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async {
+                let record = get_json(&mallory, &url).await?;
+                (record["state"] == "rejected").then_some(())
+            },
+        )
+        .await
+        .expect("Mallory's requests are rejected, as hers");
+    }
+    assert_eq!(get_json(&alice, &state_url).await.unwrap(), completed);
+
+    // A key over its rate is told when to come back.
+    let slow = client_with_key(&keys.slow);
+    let mut limited = None;
+    for _ in 0..20 {
+        let response = post(&slow, &api, None, &body).await;
+        if response.status() == 429 {
+            limited = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 202);
+    }
+    let response = limited.expect("20 requests at once exceed 5 a second");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(problem(response).await, (429, "rate-limited".into()));
+    pipeline.stop().await;
 }

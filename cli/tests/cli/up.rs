@@ -131,6 +131,14 @@ impl UpProcess {
         up
     }
 
+    /// An HTTP client of its ingest, with the operator key `evgrid up` made (`<data-dir>/api-key`,
+    /// as the banner says).
+    pub fn http(&self) -> reqwest::Client {
+        let file = self.banner("API key").split(' ').next().unwrap();
+        let key = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        crate::pipeline::client_with_key(key.trim())
+    }
+
     /// The value of a banner line, e.g. `banner("NATS")`.
     pub fn banner(&self, label: &str) -> &str {
         self.banner
@@ -228,7 +236,7 @@ async fn up_runs_the_grid_completes_a_request_and_stops_cleanly_on_sigint() {
     .await;
     let (api, nats) = (up.banner("API (ingest)"), up.banner("NATS"));
 
-    let http = reqwest::Client::new();
+    let http = up.http();
     crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(30)).await;
 
     // NATS has users: none without a password, and the observer follows the sessions.
@@ -293,7 +301,7 @@ async fn up_with_a_3_node_cluster_replicates_everything_and_completes_a_request(
         up.banner("NATS store")
     );
 
-    let http = reqwest::Client::new();
+    let http = up.http();
     crate::pipeline::wait_until_grid_is_up(&http, api, 3, Duration::from_secs(60)).await;
     let client = up.connect_as(servers, "observer").await;
     post_and_await_completion(&http, api, &client, "ev-r3").await;

@@ -14,6 +14,8 @@ async fn ingest(args: &[&str]) -> Output {
         .env_remove("EVGRID_RECENT_ACCEPTS")
         .env_remove("EVGRID_LOG_FORMAT")
         .env_remove("EVGRID_REPLICAS")
+        .env_remove("EVGRID_API_KEYS")
+        .env_remove("EVGRID_INSECURE_NO_AUTH")
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(WAIT, child)
@@ -35,6 +37,16 @@ async fn bad_config_exits_non_zero_with_one_line() {
         (&["--replicas", "6"][..], "from 1 to 5"),
         (&["--recent-accepts", "0"][..], "--recent-accepts"),
         (&["--log-format", "xml"][..], "--log-format"),
+        (&[][..], "no API keys: give --api-keys FILE"),
+        (
+            &["--api-keys", "/nonexistent/keys"][..],
+            "cannot read API keys file",
+        ),
+        (&["--api-keys", "/dev/null"][..], "no `secret` line"),
+        (
+            &["--insecure-no-auth", "--api-rate-limit", "0"][..],
+            "--api-rate-limit",
+        ),
     ] {
         let out = ingest(args).await;
         assert!(!out.status.success(), "{args:?} must fail");
@@ -56,6 +68,9 @@ async fn help_shows_every_option_with_its_environment_variable() {
         ("--replicas", "EVGRID_REPLICAS"),
         ("--recent-accepts", "EVGRID_RECENT_ACCEPTS"),
         ("--log-format", "EVGRID_LOG_FORMAT"),
+        ("--api-keys", "EVGRID_API_KEYS"),
+        ("--insecure-no-auth", "EVGRID_INSECURE_NO_AUTH"),
+        ("--api-rate-limit", "EVGRID_API_RATE_LIMIT"),
     ] {
         assert!(help.contains(option), "{option} missing:\n{help}");
         assert!(
@@ -79,6 +94,7 @@ async fn replicas_a_single_server_cannot_hold_stop_ingest_with_one_line() {
         "3",
         "--listen",
         "127.0.0.1:0",
+        "--insecure-no-auth",
     ])
     .await;
     assert!(!out.status.success());

@@ -1,11 +1,14 @@
 //! Starts the real service (`evgrid_ingest::run`) against a real nats-server, and talks to it
 //! over real HTTP. Every answer is checked against docs/openapi.yaml on the way.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use evgrid_common::config::NatsArgs;
+use evgrid_ingest::auth::{ApiKeys, Rate, Scope, Scopes, new_key, new_secret_line};
 use evgrid_test_support::{NatsServer, eventually};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
@@ -37,13 +40,45 @@ pub async fn spawn_app(nats: &NatsServer) -> TestApp {
 
 /// Starts ingest against `nats_url` without waiting for NATS.
 pub async fn spawn_app_at(nats_url: &str) -> TestApp {
-    spawn_app_with(evgrid_ingest::Config {
+    spawn_app_with(config(nats_url)).await
+}
+
+/// The options of a test's ingest: without API keys (`--insecure-no-auth`) unless a test is
+/// about them (`auth.rs`), so that the others speak to the API as before.
+pub fn config(nats_url: &str) -> evgrid_ingest::Config {
+    evgrid_ingest::Config {
         nats: NatsArgs::new(nats_url),
         recent_accepts: 1000,
         http_header_timeout: evgrid_common::http::DEFAULT_HEADER_TIMEOUT,
         http_max_connections: evgrid_common::http::DEFAULT_MAX_CONNECTIONS,
+        api_keys: None,
+        insecure_no_auth: true,
+        api_rate_limit: evgrid_ingest::DEFAULT_API_RATE_LIMIT,
+    }
+}
+
+/// Starts ingest against `nats` with API keys (name, scopes, rate), as `evgrid api-key` would
+/// write them, and waits until it is ready; returns it and each key by name.
+pub async fn spawn_app_with_keys(
+    nats: &NatsServer,
+    keys: &[(&str, &[Scope], Rate)],
+) -> (TestApp, HashMap<String, String>) {
+    let mut text = format!("{}\n", new_secret_line());
+    let mut plain = HashMap::new();
+    for (name, scopes, rate) in keys {
+        let (key, line) = new_key(name, Scopes::of(scopes), *rate).unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        plain.insert((*name).to_owned(), key);
+    }
+    let app = spawn_app_with(evgrid_ingest::Config {
+        api_keys: Some(Arc::new(ApiKeys::parse(&text).unwrap())),
+        insecure_no_auth: false,
+        ..config(nats.url())
     })
-    .await
+    .await;
+    app.wait_ready().await;
+    (app, plain)
 }
 
 /// Starts ingest with `config` without waiting for NATS.

@@ -187,6 +187,7 @@ fn the_document_is_well_formed_and_lists_every_route() {
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/readyz"),
+        ("get", "/v1/api-key"),
         ("get", "/v1/charge-requests/{request_id}"),
         ("get", "/v1/substations"),
         ("post", "/v1/charge-requests"),

@@ -4,20 +4,18 @@
 
 use std::time::Duration;
 
-use evgrid_common::config::NatsArgs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{config, spawn_app_with};
 
 #[tokio::test]
 async fn half_sent_request_heads_are_cut_off_and_healthz_still_answers() {
     let app = spawn_app_with(evgrid_ingest::Config {
-        // No NATS needed: /healthz answers without it.
-        nats: NatsArgs::new("nats://127.0.0.1:1"),
-        recent_accepts: 1000,
         http_header_timeout: Duration::from_millis(500),
         http_max_connections: 16,
+        // No NATS needed: /healthz answers without it.
+        ..config("nats://127.0.0.1:1")
     })
     .await;
     let mut heads = Vec::new();
