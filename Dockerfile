@@ -50,6 +50,9 @@ COPY --from=builder \
     /src/target/release/evgrid-substation \
     /src/target/release/evgrid \
     /usr/local/bin/
+# Where `evgrid secrets` writes in docker compose: a new named volume mounted here starts as
+# this directory, owned by the service user and private to it.
+RUN mkdir /secrets && chown 10001:10001 /secrets && chmod 0700 /secrets
 USER 10001:10001
 # Each service takes its settings from the environment (NATS_URL, EVGRID_LISTEN, ...; see each
 # binary's --help); compose chooses the binary with `command`.

@@ -7,5 +7,6 @@ mod demo;
 pub mod load;
 pub mod nats_users;
 pub mod replay;
+pub mod secrets;
 mod status;
 pub mod up;

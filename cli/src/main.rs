@@ -34,6 +34,8 @@ enum Command {
     NatsUsers(evgrid::nats_users::NatsUsersArgs),
     /// Make an API key for ingest's HTTP API and add its hash to a keys file.
     ApiKey(evgrid::api_key::ApiKeyArgs),
+    /// Make the secrets of a secured grid once (NATS users, API keys) and keep them.
+    Secrets(evgrid::secrets::SecretsArgs),
 }
 
 #[tokio::main]
@@ -55,6 +57,9 @@ async fn main() -> std::process::ExitCode {
         }
         Command::ApiKey(args) => {
             evgrid::api_key::main(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Secrets(args) => {
+            evgrid::secrets::main(args).map(|()| std::process::ExitCode::SUCCESS)
         }
     };
     match result {

@@ -313,6 +313,36 @@ static BINARIES: LazyLock<BTreeMap<String, PathBuf>> = LazyLock::new(|| {
     built
 });
 
+/// Where the grid's secrets are in the containers (the `secrets` volume).
+const SECRETS_DIR: &str = "/secrets";
+
+/// The `secrets` service run here, as compose runs it before NATS starts, into a temporary
+/// directory that stands for the volume.
+static SECRETS: LazyLock<tempfile::TempDir> = LazyLock::new(|| {
+    let dir = tempfile::tempdir().unwrap();
+    let command = &service("secrets").command;
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|w| w.replace(SECRETS_DIR, dir.path().to_str().unwrap()))
+        .collect();
+    run_binary(&command[0], &args, "secrets");
+    dir
+});
+
+/// `value` (an option or its value) with the secrets volume's path made the local stand-in's.
+fn local(value: &str) -> String {
+    let (flag, path) = match value.split_once('=') {
+        Some((flag, path)) => (format!("{flag}="), path),
+        None => (String::new(), value),
+    };
+    match path.strip_prefix(SECRETS_DIR) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            format!("{flag}{}{rest}", SECRETS.path().display())
+        }
+        _ => value.to_owned(),
+    }
+}
+
 /// Runs an evgrid binary with `args` and returns what it printed, failing the test with its
 /// words when it exits non-zero.
 fn run_binary(bin: &str, args: &[String], whence: &str) -> String {
@@ -463,7 +493,7 @@ fn every_flag_and_env_var_is_accepted_by_its_binary() {
                 .unwrap_or_else(|| panic!("{name}: {bin} reads no env var {var} (see its --help)"));
             let flag = flag_of_env(&helps[level], var)
                 .unwrap_or_else(|| panic!("{name}: no option documents {var}"));
-            let value = resolve(&s.env(var).unwrap());
+            let value = local(&resolve(&s.env(var).unwrap()));
             if !flags.iter().any(|f| f.split('=').next() == Some(&flag)) {
                 env_flags[level].push(format!("{flag}={value}"));
             }
@@ -478,7 +508,7 @@ fn every_flag_and_env_var_is_accepted_by_its_binary() {
             args.push(sub.clone());
             args.extend(env_flags[d + 1].iter().cloned());
         }
-        args.extend(flags.iter().map(|f| resolve(f)));
+        args.extend(flags.iter().map(|f| local(&resolve(f))));
         args.push("--help".to_owned());
         run_binary(bin, &args, name);
     }
@@ -707,8 +737,8 @@ fn the_cluster_profile_runs_three_routed_nodes_and_points_every_service_at_them(
     let stores: BTreeSet<&String> = nodes.iter().flat_map(|n| &service(n).volumes).collect();
     assert_eq!(
         stores.len(),
-        3 + 2,
-        "one store volume per node, two shared configs"
+        3 + 2 + 1,
+        "one store volume per node, two shared configs, the shared users"
     );
     // The cluster's config keeps the single server's settings.
     let single = read("nats/nats-server.conf");
@@ -731,17 +761,79 @@ fn the_cluster_profile_runs_three_routed_nodes_and_points_every_service_at_them(
 
 #[test]
 fn the_pinned_nats_server_accepts_both_configs() {
+    // As mounted in the nats containers: the configs beside the secrets volume, whose users
+    // they include.
+    let etc = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(SECRETS.path(), etc.path().join("secrets")).unwrap();
     for file in ["nats/nats-server.conf", "nats/nats-cluster.conf"] {
+        let conf = etc.path().join(Path::new(file).file_name().unwrap());
+        std::fs::copy(repo_path(file), &conf).unwrap();
         // `-t`: check the configuration and exit.
         let out = output(
             Command::new(evgrid_test_support::nats_server_bin())
                 .args(["-t", "--config"])
-                .arg(repo_path(file))
+                .arg(&conf)
                 .env("NATS_SERVER_NAME", "nats-1"),
             "nats-server -t",
         );
         assert!(out.status.success(), "{file}: {}", text(&out));
     }
+    for (name, s) in ["nats", "nats-2", "nats-3"].map(|n| (n, service(n))) {
+        assert!(
+            s.volumes
+                .iter()
+                .any(|v| v == "secrets:/etc/nats/secrets:ro"),
+            "{name} does not mount the users its config includes"
+        );
+    }
+}
+
+#[test]
+fn every_service_connects_as_its_own_user_and_ingest_takes_keys() {
+    let users = std::fs::read_to_string(SECRETS.path().join("nats-users.conf")).unwrap();
+    let mut seen = BTreeSet::new();
+    for (name, s) in evgrid_services().filter(|(_, s)| s.depends_on.contains_key("nats")) {
+        let user = s
+            .env("EVGRID_NATS_USER")
+            .unwrap_or_else(|| panic!("{name} connects to NATS without a user"));
+        assert!(
+            users.contains(&format!("user: \"{user}\"")),
+            "{name}: no NATS user {user} in the block `secrets` writes"
+        );
+        assert_eq!(
+            s.env("EVGRID_NATS_PASSWORD_FILE"),
+            Some(format!("{SECRETS_DIR}/nats/{user}")),
+            "{name}"
+        );
+        assert!(
+            s.volumes.iter().any(|v| v == "secrets:/secrets:ro"),
+            "{name}"
+        );
+        // Only the dispatcher manages the streams.
+        let manages = s.env("EVGRID_MANAGE_STREAMS").is_none_or(|v| v == "true");
+        assert_eq!(
+            manages,
+            user == "dispatcher",
+            "{name}: EVGRID_MANAGE_STREAMS"
+        );
+        // Replicas of ingest are one role; every other service is its own.
+        assert!(
+            user == "ingest" || seen.insert(user.clone()),
+            "{name}: {user} is another's user too"
+        );
+    }
+    for (name, s) in ingest_services() {
+        assert_eq!(
+            s.env("EVGRID_API_KEYS").as_deref(),
+            Some("/secrets/api-keys"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        service("demo-load").env("EVGRID_API_KEY_FILE").as_deref(),
+        Some("/secrets/api-key")
+    );
+    assert!(SECRETS.path().join("api-key").exists());
 }
 
 #[test]
@@ -842,6 +934,9 @@ fn the_image_is_pinned_non_root_and_has_every_binary_compose_runs() {
             runtime.contains(&format!("/target/release/{bin}")),
             "{name} runs {bin}, which the image does not copy"
         );
+        if one_shot(s) {
+            continue;
+        }
         // The health check's tool is installed in the image.
         let tool = &s.healthcheck.as_ref().expect("a healthcheck").test[1];
         assert!(
@@ -860,19 +955,35 @@ fn the_image_is_pinned_non_root_and_has_every_binary_compose_runs() {
     }
 }
 
+/// A service that runs once and exits (`restart: "no"`), such as `secrets`.
+fn one_shot(s: &Service) -> bool {
+    s.restart.as_deref() == Some("no")
+}
+
 #[test]
 fn every_service_is_health_checked_restarted_and_started_in_order() {
     for (name, s) in &COMPOSE.services {
+        for (dep, d) in &s.depends_on {
+            // A one-shot service is waited for until it has done its work, the others until
+            // they are healthy.
+            let wanted = if one_shot(service(dep)) {
+                "service_completed_successfully"
+            } else {
+                assert!(service(dep).healthcheck.is_some());
+                "service_healthy"
+            };
+            assert_eq!(d.condition, wanted, "{name} → {dep}");
+        }
+        if one_shot(s) {
+            assert!(s.healthcheck.is_none(), "{name} exits: nothing to probe");
+            continue;
+        }
         let check = s
             .healthcheck
             .as_ref()
             .unwrap_or_else(|| panic!("{name}: no healthcheck"));
         assert_eq!(check.test[0], "CMD", "{name}: exec form, no shell needed");
         assert_eq!(s.restart.as_deref(), Some("unless-stopped"), "{name}");
-        for (dep, d) in &s.depends_on {
-            assert_eq!(d.condition, "service_healthy", "{name} → {dep}");
-            assert!(service(dep).healthcheck.is_some());
-        }
     }
     // Services of ours probe /readyz on the port they listen on, on every interface.
     for (name, s) in evgrid_services().filter(|(_, s)| s.listen_port().is_some()) {
