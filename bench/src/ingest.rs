@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
+use evgrid_ingest::auth::{Rate, Scope, Scopes};
 
 use crate::measure::{self, Sample, Series};
 use crate::procs::{self, CpuMeter, Nats, Proc};
@@ -32,16 +33,21 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Ingest,
-    Minimal { headers: bool },
+    Minimal {
+        headers: bool,
+    },
     RawJetStream,
+    /// evgrid-ingest with an API key on every request (its hash looked up, its rate checked).
+    IngestWithKey,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    const ALL: [Variant; 5] = [
         Variant::Ingest,
         Variant::Minimal { headers: false },
         Variant::Minimal { headers: true },
         Variant::RawJetStream,
+        Variant::IngestWithKey,
     ];
 
     fn name(self) -> &'static str {
@@ -50,6 +56,7 @@ impl Variant {
             Variant::Minimal { headers: false } => "minimal handler",
             Variant::Minimal { headers: true } => "minimal handler + msg id + headers",
             Variant::RawJetStream => "raw JetStream publish (msg id), no HTTP",
+            Variant::IngestWithKey => "evgrid-ingest, with an API key",
         }
     }
 }
@@ -86,6 +93,11 @@ pub async fn run(args: &Args, logs: &Path) -> Result<String> {
             "- {} / {}: throughput {raw:.2}× (the JetStream ceiling at this many in flight)\n",
             series[0].name, series[3].name
         );
+        let (keyed, _, _) = measure::ratio(&series[4], &series[0], |x| x.rate);
+        out += &format!(
+            "- {} / {}: throughput {keyed:.2}× (what checking keys costs)\n",
+            series[4].name, series[0].name
+        );
     }
     Ok(out)
 }
@@ -93,16 +105,27 @@ pub async fn run(args: &Args, logs: &Path) -> Result<String> {
 async fn measure(variant: Variant, connections: u32, args: &Args, logs: &Path) -> Result<Sample> {
     let nats = Nats::start()?;
     let url = nats.url().to_owned();
+    let keys = tempfile::tempdir()?;
+    let mut key_words = Vec::new();
     let service = match variant {
-        Variant::Ingest => Some(
-            Proc::service(
-                "ingest",
-                "evgrid-ingest",
-                vec!["--nats-url".into(), url.clone()],
-                logs,
-            )
-            .await?,
-        ),
+        Variant::Ingest | Variant::IngestWithKey => {
+            let mut words = vec!["--nats-url".into(), url.clone()];
+            if variant == Variant::Ingest {
+                words.push("--insecure-no-auth".into());
+            } else {
+                let file = keys.path().join("api-keys");
+                // No rate limit: the load is the benchmark's, not an abuser's.
+                let key = evgrid::api_key::add(
+                    &file,
+                    "bench",
+                    Scopes::of(&[Scope::Submit]),
+                    Rate::Unlimited,
+                )?;
+                words.extend(["--api-keys".into(), file.display().to_string()]);
+                key_words = vec!["--api-key".to_owned(), key];
+            }
+            Some(Proc::service("ingest", "evgrid-ingest", words, logs).await?)
+        }
         Variant::Minimal { headers } => {
             let mut words = vec!["minimal-ingest".into(), "--nats-url".into(), url.clone()];
             if headers {
@@ -127,6 +150,7 @@ async fn measure(variant: Variant, connections: u32, args: &Args, logs: &Path) -
     };
     let shape = |requests: u64| {
         let mut a = target.clone();
+        a.extend(key_words.iter().cloned());
         a.extend([
             "--concurrency".into(),
             connections.to_string(),
