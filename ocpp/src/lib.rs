@@ -2,11 +2,11 @@
 //! are the smart-charging controller (CSMS) of the charging stations they feed (issue #12).
 //!
 //! - [`rpc`]: OCPP-J framing, CALL / CALLRESULT / CALLERROR.
+//! - [`messages`]: the OCPP 2.0.1 messages handled, as serde types.
 //! - [`stations`]: which stations may connect, and their passwords (Security Profile 1).
 //! - [`server`]: the WebSocket endpoint stations connect to, and what each has said.
-//!
-//! The message types are the `rust-ocpp` crate's (`v2_0_1`).
 
+pub mod messages;
 pub mod rpc;
 pub mod server;
 pub mod stations;

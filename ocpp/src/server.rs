@@ -15,14 +15,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
-use rust_ocpp::v2_0_1::enumerations::registration_status_enum_type::RegistrationStatusEnumType;
-use rust_ocpp::v2_0_1::messages::boot_notification::{
-    BootNotificationRequest, BootNotificationResponse,
-};
-use rust_ocpp::v2_0_1::messages::heartbeat::{HeartbeatRequest, HeartbeatResponse};
-use rust_ocpp::v2_0_1::messages::status_notification::{
-    StatusNotificationRequest, StatusNotificationResponse,
-};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warp::Filter;
@@ -30,6 +22,10 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::{Reply, Response};
 use warp::ws::{Message, WebSocket, Ws};
 
+use crate::messages::{
+    BootNotificationRequest, BootNotificationResponse, Checked, HeartbeatRequest,
+    HeartbeatResponse, RegistrationStatus, StatusNotificationRequest, StatusNotificationResponse,
+};
 use crate::rpc::{ErrorCode, Frame, FrameError};
 use crate::stations::Stations;
 
@@ -130,9 +126,8 @@ impl Csms {
                 tracing::info!(station = station_id, reason = ?boot.reason, "station booted");
                 to_value(BootNotificationResponse {
                     current_time: Utc::now(),
-                    interval: self.settings.heartbeat_interval_s,
-                    status: RegistrationStatusEnumType::Accepted,
-                    status_info: None,
+                    interval: i32::from(self.settings.heartbeat_interval_s),
+                    status: RegistrationStatus::Accepted,
                 })
             }),
             _ if !booted => Err((
@@ -171,8 +166,12 @@ impl Csms {
     }
 }
 
-fn parse<T: DeserializeOwned>(payload: Value) -> Result<T, (ErrorCode, String)> {
-    serde_json::from_value(payload).map_err(|e| (ErrorCode::FormatViolation, e.to_string()))
+/// A payload as the message its action names, within its schema's limits.
+fn parse<T: DeserializeOwned + Checked>(payload: Value) -> Result<T, (ErrorCode, String)> {
+    let message: T =
+        serde_json::from_value(payload).map_err(|e| (ErrorCode::FormatViolation, e.to_string()))?;
+    message.check()?;
+    Ok(message)
 }
 
 fn to_value<T: serde::Serialize>(value: T) -> Value {
