@@ -70,7 +70,7 @@ impl Role {
                 // A request accepted here, read back by its sequence until it has a state.
                 publish.push(format!("$JS.API.DIRECT.GET.{}", streams::REQUESTS));
                 publish.extend(stream_info());
-                publish.extend(request_states());
+                publish.extend(request_state_reads());
                 publish.extend(ordered(streams::TELEMETRY));
                 (publish, replies)
             }
@@ -85,7 +85,10 @@ impl Role {
                 ]);
                 publish.extend(stream_info());
                 publish.extend(stream_management());
-                publish.extend(request_states());
+                publish.extend(request_state_reads());
+                // Every request's own record, and a failed substation's sessions fenced when
+                // their requests move away.
+                publish.push(format!("$KV.{}.>", streams::REQUEST_STATE_BUCKET));
                 publish.extend(durable(streams::REQUESTS, streams::DISPATCHER_CONSUMER));
                 publish.extend(ordered(streams::TELEMETRY));
                 publish.extend(ordered(streams::DISPATCH));
@@ -97,7 +100,10 @@ impl Role {
             Self::Substation(id) => {
                 publish.extend([format!("ev.telemetry.{id}"), format!("ev.sessions.{id}.*")]);
                 publish.extend(stream_info());
-                publish.extend(request_states());
+                publish.extend(request_state_reads());
+                // Only its own sessions' records: `<request id>.<id>` (a request's record and
+                // other substations' sessions are not its to write).
+                publish.push(format!("$KV.{}.*.{id}", streams::REQUEST_STATE_BUCKET));
                 publish.extend(durable(
                     streams::DISPATCH,
                     &streams::substation_consumer_name(id),
@@ -185,11 +191,10 @@ fn stream_management() -> Vec<String> {
         .collect()
 }
 
-/// Reads (direct gets) and compare-and-set writes of request states.
-fn request_states() -> Vec<String> {
+/// Reads of request states (direct gets, and gets from the leader of a replicated bucket).
+fn request_state_reads() -> Vec<String> {
     let bucket = streams::REQUEST_STATE_BUCKET;
     vec![
-        format!("$KV.{bucket}.>"),
         format!("$JS.API.DIRECT.GET.KV_{bucket}"),
         format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
         format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
@@ -296,6 +301,21 @@ mod tests {
         let (client, _) = Role::Client.permissions();
         assert!(client.contains(&"ev.requests".to_owned()));
         assert!(!client.iter().any(|s| s.starts_with("$KV")));
+
+        // Request states: a substation writes only its own sessions' records, ingest none.
+        let writes = |role: Role| -> Vec<String> {
+            role.permissions()
+                .0
+                .into_iter()
+                .filter(|s| s.starts_with("$KV"))
+                .collect()
+        };
+        assert_eq!(
+            writes(Role::Substation("s1".into())),
+            ["$KV.EV_REQUEST_STATE.*.s1"]
+        );
+        assert_eq!(writes(Role::Dispatcher), ["$KV.EV_REQUEST_STATE.>"]);
+        assert!(writes(Role::Ingest).is_empty());
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 
+use evgrid_model::messages::{RequestRecord, session_state_key};
 use evgrid_model::subjects;
+use uuid::Uuid;
 
 pub const REQUESTS: &str = "EV_REQUESTS";
 pub const DISPATCH: &str = "EV_DISPATCH";
@@ -215,6 +217,58 @@ pub fn request_state_config(r: &Retention) -> kv::Config {
         num_replicas: r.replicas,
         ..Default::default()
     }
+}
+
+/// Why a request's state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateReadError {
+    #[error("cannot read the request state {key}: {source}")]
+    Read { key: String, source: kv::EntryError },
+    #[error("the request state {key} is not a request record: {source}")]
+    NotARecord {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// The record under `key` ([`read_latest`]), if there is one (a deleted one is none).
+pub async fn read_record(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<(RequestRecord, u64)>, StateReadError> {
+    let entry = read_latest(kv, key)
+        .await
+        .map_err(|source| StateReadError::Read {
+            key: key.to_owned(),
+            source,
+        })?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
+            .map(|record| Some((record, e.revision)))
+            .map_err(|source| StateReadError::NotARecord {
+                key: key.to_owned(),
+                source,
+            }),
+        _ => Ok(None),
+    }
+}
+
+/// A request's state as its readers see it ([`RequestRecord::merged`]): the dispatcher's
+/// record, and, once it sends the request to a substation, that substation's session record.
+pub async fn read_request(
+    kv: &kv::Store,
+    request_id: Uuid,
+) -> Result<Option<RequestRecord>, StateReadError> {
+    let Some((dispatcher, _)) = read_record(kv, &request_id.to_string()).await? else {
+        return Ok(None);
+    };
+    let session = match &dispatcher.substation_id {
+        Some(substation) => read_record(kv, &session_state_key(request_id, substation))
+            .await?
+            .map(|(record, _)| record),
+        None => None,
+    };
+    Ok(RequestRecord::merged(Some(dispatcher), session))
 }
 
 /// The latest entry of `key` in the request-state bucket, never older than a write already

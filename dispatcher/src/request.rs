@@ -23,7 +23,7 @@ use evgrid_common::streams;
 use evgrid_model::headers;
 use evgrid_model::messages::{
     ChargeRequest, Dispatch, Move, RejectReason, RequestRecord, RequestState, SessionEvent,
-    SessionEventKind, SessionReport, request_id_from_sequence,
+    SessionEventKind, SessionReport, request_id_from_sequence, session_state_key,
 };
 use evgrid_model::subjects;
 use evgrid_model::validate::{RequestError, parse_charge_request};
@@ -116,6 +116,21 @@ impl Action {
     }
 }
 
+/// The record under `key` and its revision ((None, 0) when there is none); a value that is
+/// not a record reads as none, at its revision, so a compare-and-set can still replace it.
+async fn read_state(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<(Option<RequestRecord>, u64), kv::EntryError> {
+    Ok(match streams::read_latest(kv, key).await? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            (serde_json::from_slice(&e.value).ok(), e.revision)
+        }
+        Some(gone) => (None, gone.revision),
+        None => (None, 0),
+    })
+}
+
 /// Locks the grid; a panic elsewhere while holding it cannot leave it half-updated (every
 /// mutation is a single call), so a poisoned lock is still usable.
 pub(crate) fn lock(grid: &Mutex<GridView>) -> MutexGuard<'_, GridView> {
@@ -198,11 +213,16 @@ impl Handler {
         }
     }
 
-    /// Takes `request_id` over from the failed substation `from` by compare-and-set on its
-    /// state: `queued` again, with the move in its history and the energy it got kept. Returns
-    /// the energy delivered so far when the request is to be placed again (also when an earlier
-    /// delivery of this offer took it over already), `None` when there is nothing to move: it
-    /// is finished, elsewhere, or `from` is up again.
+    /// Takes `request_id` over from the failed substation `from`: `queued` again, with the move
+    /// in its history and the energy it got kept. Returns the energy delivered so far when the
+    /// request is to be placed again (also when an earlier delivery of this offer took it over
+    /// already), `None` when there is nothing to move: it is finished, elsewhere, or `from` is
+    /// up again.
+    ///
+    /// Two compare-and-set writes, in this order: the fence over `from`'s session record
+    /// (`<request id>.<from>`: its next write then finds another revision, reads the fence and
+    /// stops charging), then the request's own record. A take-over cut between the two (a
+    /// crash, or another dispatcher's offer) finds the fence of this very move and finishes it.
     async fn take_over(
         &self,
         request_id: Uuid,
@@ -210,22 +230,35 @@ impl Handler {
         move_of: u64,
     ) -> Result<Option<f64>, async_nats::Error> {
         let key = request_id.to_string();
+        let session_key = session_state_key(request_id, from);
+        let is_this_move = |r: &RequestRecord| {
+            r.moved
+                .last()
+                .is_some_and(|m| m.substation_id == from && m.dispatch_seq == move_of)
+        };
         // Each lost compare-and-set means the state moved on: look again.
         for _ in 0..TAKE_OVER_ATTEMPTS {
-            let Some(entry) = streams::read_latest(&self.kv, &key).await? else {
-                return Ok(None);
-            };
-            let Ok(record) = serde_json::from_slice::<RequestRecord>(&entry.value) else {
+            let (Some(record), revision) = read_state(&self.kv, &key).await? else {
                 return Ok(None);
             };
             if record.state == RequestState::Queued {
-                let moved_here = record
-                    .moved
-                    .last()
-                    .is_some_and(|m| m.substation_id == from && m.dispatch_seq == move_of);
-                return Ok(moved_here.then_some(record.energy_delivered_kwh));
+                return Ok(is_this_move(&record).then_some(record.energy_delivered_kwh));
             }
             if record.state.is_final() || record.substation_id.as_deref() != Some(from) {
+                return Ok(None);
+            }
+            let (session, session_revision) = read_state(&self.kv, &session_key).await?;
+            if let Some(fence) = session.as_ref().filter(|s| is_this_move(s)) {
+                // Fenced by an earlier try of this move: record it as the request's state too.
+                match self.kv.update(&key, to_json(fence), revision).await {
+                    Ok(_) => return Ok(Some(fence.energy_delivered_kwh)),
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let current =
+                RequestRecord::merged(Some(record.clone()), session).expect("a record to merge");
+            if current.state.is_final() {
                 return Ok(None);
             }
             let now = Utc::now();
@@ -234,29 +267,46 @@ impl Handler {
                 Some(s) => s.observed().age_seconds(now),
                 None => f64::INFINITY,
             };
-            let mut moved = record.moved.clone();
+            let mut moved = current.moved.clone();
             moved.push(Move {
                 substation_id: from.to_owned(),
                 dispatch_seq: move_of,
-                state: record.state,
-                energy_delivered_kwh: record.energy_delivered_kwh,
+                state: current.state,
+                energy_delivered_kwh: current.energy_delivered_kwh,
                 moved_at: now,
                 reason: format!("no heartbeat from {from} for {silent_s:.1} s"),
             });
-            let queued = RequestRecord {
+            let queued = to_json(&RequestRecord {
                 state: RequestState::Queued,
                 substation_id: None,
                 dispatched_at: None,
                 reason: Some(format!("moved from {from}")),
                 updated_at: now,
                 moved,
-                ..record.clone()
-            };
-            match self.kv.update(&key, to_json(&queued), entry.revision).await {
-                Ok(_) => {
-                    self.announce_move(&record, from, entry.revision, now).await;
-                    return Ok(Some(record.energy_delivered_kwh));
+                ..current.clone()
+            });
+            let fenced = if session_revision == 0 {
+                match self.kv.create(&session_key, queued.clone()).await {
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                    other => other.map(|_| ()).map_err(async_nats::Error::from),
                 }
+            } else {
+                match self
+                    .kv
+                    .update(&session_key, queued.clone(), session_revision)
+                    .await
+                {
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                    other => other.map(|_| ()).map_err(async_nats::Error::from),
+                }
+            };
+            fenced?;
+            match self.kv.update(&key, queued, revision).await {
+                Ok(_) => {
+                    self.announce_move(&current, from, revision, now).await;
+                    return Ok(Some(current.energy_delivered_kwh));
+                }
+                // Another dispatcher finished this move meanwhile: the next look sees it.
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -599,10 +649,11 @@ impl Handler {
         }
     }
 
-    /// Records `dispatched` at the substation of `dispatch`, so `GET` says where the request
-    /// went from the moment it is sent, without ever moving a state backwards: created when the
+    /// Records `dispatched` at the substation of `dispatch` in the request's own record, so
+    /// `GET` says where the request went from the moment it is sent (the substation records its
+    /// session under its own key), without ever moving a state backwards: created when the
     /// request has no state yet, written over `queued` only by compare-and-set on its revision,
-    /// and left alone when the substation has already recorded a later state.
+    /// and left alone otherwise (an earlier delivery dispatched it already).
     async fn record_dispatched(&self, dispatch: &Dispatch) -> Result<(), async_nats::Error> {
         let key = dispatch.request_id.to_string();
         let value = to_json(&RequestRecord::of_dispatch(
@@ -632,8 +683,7 @@ impl Handler {
         };
         match self.kv.update(&key, value, entry.revision).await {
             Ok(_) => Ok(()),
-            // Written meanwhile: only the substation writes after `queued`, and its state is
-            // the later one.
+            // Written meanwhile, by another delivery of it: that state is as late as this one.
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -659,7 +709,7 @@ impl Handler {
             return Ok(());
         }
         match self.kv.update(&key, value, entry.revision).await {
-            // Written meanwhile: by a dispatch or the substation, a later state.
+            // Written meanwhile: by a dispatch of it, a later state.
             Err(e) if e.kind() != UpdateErrorKind::WrongLastRevision => Err(e.into()),
             _ => Ok(()),
         }

@@ -13,6 +13,7 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 use bytes::{Buf, Bytes};
 use chrono::{DateTime, SecondsFormat, Utc};
 use evgrid_common::http::{Readiness, ops_routes};
+use evgrid_common::streams;
 use evgrid_model::messages::{RequestRecord, expected_energy_kwh};
 use evgrid_model::{headers, subjects, validate};
 use futures::Stream;
@@ -293,7 +294,8 @@ async fn get_charge_request(
     }
 }
 
-/// The request's state from `EV_REQUEST_STATE`, else `queued` if this process accepted it.
+/// The request's state from `EV_REQUEST_STATE` (the dispatcher's record, or the session
+/// record of the substation it names), else `queued` if this process accepted it.
 /// Another client's request is not found: its existence is not the caller's to know.
 async fn lookup(
     state: &AppState,
@@ -309,15 +311,16 @@ async fn lookup(
         return Err(ApiError::NotFound(request_id));
     }
     let nats = state.nats()?;
-    match nats.request_states.get(request_id.to_string()).await {
-        Ok(Some(value)) => serde_json::from_slice(&value).map_err(|e| {
-            tracing::error!(%request_id, error = %e, "unreadable request state in the bucket");
-            ApiError::Internal
-        }),
+    match streams::read_request(&nats.request_states, request_id).await {
+        Ok(Some(record)) => Ok(record),
         Ok(None) => match state.recent.sequence(&request_id) {
             Some(sequence) => stored_request(nats, request_id, sequence).await,
             None => Err(ApiError::NotFound(request_id)),
         },
+        Err(e @ streams::StateReadError::NotARecord { .. }) => {
+            tracing::error!(%request_id, error = %e, "unreadable request state in the bucket");
+            Err(ApiError::Internal)
+        }
         Err(e) => {
             tracing::warn!(%request_id, error = %e, "cannot read request state; answering 503");
             Err(ApiError::NatsUnavailable)

@@ -436,11 +436,13 @@ impl RequestState {
     }
 }
 
-/// The current state of a request: the value in the `EV_REQUEST_STATE` bucket under its id, and
-/// the body of `GET /v1/charge-requests/{id}`.
+/// The state of a request: a value in the `EV_REQUEST_STATE` bucket, under its id (the
+/// dispatcher's record) or under `<id>.<substation>` (that substation's session,
+/// [`session_state_key`]); merged ([`RequestRecord::merged`]), the body of
+/// `GET /v1/charge-requests/{id}`.
 ///
-/// Writers follow the request's causal order (dispatcher, then the substation, each awaiting its
-/// write before the next stage can start), so a later state is never overwritten by an earlier one.
+/// Each key has one writer (the dispatcher's fence of a failed substation's session aside), and
+/// every write is a compare-and-set, so a later state is never overwritten by an earlier one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub request_id: Uuid,
@@ -492,6 +494,15 @@ pub struct Move {
     pub reason: String,
 }
 
+/// The key under which substation `substation_id` records its session of request
+/// `request_id` in `EV_REQUEST_STATE`: `<request id>.<substation id>`. The dispatcher writes
+/// the request's own key (`<request id>`: queued, dispatched, rejected, moved); each
+/// substation writes only its own session keys, which the server's permissions hold it to,
+/// since the key's subject names the substation (docs/architecture.md, "Request state").
+pub fn session_state_key(request_id: Uuid, substation_id: &str) -> String {
+    format!("{request_id}.{substation_id}")
+}
+
 impl RequestRecord {
     /// The first record of `request`: in `state`, nothing delivered, no substation yet and no
     /// step timestamps. Writers fill in the rest as the request moves on.
@@ -520,6 +531,25 @@ impl RequestRecord {
             rejected_at: None,
             updated_at,
             moved: Vec::new(),
+        }
+    }
+
+    /// The request as its readers see it, from the dispatcher's record (`<request id>`) and the
+    /// session record (`<request id>.<substation>`) of the substation that record names: that
+    /// substation's own record once it has one, else the dispatcher's. A session record counts
+    /// only if it is that substation's (a dispatcher's fence, written when it moved the request
+    /// away, names none), so no other substation's write can stand for the request.
+    pub fn merged(dispatcher: Option<Self>, session: Option<Self>) -> Option<Self> {
+        let dispatcher = dispatcher?;
+        match session {
+            Some(s)
+                if dispatcher.substation_id.is_some()
+                    && s.substation_id == dispatcher.substation_id
+                    && s.request_id == dispatcher.request_id =>
+            {
+                Some(s)
+            }
+            _ => Some(dispatcher),
         }
     }
 
@@ -590,6 +620,56 @@ impl RejectReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_record_stands_for_its_request_only_where_the_dispatcher_sent_it() {
+        let id = Uuid::from_u128(9);
+        let request = ChargeRequest {
+            request_id: Some(id),
+            vehicle_id: "ev".into(),
+            energy_kwh: 10.0,
+            max_power_kw: 11.0,
+            departure: None,
+            all_or_nothing: false,
+        };
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let queued = RequestRecord::new(id, RequestState::Queued, &request, at, at);
+        let at_s1 = |state| RequestRecord {
+            state,
+            substation_id: Some("s1".into()),
+            ..queued.clone()
+        };
+        let dispatched = at_s1(RequestState::Dispatched);
+        let charging = at_s1(RequestState::Charging);
+        let merged = RequestRecord::merged;
+        assert_eq!(merged(None, Some(charging.clone())), None);
+        assert_eq!(
+            merged(Some(queued.clone()), Some(charging.clone())),
+            Some(queued.clone())
+        );
+        assert_eq!(
+            merged(Some(dispatched.clone()), None),
+            Some(dispatched.clone())
+        );
+        assert_eq!(
+            merged(Some(dispatched.clone()), Some(charging.clone())),
+            Some(charging.clone())
+        );
+        // Another substation's record, or a fence (no substation), never stands for it.
+        let at_s2 = RequestRecord {
+            substation_id: Some("s2".into()),
+            ..charging.clone()
+        };
+        assert_eq!(
+            merged(Some(dispatched.clone()), Some(at_s2)),
+            Some(dispatched.clone())
+        );
+        assert_eq!(
+            merged(Some(dispatched.clone()), Some(queued)),
+            Some(dispatched)
+        );
+        assert_eq!(session_state_key(id, "s1"), format!("{id}.s1"));
+    }
 
     #[test]
     fn a_car_leaving_early_can_expect_what_fits() {

@@ -11,25 +11,30 @@
 
 use std::collections::VecDeque;
 
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, kv};
-use bytes::Bytes;
 use evgrid_common::nats::{Intake, Nats};
 use evgrid_common::streams;
+use evgrid_model::messages::{RequestRecord, session_state_key};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Dispatches taken ahead of the one being handled.
 const READ_AHEAD: usize = 64;
 
-/// The stored state of a dispatch's request, read ahead of handling it: its value (`None`
-/// when there is none, or it was deleted) and its revision (0 when the key never existed), the
-/// revision the session's first write expects.
-pub(crate) type StateRead = Result<(Option<Bytes>, u64), async_nats::Error>;
+/// The stored state of a dispatch's request, read ahead of handling it, as this substation sees
+/// it: its own session record (`<request id>.<id>`) while that is its own, else the
+/// dispatcher's record (`<request id>`); `None` when there is neither (or they do not parse).
+/// And the revision of its own session record (0 when the key never existed): what the
+/// session's first write expects.
+pub(crate) type StateRead = Result<(Option<RequestRecord>, u64), async_nats::Error>;
 
 /// Dispatch messages in delivery order, with their request's state.
 pub(crate) struct Feed {
     intake: Intake,
     kv: kv::Store,
+    substation_id: Arc<str>,
     /// Taken from the intake, not handed out yet: each message with its state read.
     reading: VecDeque<(jetstream::Message, JoinHandle<StateRead>)>,
 }
@@ -46,6 +51,7 @@ impl Feed {
         Self {
             intake,
             kv,
+            substation_id: substation_id.into(),
             reading: VecDeque::new(),
         }
     }
@@ -56,6 +62,7 @@ impl Feed {
         let Self {
             intake,
             kv,
+            substation_id,
             reading,
         } = self;
         loop {
@@ -71,7 +78,11 @@ impl Feed {
                     return (msg, state);
                 }
                 msg = intake.next(room), if room > 0 => {
-                    let read = tokio::spawn(read_state(kv.clone(), request_key(&msg)));
+                    let read = tokio::spawn(read_state(
+                        kv.clone(),
+                        substation_id.clone(),
+                        request_id(&msg),
+                    ));
                     reading.push_back((msg, read));
                 }
             }
@@ -95,29 +106,49 @@ impl Feed {
 
     /// Reads a request's state now (a redelivery's read ahead may predate its own completion).
     pub async fn read_now(&self, request_id: Uuid) -> StateRead {
-        read_state(self.kv.clone(), Some(request_id.to_string())).await
+        read_state(
+            self.kv.clone(),
+            self.substation_id.clone(),
+            Some(request_id),
+        )
+        .await
     }
 }
 
-/// The state key of a dispatch's request: its id, from the body (`None` when the body is not a
-/// dispatch: handling it terminates the message without a state).
-fn request_key(msg: &jetstream::Message) -> Option<String> {
+/// The request id of a dispatch, from the body (`None` when the body is not a dispatch:
+/// handling it terminates the message without a state).
+fn request_id(msg: &jetstream::Message) -> Option<Uuid> {
     #[derive(serde::Deserialize)]
     struct Id {
         request_id: Uuid,
     }
     serde_json::from_slice::<Id>(&msg.payload)
         .ok()
-        .map(|id| id.request_id.to_string())
+        .map(|id| id.request_id)
 }
 
-async fn read_state(kv: kv::Store, key: Option<String>) -> StateRead {
-    let Some(key) = key else {
+async fn read_state(kv: kv::Store, substation_id: Arc<str>, request_id: Option<Uuid>) -> StateRead {
+    let Some(request_id) = request_id else {
         return Ok((None, 0));
     };
-    Ok(match streams::read_latest(&kv, &key).await? {
-        Some(entry) if entry.operation == kv::Operation::Put => (Some(entry.value), entry.revision),
-        Some(deleted) => (None, deleted.revision),
-        None => (None, 0),
-    })
+    let own_key = session_state_key(request_id, &substation_id);
+    let request_key = request_id.to_string();
+    let (own, request) = tokio::join!(
+        streams::read_latest(&kv, &own_key),
+        streams::read_latest(&kv, &request_key)
+    );
+    let parse = |entry: &Option<kv::Entry>| {
+        entry
+            .as_ref()
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<RequestRecord>(&e.value).ok())
+    };
+    let (own, request) = (own?, request?);
+    let revision = own.as_ref().map_or(0, |e| e.revision);
+    // A fence (the dispatcher moved the request away) names no substation: then the
+    // dispatcher's record says where the request is, and what this dispatch may do.
+    let view = parse(&own)
+        .filter(|r| r.substation_id.as_deref() == Some(&*substation_id))
+        .or_else(|| parse(&request));
+    Ok((view, revision))
 }

@@ -311,11 +311,7 @@ impl Shell {
             state
         };
         let (stored, revision, read_error) = match state {
-            Ok((value, revision)) => (
-                Stored::Read(value.and_then(|v| serde_json::from_slice(&v).ok())),
-                revision,
-                None,
-            ),
+            Ok((record, revision)) => (Stored::Read(record.map(Box::new)), revision, None),
             Err(e) => (Stored::Unreadable, 0, Some(e)),
         };
         let facts = Facts {

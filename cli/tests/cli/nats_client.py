@@ -43,9 +43,12 @@ async def main(client_url, observer_url, vehicle_id):
             break
     seen["completed"] = event
 
-    # The request's state, as GET /v1/charge-requests/{id} serves it.
+    # The request's state, as GET /v1/charge-requests/{id} serves it: the dispatcher's record
+    # names the substation, whose session record (`<id>.<substation>`) is the state from then on.
     bucket = await js.key_value("EV_REQUEST_STATE")
-    seen["state"] = json.loads((await bucket.get(event["request_id"])).value)
+    dispatched = json.loads((await bucket.get(event["request_id"])).value)
+    session_key = f'{event["request_id"]}.{dispatched["substation_id"]}'
+    seen["state"] = json.loads((await bucket.get(session_key)).value)
 
     # nats sub --stream EV_REQUESTS --start-sequence 1 ev.requests
     replay = await js.subscribe(

@@ -36,16 +36,15 @@ async fn recorded(js: &jetstream::Context) -> Vec<Stored> {
     for seq in 1..=n {
         let msg = stream.get_raw_message(seq).await.unwrap();
         let body: Value = serde_json::from_slice(&msg.payload).unwrap();
-        let id = body["request_id"].as_str().unwrap();
-        let state = kv
-            .get(id)
+        let id = body["request_id"].as_str().unwrap().parse().unwrap();
+        let state = streams::read_request(&kv, id)
             .await
             .unwrap()
             .expect("every request has a state");
         out.push(Stored {
             at: DateTime::from_timestamp_nanos(msg.time.unix_timestamp_nanos() as i64),
             energy_kwh: body["energy_kwh"].as_f64().unwrap(),
-            state: serde_json::from_slice(&state).unwrap(),
+            state,
         });
     }
     out

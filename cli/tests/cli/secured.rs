@@ -115,15 +115,21 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
     assert_no_service_refused(&pipeline);
 
     // Substation s1's credentials speak for s1 only.
+    // Its own session records are the only request states it may write: not a request's own
+    // record (the dispatcher's), nor another substation's session of it.
     let (s1, mut errors) = connect_as(&url, "substation-s1").await;
+    let request_state = format!("$KV.EV_REQUEST_STATE.{id}");
+    let s2_session = format!("$KV.EV_REQUEST_STATE.{id}.s2");
     for subject in [
         "ev.telemetry.s2",
         "ev.limits.s1",
         "ev.dispatch.s1",
         "ev.requests",
         "ev.sessions.s2.completed",
+        &request_state,
+        &s2_session,
     ] {
-        s1.publish(subject, "{}".into()).await.unwrap();
+        s1.publish(subject.to_owned(), "{}".into()).await.unwrap();
         s1.flush().await.unwrap();
         refused(&mut errors, "publish", subject).await;
     }
@@ -140,9 +146,17 @@ async fn a_grid_of_roles_charges_and_the_server_refuses_what_a_role_may_not_do()
     observer.flush().await.unwrap();
     refused(&mut errors, "publish", "ev.requests").await;
     let (ingest, mut errors) = connect_as(&url, "ingest").await;
-    ingest.publish("ev.dispatch.s1", "{}".into()).await.unwrap();
-    ingest.flush().await.unwrap();
-    refused(&mut errors, "publish", "ev.dispatch.s1").await;
+    for subject in ["ev.dispatch.s1", &request_state] {
+        ingest
+            .publish(subject.to_owned(), "{}".into())
+            .await
+            .unwrap();
+        ingest.flush().await.unwrap();
+        refused(&mut errors, "publish", subject).await;
+    }
+    // The record is as the pipeline left it.
+    let record = get_json(&pipeline.http, &state_url).await.unwrap();
+    assert_eq!(record["state"], "completed", "{record}");
 
     // No one without credentials.
     assert!(

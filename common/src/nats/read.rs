@@ -88,13 +88,7 @@ pub enum ReadError {
     State {
         id: Uuid,
         #[source]
-        error: async_nats::Error,
-    },
-    #[error("the state of request {id} is not a request record")]
-    NotARecord {
-        id: Uuid,
-        #[source]
-        error: serde_json::Error,
+        error: crate::streams::StateReadError,
     },
 }
 
@@ -228,30 +222,23 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, ReadError> {
         .map_err(|e| ReadError::NoBucket(e.into()))
 }
 
-/// The records of `ids` in the bucket (absent or deleted ids are left out), each read as the
-/// services read a state a decision depends on ([`crate::streams::read_latest`]: from the
-/// leader of a replicated bucket, where a follower may not have applied the latest write).
+/// The states of `ids` (absent or deleted ids are left out), each as its readers see it
+/// ([`crate::streams::read_request`]: the dispatcher's record merged with the session record
+/// of the substation it names), read as the services read a state a decision depends on
+/// ([`crate::streams::read_latest`]: from the leader of a replicated bucket, where a follower
+/// may not have applied the latest write).
 pub async fn records(
     kv: &kv::Store,
     ids: impl IntoIterator<Item = Uuid>,
 ) -> Result<HashMap<Uuid, RequestRecord>, ReadError> {
     let reads = futures::stream::iter(ids)
-        .map(|id| async move {
-            let entry = crate::streams::read_latest(kv, &id.to_string()).await;
-            let value = entry.map(|e| e.filter(|e| e.operation == kv::Operation::Put));
-            (id, value.map(|e| e.map(|e| e.value)))
-        })
+        .map(|id| async move { (id, crate::streams::read_request(kv, id).await) })
         .buffer_unordered(READS_IN_FLIGHT);
     let mut out = HashMap::new();
     let mut reads = std::pin::pin!(reads);
-    while let Some((id, value)) = reads.next().await {
-        let value = value.map_err(|e| ReadError::State {
-            id,
-            error: e.into(),
-        })?;
-        if let Some(bytes) = value {
-            let record = serde_json::from_slice(&bytes)
-                .map_err(|error| ReadError::NotARecord { id, error })?;
+    while let Some((id, read)) = reads.next().await {
+        let record = read.map_err(|error| ReadError::State { id, error })?;
+        if let Some(record) = record {
             out.insert(id, record);
         }
     }

@@ -258,8 +258,9 @@ async fn a_message_reusing_a_finished_requests_id_never_overwrites_its_record() 
         completed_at: Some(Utc::now()),
         ..queued
     };
+    // s1 completes it, in its own session record.
     kv.put(
-        victim.to_string(),
+        evgrid_model::messages::session_state_key(victim, "s1"),
         serde_json::to_vec(&completed).unwrap().into(),
     )
     .await

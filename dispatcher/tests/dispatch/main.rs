@@ -35,13 +35,12 @@ pub(crate) async fn state_bucket(app: &helpers::TestApp) -> kv::Store {
         .unwrap()
 }
 
+/// The request's state as readers see it: the dispatcher's record, or the session record of
+/// the substation it names.
 pub(crate) async fn record(app: &helpers::TestApp, id: Uuid) -> Option<RequestRecord> {
-    state_bucket(app)
-        .await
-        .get(id.to_string())
+    streams::read_request(&state_bucket(app).await, id)
         .await
         .unwrap()
-        .map(|v| serde_json::from_slice(&v).unwrap())
 }
 
 /// The next state a watch on the request-state bucket sees, within [`WAIT`].
@@ -298,18 +297,23 @@ async fn a_redelivery_of_a_request_already_taken_is_acked_without_deciding_again
         let queued = next_record(&mut state).await;
         assert_eq!(queued.state, RequestState::Queued);
         // What an earlier delivery's dispatch leads to, when only its ack was lost: the
-        // substation took the request and records it charging.
-        let charging = RequestRecord {
-            state: RequestState::Charging,
+        // dispatcher recorded it dispatched to s1, and s1 records its session charging.
+        let at_s1 = |state| RequestRecord {
+            state,
             substation_id: Some("s1".into()),
-            ..queued
+            ..queued.clone()
         };
-        kv.put(
-            id.to_string(),
-            serde_json::to_vec(&charging).unwrap().into(),
-        )
-        .await
-        .unwrap();
+        for (key, record) in [
+            (id.to_string(), at_s1(RequestState::Dispatched)),
+            (
+                evgrid_model::messages::session_state_key(id, "s1"),
+                at_s1(RequestState::Charging),
+            ),
+        ] {
+            kv.put(key, serde_json::to_vec(&record).unwrap().into())
+                .await
+                .unwrap();
+        }
     }
     // Past the departure, and a substation up: deciding again would reject one request and
     // dispatch the other a second time.
@@ -364,10 +368,12 @@ async fn a_failed_substations_requests_move_to_one_with_room_once() {
         })
         .await
         .expect("dispatched state");
+    // Where a substation records its session: its own key, `<request id>.s1`.
     record_at_s1.state = RequestState::Charging;
     record_at_s1.energy_delivered_kwh = 4.5;
+    let s1_session = evgrid_model::messages::session_state_key(charging, "s1");
     kv.put(
-        charging.to_string(),
+        s1_session.as_str(),
         serde_json::to_vec(&record_at_s1).unwrap().into(),
     )
     .await
@@ -408,6 +414,14 @@ async fn a_failed_substations_requests_move_to_one_with_room_once() {
     assert_eq!(now.moved[0].substation_id, "s1");
     assert_eq!(now.moved[0].state, RequestState::Charging);
     assert_eq!(now.moved[0].energy_delivered_kwh, 4.5);
+    // s1's session record is fenced: it names no substation, so s1's next write is refused
+    // and, read, tells it the request moved on.
+    let fence: RequestRecord =
+        serde_json::from_slice(&kv.get(s1_session.as_str()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (fence.state, fence.substation_id, fence.moved.len()),
+        (RequestState::Queued, None, 1)
+    );
     let other = record(&app, waiting).await.unwrap();
     assert_eq!(
         (

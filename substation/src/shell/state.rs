@@ -1,11 +1,13 @@
-//! The live substation's request-state writes (`EV_REQUEST_STATE`, key = request id), each a
-//! compare-and-set on the revision the session last wrote or read, through the ordered
+//! The live substation's request-state writes (`EV_REQUEST_STATE`, key `<request id>.<its id>`:
+//! its own session record, the only keys its NATS user may write), each a compare-and-set on
+//! the revision the session last wrote or read, through the ordered
 //! [`crate::publisher::Publisher`].
 //!
 //! This is the fencing of failover: a dispatcher moves a request away from a failed substation
-//! by compare-and-set too, so a substation that was only cut off (or frozen) and comes back
-//! finds its next write refused, reads the state, sees the request is another's, and stops
-//! charging it without writing again: one car charges in one place, its energy is counted once.
+//! by a compare-and-set on that substation's session record (a fence naming no substation), so
+//! a substation that was only cut off (or frozen) and comes back finds its next write refused,
+//! reads the record, sees the request is not its own any more, and stops charging it without
+//! writing again: one car charges in one place, its energy is counted once.
 //! A refused write whose state still names this substation (its own write stored but the ack
 //! lost, or the dispatcher's `dispatched` written after the state was read) is written again on
 //! the revision now stored.
@@ -17,7 +19,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use evgrid_common::streams;
-use evgrid_model::messages::{RequestRecord, SessionEventKind};
+use evgrid_model::messages::{RequestRecord, SessionEventKind, session_state_key};
 use futures::FutureExt;
 use uuid::Uuid;
 
@@ -43,9 +45,10 @@ impl Shell {
 
     fn send_state_write(&mut self, id: Uuid, write: StateWrite) {
         // What `kv::Store::update` publishes to (the connection uses the default `$JS.API`
-        // prefix), but through the ordered writer instead of an awaited put.
+        // prefix), but through the ordered writer instead of an awaited put: this
+        // substation's own session key, the only one it may write.
         let prefix = self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix);
-        let subject = format!("{prefix}{id}");
+        let subject = format!("{prefix}{}", session_state_key(id, &self.id));
         let Some(live) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -143,10 +146,11 @@ impl Shell {
         }
     }
 
-    /// A write was refused: the state is not at the revision the session knew. Reads it to see
-    /// whose the request is now.
+    /// A write was refused: the session record is not at the revision the session knew. Reads
+    /// it to see whose the request is now (the dispatcher's fence names no substation).
     async fn on_refused(&mut self, id: Uuid, refused: StateWrite) {
-        let stored = match streams::read_latest(&self.kv, &id.to_string()).await {
+        let key = session_state_key(id, &self.id);
+        let stored = match streams::read_latest(&self.kv, &key).await {
             Ok(entry) => entry,
             Err(e) => {
                 // NATS is away: try the same write again (the writer waits for it to return).

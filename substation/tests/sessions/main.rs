@@ -333,9 +333,10 @@ async fn a_session_moved_away_while_cut_off_stops_charging_here() {
     let seq = grid.dispatch(&d).await;
     events.until(|e| e.event == SessionEventKind::Started).await;
 
-    // A dispatcher's failover moves it away as s1 charges (compare-and-set, as the dispatcher
-    // does; retried when s1's own checkpoint lands in between).
-    let key = d.request_id.to_string();
+    // A dispatcher's failover moves it away as s1 charges: it fences s1's session record by
+    // compare-and-set, as the dispatcher does (retried when s1's own checkpoint lands in
+    // between).
+    let key = evgrid_model::messages::session_state_key(d.request_id, "s1");
     let moved = evgrid_test_support::eventually(WAIT, Duration::from_millis(10), || async {
         let entry = grid.kv.entry(key.as_str()).await.unwrap().unwrap();
         let mut record: RequestRecord = serde_json::from_slice(&entry.value).unwrap();
@@ -496,9 +497,7 @@ async fn a_nats_restart_mid_session_does_not_stop_the_substation() {
     .expect("publish after the restart");
     for d in [&before, &after] {
         let record = evgrid_test_support::eventually(WAIT, Duration::from_millis(50), || async {
-            let value = grid.kv.get(d.request_id.to_string()).await.ok()??;
-            let record: evgrid_model::messages::RequestRecord =
-                serde_json::from_slice(&value).ok()?;
+            let record = grid.try_record(d.request_id).await?;
             (record.state == RequestState::Completed).then_some(record)
         })
         .await
