@@ -25,23 +25,11 @@ pub struct ApiKeyArgs {
     pub scopes: Vec<Scope>,
     /// Requests a second it may make, or `none` for no limit; without it, ingest's
     /// `--api-rate-limit`.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long)]
     pub rate: Option<Rate>,
     /// Write the key to this file (mode 0600) instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
-}
-
-fn parse_rate(s: &str) -> Result<Rate, String> {
-    if s == "none" {
-        return Ok(Rate::Unlimited);
-    }
-    match s.parse::<f64>() {
-        Ok(r) if r > 0.0 && r <= 1e6 => Ok(Rate::PerSecond(r)),
-        _ => Err(format!(
-            "{s:?}: requests a second (above 0, at most 1000000) or none"
-        )),
-    }
 }
 
 /// Makes the key, adds it to the file, and prints or writes it.

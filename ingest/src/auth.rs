@@ -99,8 +99,30 @@ pub enum Rate {
     Unlimited,
 }
 
-/// Largest `rate=` a key may be given (requests a second).
+/// Largest rate a key may be given (requests a second).
 const MAX_RATE: f64 = 1e6;
+
+/// Requests a second, as a key's `rate=` or `--api-rate-limit` takes them: above 0, at most a
+/// million.
+pub fn parse_per_second(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= MAX_RATE => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate above 0 and at most {MAX_RATE} requests a second"
+        )),
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    /// `none` (no limit), or requests a second.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(Rate::Unlimited);
+        }
+        parse_per_second(s).map(Rate::PerSecond)
+    }
+}
 
 /// Why a keys file cannot be used, naming its line.
 #[derive(Debug, thiserror::Error)]
@@ -440,15 +462,9 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
     let value = text.strip_prefix("rate=").ok_or_else(|| {
         format!("{text:?}: the fifth word, if any, is `rate=<per second>` or `rate=none`")
     })?;
-    if value == "none" {
-        return Ok(Rate::Unlimited);
-    }
-    match value.parse::<f64>() {
-        Ok(r) if r > 0.0 && r <= MAX_RATE => Ok(Rate::PerSecond(r)),
-        _ => Err(format!(
-            "rate={value}: must be requests a second, above 0 and at most {MAX_RATE}, or none"
-        )),
-    }
+    value
+        .parse()
+        .map_err(|e| format!("rate={value}: {e}, or none"))
 }
 
 /// A new key for `name`: the key itself (shown once, never stored) and its file line.

@@ -99,7 +99,7 @@ pub struct Config {
     /// Requests a second each API key may make (bursts of a second's worth), unless its line
     /// in the keys file sets its own `rate=`.
     #[arg(long, env = "EVGRID_API_RATE_LIMIT", default_value_t = DEFAULT_API_RATE_LIMIT,
-          value_parser = parse_rate_limit)]
+          value_parser = auth::parse_per_second)]
     pub api_rate_limit: f64,
 }
 
@@ -121,15 +121,6 @@ fn parse_api_keys(path: &str) -> Result<Arc<ApiKeys>, String> {
     ApiKeys::read(std::path::Path::new(path))
         .map(Arc::new)
         .map_err(|e| e.to_string())
-}
-
-fn parse_rate_limit(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r > 0.0 && r <= 1e6 => Ok(r),
-        _ => Err(format!(
-            "{s:?} is not a rate above 0 and at most 1000000 a second"
-        )),
-    }
 }
 
 fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
