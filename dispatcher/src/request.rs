@@ -116,6 +116,28 @@ impl Action {
     }
 }
 
+/// Writes `value` under `key` if its revision is still `revision` (0: no record yet). `false`:
+/// refused, the record moved on.
+async fn compare_and_set(
+    kv: &kv::Store,
+    key: &str,
+    value: bytes::Bytes,
+    revision: u64,
+) -> Result<bool, async_nats::Error> {
+    if revision == 0 {
+        return match kv.create(key, value).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e.into()),
+        };
+    }
+    match kv.update(key, value, revision).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The record under `key` and its revision ((None, 0) when there is none); a value that is
 /// not a record reads as none, at its revision, so a compare-and-set can still replace it.
 async fn read_state(
@@ -250,11 +272,10 @@ impl Handler {
             let (session, session_revision) = read_state(&self.kv, &session_key).await?;
             if let Some(fence) = session.as_ref().filter(|s| is_this_move(s)) {
                 // Fenced by an earlier try of this move: record it as the request's state too.
-                match self.kv.update(&key, to_json(fence), revision).await {
-                    Ok(_) => return Ok(Some(fence.energy_delivered_kwh)),
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => return Err(e.into()),
+                if compare_and_set(&self.kv, &key, to_json(fence), revision).await? {
+                    return Ok(Some(fence.energy_delivered_kwh));
                 }
+                continue;
             }
             let current =
                 RequestRecord::merged(Some(record.clone()), session).expect("a record to merge");
@@ -285,31 +306,15 @@ impl Handler {
                 moved,
                 ..current.clone()
             });
-            let fenced = if session_revision == 0 {
-                match self.kv.create(&session_key, queued.clone()).await {
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
-                    other => other.map(|_| ()).map_err(async_nats::Error::from),
-                }
-            } else {
-                match self
-                    .kv
-                    .update(&session_key, queued.clone(), session_revision)
-                    .await
-                {
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-                    other => other.map(|_| ()).map_err(async_nats::Error::from),
-                }
-            };
-            fenced?;
-            match self.kv.update(&key, queued, revision).await {
-                Ok(_) => {
-                    self.announce_move(&current, from, revision, now).await;
-                    return Ok(Some(current.energy_delivered_kwh));
-                }
-                // Another dispatcher finished this move meanwhile: the next look sees it.
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(e.into()),
+            // The fence first, then the request's own record; either refused, look again (a
+            // checkpoint of `from` landed, or another dispatcher moved it meanwhile).
+            if !compare_and_set(&self.kv, &session_key, queued.clone(), session_revision).await?
+                || !compare_and_set(&self.kv, &key, queued, revision).await?
+            {
+                continue;
             }
+            self.announce_move(&current, from, revision, now).await;
+            return Ok(Some(current.energy_delivered_kwh));
         }
         Err(format!("the state of {request_id} kept changing while it was moved").into())
     }
