@@ -97,6 +97,12 @@ pub fn nats_server_bin() -> PathBuf {
         .unwrap_or_else(|| tool("nats-server"))
 }
 
+/// The JetStream limits of every test server. Without them nats-server reserves streams against
+/// 75 % of the free disk, and evgrid's streams are bounded at 17.3 GiB together: on a machine
+/// with less than about 23 GB free every stream creation failed ("insufficient storage"), and
+/// whole test runs with it. The tests store kilobytes; the bounds are only reserved.
+const JETSTREAM_LIMITS: &str = "max_file_store: 1TB\nmax_memory_store: 1GB";
+
 impl NatsServer {
     /// Starts a server on free ports (client and monitoring) with a fresh store.
     pub fn start() -> Result<Self> {
@@ -107,18 +113,21 @@ impl NatsServer {
     /// `tls { … }`) under the flags every test server gets (loopback, free ports, a fresh
     /// store), which take precedence.
     pub fn start_configured(config: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("server.conf");
-        std::fs::write(&path, config)?;
-        Self::start_in(dir, nats_server_bin(), Some(path))
+        Self::start_in(tempfile::tempdir()?, nats_server_bin(), config)
     }
 
     /// Starts the nats-server binary at `bin` (e.g. an old release, to test refusals).
     pub fn start_with(bin: PathBuf) -> Result<Self> {
-        Self::start_in(tempfile::tempdir()?, bin, None)
+        Self::start_in(tempfile::tempdir()?, bin, "")
     }
 
-    fn start_in(dir: tempfile::TempDir, bin: PathBuf, config: Option<PathBuf>) -> Result<Self> {
+    fn start_in(dir: tempfile::TempDir, bin: PathBuf, config: &str) -> Result<Self> {
+        let path = dir.path().join("server.conf");
+        std::fs::write(
+            &path,
+            format!("jetstream {{\n{JETSTREAM_LIMITS}\n}}\n{config}"),
+        )?;
+        let config = Some(path);
         let mut server = Self {
             bin,
             config,
@@ -471,7 +480,7 @@ impl NatsCluster {
                 &config,
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
-                     jetstream {{\n  store_dir: {store:?}\n  {jetstream}\n}}\n\
+                     jetstream {{\n  store_dir: {store:?}\n  {JETSTREAM_LIMITS}\n  {jetstream}\n}}\n\
                      cluster {{\n  name: evgrid-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
                     client = ports[3 * i],
                     monitor = ports[3 * i + 1],
