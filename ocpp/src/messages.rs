@@ -90,6 +90,150 @@ pub struct StatusNotificationRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusNotificationResponse {}
 
+/// IdTokenType: who is charging (evgrid: the request's `vehicle_id`, or its request id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdToken {
+    pub id_token: String,
+    /// IdTokenEnumType: `Central`, `eMAID`, `ISO14443`, `KeyCode`, `Local`, … (kept as sent).
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizeRequest {
+    pub id_token: IdToken,
+}
+
+/// AuthorizationStatusEnumType (the values evgrid answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthorizationStatus {
+    Accepted,
+    Blocked,
+    Invalid,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdTokenInfo {
+    pub status: AuthorizationStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizeResponse {
+    pub id_token_info: IdTokenInfo,
+}
+
+/// TransactionEventEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransactionEventKind {
+    Started,
+    Updated,
+    Ended,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionInfo {
+    pub transaction_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charging_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evse {
+    pub id: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_id: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitOfMeasure {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplier: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SampledValue {
+    pub value: f64,
+    /// MeasurandEnumType; absent means `Energy.Active.Import.Register`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurand: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_of_measure: Option<UnitOfMeasure>,
+}
+
+impl SampledValue {
+    /// The energy imported so far, in Wh, when this is that register's reading.
+    pub fn energy_wh(&self) -> Option<f64> {
+        let measurand = self
+            .measurand
+            .as_deref()
+            .unwrap_or("Energy.Active.Import.Register");
+        if measurand != "Energy.Active.Import.Register" {
+            return None;
+        }
+        let unit = self.unit_of_measure.as_ref();
+        let scale = match unit.and_then(|u| u.unit.as_deref()).unwrap_or("Wh") {
+            "Wh" => 1.0,
+            "kWh" => 1000.0,
+            _ => return None,
+        };
+        let multiplier = unit.and_then(|u| u.multiplier).unwrap_or(0);
+        Some(self.value * scale * 10f64.powi(multiplier))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterValue {
+    pub timestamp: DateTime<Utc>,
+    pub sampled_value: Vec<SampledValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionEventRequest {
+    pub event_type: TransactionEventKind,
+    pub timestamp: DateTime<Utc>,
+    pub trigger_reason: String,
+    pub seq_no: i32,
+    pub transaction_info: TransactionInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdToken>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evse: Option<Evse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter_value: Option<Vec<MeterValue>>,
+}
+
+impl TransactionEventRequest {
+    /// The newest energy register reading the event carries, in Wh.
+    pub fn energy_wh(&self) -> Option<f64> {
+        self.meter_value
+            .iter()
+            .flatten()
+            .max_by_key(|m| m.timestamp)
+            .and_then(|m| m.sampled_value.iter().find_map(SampledValue::energy_wh))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionEventResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token_info: Option<IdTokenInfo>,
+}
+
 /// A payload field breaking its schema's limits: the OCPP-J error code and why.
 pub type Violation = (crate::rpc::ErrorCode, String);
 
@@ -144,6 +288,37 @@ impl Checked for StatusNotificationRequest {
     }
 }
 
+impl Checked for AuthorizeRequest {
+    fn check(&self) -> Result<(), Violation> {
+        at_most("idToken.idToken", &self.id_token.id_token, 36)
+    }
+}
+
+impl Checked for TransactionEventRequest {
+    fn check(&self) -> Result<(), Violation> {
+        at_most(
+            "transactionInfo.transactionId",
+            &self.transaction_info.transaction_id,
+            36,
+        )?;
+        if let Some(token) = &self.id_token {
+            at_most("idToken.idToken", &token.id_token, 36)?;
+        }
+        let readings = self
+            .meter_value
+            .iter()
+            .flatten()
+            .flat_map(|m| &m.sampled_value);
+        if readings.clone().any(|v| !v.value.is_finite()) || self.seq_no < 0 {
+            return Err((
+                crate::rpc::ErrorCode::PropertyConstraintViolation,
+                "meter values are finite numbers and seqNo is never negative".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -191,5 +366,33 @@ mod tests {
             (status.connector_status, status.connector_id),
             (ConnectorStatus::Occupied, 2)
         );
+    }
+
+    #[test]
+    fn the_energy_register_reads_in_wh_whatever_its_unit() {
+        let event: TransactionEventRequest = serde_json::from_value(json!({
+            "eventType": "Updated", "timestamp": "2027-01-15T08:00:00Z",
+            "triggerReason": "MeterValuePeriodic", "seqNo": 3,
+            "transactionInfo": {"transactionId": "tx-1", "chargingState": "Charging"},
+            "meterValue": [
+                {"timestamp": "2027-01-15T07:59:00Z", "sampledValue": [{"value": 1000.0}]},
+                {"timestamp": "2027-01-15T08:00:00Z", "sampledValue": [
+                    {"value": 11.0, "measurand": "Power.Active.Import", "unitOfMeasure": {"unit": "kW"}},
+                    {"value": 1.5, "unitOfMeasure": {"unit": "kWh"}}
+                ]}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(event.energy_wh(), Some(1500.0));
+        let scaled = SampledValue {
+            value: 2.0,
+            measurand: None,
+            unit_of_measure: Some(UnitOfMeasure {
+                unit: None,
+                multiplier: Some(3),
+            }),
+        };
+        assert_eq!(scaled.energy_wh(), Some(2000.0));
+        assert!(event.check().is_ok());
     }
 }

@@ -4,10 +4,12 @@
 //! Anything else is refused before the upgrade, with the reason in the HTTP answer.
 //!
 //! On a connection, each CALL from the station is answered in order: BootNotification
-//! (accepted, with the heartbeat interval), Heartbeat, StatusNotification; any other action is
-//! answered `NotImplemented`, and a station that has never booted is answered `SecurityError`
-//! (OCPP: nothing but a BootNotification until it is accepted). [`Csms::stations`] is what the
-//! substation knows of each station: connected or not, its boot details, its connectors.
+//! (accepted, with the heartbeat interval), Heartbeat, StatusNotification, Authorize (every
+//! token accepted, until the substation decides), TransactionEvent (Started / Updated / Ended,
+//! with the energy register's readings); any other action is answered `NotImplemented`, and a
+//! station that has never booted is answered `SecurityError` (OCPP: nothing but a
+//! BootNotification until it is accepted). [`Csms::stations`] is what the substation knows of
+//! each station: connected or not, its boot details, its connectors and its transactions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,8 +25,10 @@ use warp::reply::{Reply, Response};
 use warp::ws::{Message, WebSocket, Ws};
 
 use crate::messages::{
-    BootNotificationRequest, BootNotificationResponse, Checked, HeartbeatRequest,
-    HeartbeatResponse, RegistrationStatus, StatusNotificationRequest, StatusNotificationResponse,
+    AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, BootNotificationRequest,
+    BootNotificationResponse, Checked, HeartbeatRequest, HeartbeatResponse, IdTokenInfo,
+    RegistrationStatus, StatusNotificationRequest, StatusNotificationResponse,
+    TransactionEventKind, TransactionEventRequest, TransactionEventResponse,
 };
 use crate::rpc::{ErrorCode, Frame, FrameError};
 use crate::stations::Stations;
@@ -51,6 +55,53 @@ pub struct StationState {
     pub last_heard: Option<DateTime<Utc>>,
     /// Each connector's status, by (EVSE id, connector id).
     pub connectors: BTreeMap<(i32, i32), String>,
+    /// Its transactions, by transaction id.
+    pub transactions: BTreeMap<String, Transaction>,
+}
+
+/// One charging transaction as the station reports it (TransactionEvent).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transaction {
+    /// Who charges: the idToken the transaction was started or authorized with.
+    pub id_token: Option<String>,
+    pub evse: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    /// The energy register's last reading since the start, in Wh: the truth for energy.
+    pub energy_wh: f64,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub stopped_reason: Option<String>,
+    /// The last `seqNo` taken: an older event (a resend) changes nothing.
+    pub seq_no: i32,
+}
+
+impl Transaction {
+    /// Takes in one event of this transaction, unless it is older than the last taken.
+    fn apply(&mut self, event: &TransactionEventRequest) {
+        if event.seq_no < self.seq_no && self.started_at.is_some() {
+            return;
+        }
+        self.seq_no = event.seq_no;
+        if let Some(token) = &event.id_token {
+            self.id_token = Some(token.id_token.clone());
+        }
+        if let Some(evse) = &event.evse {
+            self.evse = Some(evse.id);
+        }
+        if let Some(wh) = event.energy_wh() {
+            self.energy_wh = wh;
+        }
+        match event.event_type {
+            TransactionEventKind::Started => self.started_at = Some(event.timestamp),
+            TransactionEventKind::Updated => {
+                self.started_at.get_or_insert(event.timestamp);
+            }
+            TransactionEventKind::Ended => {
+                self.started_at.get_or_insert(event.timestamp);
+                self.ended_at = Some(event.timestamp);
+                self.stopped_reason = event.transaction_info.stopped_reason.clone();
+            }
+        }
+    }
 }
 
 /// The CSMS: the stations that may connect and what each has said.
@@ -148,6 +199,26 @@ impl Csms {
                     );
                 });
                 to_value(StatusNotificationResponse {})
+            }),
+            // Which cars are dispatched requests and which walk in is the substation's to
+            // decide (issue #12, next); every token is accepted meanwhile.
+            "Authorize" => parse::<AuthorizeRequest>(payload).map(|_| {
+                to_value(AuthorizeResponse {
+                    id_token_info: IdTokenInfo {
+                        status: AuthorizationStatus::Accepted,
+                    },
+                })
+            }),
+            "TransactionEvent" => parse::<TransactionEventRequest>(payload).map(|event| {
+                let id = event.transaction_info.transaction_id.clone();
+                self.update(station_id, |s| {
+                    s.transactions.entry(id).or_default().apply(&event);
+                });
+                to_value(TransactionEventResponse {
+                    id_token_info: event.id_token.as_ref().map(|_| IdTokenInfo {
+                        status: AuthorizationStatus::Accepted,
+                    }),
+                })
             }),
             other => Err((
                 ErrorCode::NotImplemented,

@@ -145,3 +145,20 @@ async fn a_station_that_has_not_booted_is_answered_security_error() {
     let steps = station(&csms.url, "cs-1", "plain-password-0123", "no-boot").await;
     assert_eq!(steps[1]["heartbeat_error"], "SecurityError", "{steps:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_recorded_with_the_energy_its_meter_read() {
+    let csms = start(&hashed_stations()).await;
+    let steps = station(&csms.url, "cs-1", "plain-password-0123", "charge").await;
+    assert_eq!(steps[1]["authorize"], "Accepted", "{steps:?}");
+    assert_eq!(steps[2]["event"], "Started");
+    assert_eq!(steps[2]["id_token_info"]["status"], "Accepted");
+    assert_eq!(steps[4]["event"], "Ended");
+
+    let tx = csms.csms.stations()["cs-1"].transactions["tx-1"].clone();
+    assert_eq!(tx.id_token.as_deref(), Some("ev-ocpp-1"));
+    assert_eq!(tx.evse, Some(1));
+    assert_eq!(tx.energy_wh, 10_000.0);
+    assert_eq!(tx.stopped_reason.as_deref(), Some("EVDisconnected"));
+    assert!(tx.started_at.is_some() && tx.ended_at >= tx.started_at);
+}

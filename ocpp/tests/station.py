@@ -5,6 +5,8 @@
 
 prints one JSON object per step on stdout for the Rust test to check (ocpp/tests/csms.rs).
 Scenarios: `boot` (boot, heartbeat, status, an action the CSMS does not implement),
+`charge` (boot, authorize the car, and a transaction started, updated and ended with the
+energy register's readings),
 `no-boot` (a heartbeat before any BootNotification), `connect` (only the connection: how the
 CSMS answers it), `no-subprotocol` (connecting without offering ocpp2.0.1).
 """
@@ -47,7 +49,38 @@ async def main(url, station, password, scenario):
         return
     cp = ChargePoint(station, ws)
     listener = asyncio.create_task(cp.start())
-    if scenario == "no-boot":
+    if scenario == "charge":
+        await cp.call(
+            call.BootNotification(
+                charging_station={"model": "Wallbox 22", "vendor_name": "evgrid-test"},
+                reason="PowerUp",
+            )
+        )
+        token = {"id_token": "ev-ocpp-1", "type": "Central"}
+        auth = await cp.call(call.Authorize(id_token=token))
+        say(authorize=auth.id_token_info["status"])
+        for seq, (kind, trigger, wh) in enumerate(
+            [("Started", "Authorized", 0.0), ("Updated", "MeterValuePeriodic", 5000.0),
+             ("Ended", "EVDeparted", 10000.0)]
+        ):
+            now = datetime.now(timezone.utc).isoformat()
+            info = {"transaction_id": "tx-1"}
+            if kind == "Ended":
+                info["stopped_reason"] = "EVDisconnected"
+            result = await cp.call(
+                call.TransactionEvent(
+                    event_type=kind,
+                    timestamp=now,
+                    trigger_reason=trigger,
+                    seq_no=seq,
+                    transaction_info=info,
+                    id_token=token if kind == "Started" else None,
+                    evse={"id": 1, "connector_id": 1},
+                    meter_value=[{"timestamp": now, "sampled_value": [{"value": wh}]}],
+                )
+            )
+            say(event=kind, id_token_info=result.id_token_info)
+    elif scenario == "no-boot":
         _, error = await call_or_error(cp, call.Heartbeat())
         say(heartbeat_error=error)
     else:
