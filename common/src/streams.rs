@@ -231,6 +231,22 @@ pub enum StateReadError {
     },
 }
 
+/// The record under `key` and its revision, read as [`read_latest`]: `(None, 0)` when there is
+/// none; a deleted value, or one that is not a record, reads as none at its revision, so a
+/// compare-and-set can still replace it. What the writers read before they write.
+pub async fn read_state(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<(Option<RequestRecord>, u64), kv::EntryError> {
+    Ok(match read_latest(kv, key).await? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            (serde_json::from_slice(&e.value).ok(), e.revision)
+        }
+        Some(gone) => (None, gone.revision),
+        None => (None, 0),
+    })
+}
+
 /// The record under `key` ([`read_latest`]), if there is one (a deleted one is none).
 pub async fn read_record(
     kv: &kv::Store,

@@ -138,21 +138,6 @@ async fn compare_and_set(
     }
 }
 
-/// The record under `key` and its revision ((None, 0) when there is none); a value that is
-/// not a record reads as none, at its revision, so a compare-and-set can still replace it.
-async fn read_state(
-    kv: &kv::Store,
-    key: &str,
-) -> Result<(Option<RequestRecord>, u64), kv::EntryError> {
-    Ok(match streams::read_latest(kv, key).await? {
-        Some(e) if e.operation == kv::Operation::Put => {
-            (serde_json::from_slice(&e.value).ok(), e.revision)
-        }
-        Some(gone) => (None, gone.revision),
-        None => (None, 0),
-    })
-}
-
 /// Locks the grid; a panic elsewhere while holding it cannot leave it half-updated (every
 /// mutation is a single call), so a poisoned lock is still usable.
 pub(crate) fn lock(grid: &Mutex<GridView>) -> MutexGuard<'_, GridView> {
@@ -260,7 +245,7 @@ impl Handler {
         };
         // Each lost compare-and-set means the state moved on: look again.
         for _ in 0..TAKE_OVER_ATTEMPTS {
-            let (Some(record), revision) = read_state(&self.kv, &key).await? else {
+            let (Some(record), revision) = streams::read_state(&self.kv, &key).await? else {
                 return Ok(None);
             };
             if record.state == RequestState::Queued {
@@ -269,7 +254,7 @@ impl Handler {
             if record.state.is_final() || record.substation_id.as_deref() != Some(from) {
                 return Ok(None);
             }
-            let (session, session_revision) = read_state(&self.kv, &session_key).await?;
+            let (session, session_revision) = streams::read_state(&self.kv, &session_key).await?;
             if let Some(fence) = session.as_ref().filter(|s| is_this_move(s)) {
                 // Fenced by an earlier try of this move: record it as the request's state too.
                 if compare_and_set(&self.kv, &key, to_json(fence), revision).await? {
@@ -577,14 +562,8 @@ impl Handler {
         &self,
         request_id: Uuid,
     ) -> Result<Option<RequestState>, kv::EntryError> {
-        let Some(entry) = streams::read_latest(&self.kv, &request_id.to_string()).await? else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        Ok(serde_json::from_slice::<RequestRecord>(&entry.value)
-            .ok()
+        let (record, _) = streams::read_state(&self.kv, &request_id.to_string()).await?;
+        Ok(record
             .map(|record| record.state)
             .filter(|state| *state != RequestState::Queued))
     }

@@ -134,21 +134,14 @@ async fn read_state(kv: kv::Store, substation_id: Arc<str>, request_id: Option<U
     let own_key = session_state_key(request_id, &substation_id);
     let request_key = request_id.to_string();
     let (own, request) = tokio::join!(
-        streams::read_latest(&kv, &own_key),
-        streams::read_latest(&kv, &request_key)
+        streams::read_state(&kv, &own_key),
+        streams::read_state(&kv, &request_key)
     );
-    let parse = |entry: &Option<kv::Entry>| {
-        entry
-            .as_ref()
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<RequestRecord>(&e.value).ok())
-    };
-    let (own, request) = (own?, request?);
-    let revision = own.as_ref().map_or(0, |e| e.revision);
+    let ((own, revision), (request, _)) = (own?, request?);
     // A fence (the dispatcher moved the request away) names no substation: then the
     // dispatcher's record says where the request is, and what this dispatch may do.
-    let view = parse(&own)
+    let view = own
         .filter(|r| r.substation_id.as_deref() == Some(&*substation_id))
-        .or_else(|| parse(&request));
+        .or(request);
     Ok((view, revision))
 }

@@ -16,7 +16,6 @@
 //! newer record replaces one still waiting (only the newest state matters).
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use evgrid_common::streams;
 use evgrid_model::messages::{RequestRecord, SessionEventKind, session_state_key};
@@ -150,22 +149,14 @@ impl Shell {
     /// it to see whose the request is now (the dispatcher's fence names no substation).
     async fn on_refused(&mut self, id: Uuid, refused: StateWrite) {
         let key = session_state_key(id, &self.id);
-        let stored = match streams::read_latest(&self.kv, &key).await {
-            Ok(entry) => entry,
+        let (record, revision) = match streams::read_state(&self.kv, &key).await {
+            Ok(stored) => stored,
             Err(e) => {
                 // NATS is away: try the same write again (the writer waits for it to return).
                 tracing::warn!(request_id = %id, error = %e, "cannot read a request state after a refused write; writing again");
                 self.send_state_write(id, refused);
                 return;
             }
-        };
-        let (revision, record) = match stored {
-            Some(entry) if entry.operation == kv::Operation::Put => (
-                entry.revision,
-                serde_json::from_slice::<RequestRecord>(&entry.value).ok(),
-            ),
-            Some(gone) => (gone.revision, None),
-            None => (0, None),
         };
         let ours = record
             .as_ref()
