@@ -3,7 +3,7 @@
 //! `authorization` block that gives each user its role's permissions (docs/security.md), the
 //! same that `evgrid up` writes for its own NATS.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -11,14 +11,22 @@ use evgrid_substation::config::parse_substation_id;
 
 use crate::credentials::Credentials;
 
-/// Options of `evgrid nats-users`.
+/// The substations of a grid, each of which gets its NATS user (`evgrid nats-users`, `evgrid
+/// secrets`).
 #[derive(Args, Debug, Clone)]
-pub struct NatsUsersArgs {
+pub struct Substations {
     /// A substation's id, one per substation (repeated, or comma-separated): each gets its
     /// user `substation-<id>`.
     #[arg(long = "substation", value_name = "ID", value_delimiter = ',', required = true,
           value_parser = parse_substation_id)]
     pub substations: Vec<String>,
+}
+
+/// Options of `evgrid nats-users`.
+#[derive(Args, Debug, Clone)]
+pub struct NatsUsersArgs {
+    #[command(flatten)]
+    pub substations: Substations,
     /// Directory of the passwords, one file per user (mode 0600): kept when they exist, made
     /// when they do not.
     #[arg(long, default_value = "credentials")]
@@ -31,11 +39,7 @@ pub struct NatsUsersArgs {
 
 /// Writes the passwords and prints (or writes) the authorization block.
 pub fn main(args: NatsUsersArgs) -> Result<()> {
-    let credentials = Credentials::load_or_create(&args.dir, &args.substations)?;
-    let block = format!(
-        "# evgrid's NATS users and their permissions (evgrid nats-users; docs/security.md).\n{}",
-        credentials.authorization()
-    );
+    let block = users_block(&args.substations, &args.dir)?;
     match &args.out {
         Some(path) => {
             // It holds the passwords too.
@@ -49,4 +53,14 @@ pub fn main(args: NatsUsersArgs) -> Result<()> {
         None => print!("{block}"),
     }
     Ok(())
+}
+
+/// The passwords of `substations`' grid in `dir` (kept, or made), and the nats-server
+/// authorization block of its users.
+pub fn users_block(substations: &Substations, dir: &Path) -> Result<String> {
+    let credentials = Credentials::load_or_create(dir, &substations.substations)?;
+    Ok(format!(
+        "# evgrid's NATS users and their permissions (evgrid nats-users, evgrid secrets; docs/security.md).\n{}",
+        credentials.authorization()
+    ))
 }

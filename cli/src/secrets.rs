@@ -5,20 +5,16 @@
 
 use std::path::PathBuf;
 
+use crate::credentials::write_private;
+use crate::nats_users::{Substations, users_block};
 use anyhow::Result;
 use clap::Args;
-use evgrid_substation::config::parse_substation_id;
-
-use crate::credentials::{Credentials, write_private};
 
 /// Options of `evgrid secrets`.
 #[derive(Args, Debug, Clone)]
 pub struct SecretsArgs {
-    /// A substation's id, one per substation (repeated, or comma-separated): each gets its
-    /// NATS user `substation-<id>`.
-    #[arg(long = "substation", value_name = "ID", value_delimiter = ',', required = true,
-          value_parser = parse_substation_id)]
-    pub substations: Vec<String>,
+    #[command(flatten)]
+    pub substations: Substations,
     /// Where the secrets are: `nats/<user>` (each user's password), `nats-users.conf` (the
     /// nats-server authorization block), `api-keys` (ingest's `--api-keys`) and `api-key`
     /// (the operator's key). What is there is kept; what is missing is made.
@@ -28,14 +24,8 @@ pub struct SecretsArgs {
 
 /// Makes what is missing in `args.dir`.
 pub fn main(args: SecretsArgs) -> Result<()> {
-    let credentials = Credentials::load_or_create(&args.dir.join("nats"), &args.substations)?;
-    write_private(
-        &args.dir.join("nats-users.conf"),
-        &format!(
-            "# evgrid's NATS users and their permissions (evgrid secrets; docs/security.md).\n{}",
-            credentials.authorization()
-        ),
-    )?;
+    let block = users_block(&args.substations, &args.dir.join("nats"))?;
+    write_private(&args.dir.join("nats-users.conf"), &block)?;
     crate::api_key::operator_key(&args.dir.join("api-keys"), &args.dir.join("api-key"))?;
     eprintln!(
         "secrets in {}: NATS passwords in nats/, the authorization block in nats-users.conf, \
@@ -53,7 +43,9 @@ mod tests {
     fn secrets_are_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let args = SecretsArgs {
-            substations: vec!["s1".into()],
+            substations: Substations {
+                substations: vec!["s1".into()],
+            },
             dir: dir.path().join("secrets"),
         };
         main(args.clone()).unwrap();
