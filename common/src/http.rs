@@ -173,6 +173,11 @@ pub async fn serve_with<F>(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
     loop {
         // A free slot before accepting: beyond the limit, connections wait in the backlog.
         let slot = tokio::select! {
@@ -192,11 +197,6 @@ pub async fn serve_with<F>(
             _ = shutdown.cancelled() => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
         let connection = graceful.watch(
             builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
