@@ -191,6 +191,29 @@ impl SampledValue {
         let multiplier = unit.and_then(|u| u.multiplier).unwrap_or(0);
         Some(self.value * scale * 10f64.powi(multiplier))
     }
+
+    /// The active power drawn, in W, when this is that reading (`Power.Active.Import`).
+    pub fn power_w(&self) -> Option<f64> {
+        if self.measurand.as_deref() != Some("Power.Active.Import") {
+            return None;
+        }
+        let unit = self.unit_of_measure.as_ref();
+        let scale = match unit.and_then(|u| u.unit.as_deref()).unwrap_or("W") {
+            "W" => 1.0,
+            "kW" => 1000.0,
+            _ => return None,
+        };
+        let multiplier = unit.and_then(|u| u.multiplier).unwrap_or(0);
+        Some(self.value * scale * 10f64.powi(multiplier))
+    }
+}
+
+/// The newest reading among `values` that `read` takes.
+pub fn newest<T>(values: &[MeterValue], read: impl Fn(&SampledValue) -> Option<T>) -> Option<T> {
+    values
+        .iter()
+        .max_by_key(|m| m.timestamp)
+        .and_then(|m| m.sampled_value.iter().find_map(read))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,11 +242,12 @@ pub struct TransactionEventRequest {
 impl TransactionEventRequest {
     /// The newest energy register reading the event carries, in Wh.
     pub fn energy_wh(&self) -> Option<f64> {
-        self.meter_value
-            .iter()
-            .flatten()
-            .max_by_key(|m| m.timestamp)
-            .and_then(|m| m.sampled_value.iter().find_map(SampledValue::energy_wh))
+        newest(self.meter_value.as_deref()?, SampledValue::energy_wh)
+    }
+
+    /// The newest active power reading the event carries, in W.
+    pub fn power_w(&self) -> Option<f64> {
+        newest(self.meter_value.as_deref()?, SampledValue::power_w)
     }
 }
 
@@ -232,6 +256,254 @@ impl TransactionEventRequest {
 pub struct TransactionEventResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_token_info: Option<IdTokenInfo>,
+}
+
+/// MeterValuesRequest: meter readings outside a transaction's events (or beside them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterValuesRequest {
+    pub evse_id: i32,
+    pub meter_value: Vec<MeterValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeterValuesResponse {}
+
+/// ACChargingParametersType: what an AC car asks for (ISO 15118).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AcChargingParameters {
+    /// Wh.
+    pub energy_amount: f64,
+    pub ev_min_current: f64,
+    pub ev_max_current: f64,
+    pub ev_max_voltage: f64,
+}
+
+/// DCChargingParametersType: what a DC car asks for (ISO 15118).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DcChargingParameters {
+    pub ev_max_current: f64,
+    pub ev_max_voltage: f64,
+    /// Wh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_amount: Option<f64>,
+    /// W.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ev_max_power: Option<f64>,
+}
+
+/// ChargingNeedsType.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargingNeeds {
+    pub requested_energy_transfer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub departure_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ac_charging_parameters: Option<AcChargingParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dc_charging_parameters: Option<DcChargingParameters>,
+}
+
+impl ChargingNeeds {
+    /// The energy the car asks for, in Wh, when it says.
+    pub fn energy_wh(&self) -> Option<f64> {
+        self.ac_charging_parameters
+            .as_ref()
+            .map(|ac| ac.energy_amount)
+            .or_else(|| self.dc_charging_parameters.as_ref()?.energy_amount)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotifyEvChargingNeedsRequest {
+    pub evse_id: i32,
+    pub charging_needs: ChargingNeeds,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_schedule_tuples: Option<i32>,
+}
+
+/// NotifyEVChargingNeedsStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NotifyEvChargingNeedsStatus {
+    Accepted,
+    Rejected,
+    Processing,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyEvChargingNeedsResponse {
+    pub status: NotifyEvChargingNeedsStatus,
+}
+
+/// ChargingRateUnitEnumType: watts, or amperes per phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChargingRateUnit {
+    W,
+    A,
+}
+
+/// ChargingSchedulePeriodType.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargingSchedulePeriod {
+    /// Seconds from the schedule's start.
+    pub start_period: i32,
+    /// In the schedule's rate unit.
+    pub limit: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number_phases: Option<i32>,
+}
+
+/// ChargingScheduleType.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargingSchedule {
+    pub id: i32,
+    pub charging_rate_unit: ChargingRateUnit,
+    pub charging_schedule_period: Vec<ChargingSchedulePeriod>,
+}
+
+/// ChargingProfilePurposeEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChargingProfilePurpose {
+    ChargingStationExternalConstraints,
+    ChargingStationMaxProfile,
+    TxDefaultProfile,
+    TxProfile,
+}
+
+/// ChargingProfileKindEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChargingProfileKind {
+    Absolute,
+    Recurring,
+    Relative,
+}
+
+/// ChargingProfileType.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargingProfile {
+    pub id: i32,
+    pub stack_level: i32,
+    pub charging_profile_purpose: ChargingProfilePurpose,
+    pub charging_profile_kind: ChargingProfileKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+    pub charging_schedule: Vec<ChargingSchedule>,
+}
+
+impl ChargingProfile {
+    /// The limit in force from the start of the profile's first schedule, and its unit.
+    pub fn first_limit(&self) -> Option<(f64, ChargingRateUnit)> {
+        let schedule = self.charging_schedule.first()?;
+        let period = schedule.charging_schedule_period.first()?;
+        Some((period.limit, schedule.charging_rate_unit))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetChargingProfileRequest {
+    pub evse_id: i32,
+    pub charging_profile: ChargingProfile,
+}
+
+/// ChargingProfileStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChargingProfileStatus {
+    Accepted,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetChargingProfileResponse {
+    pub status: ChargingProfileStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClearChargingProfileRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charging_profile_id: Option<i32>,
+}
+
+/// ClearChargingProfileStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClearChargingProfileStatus {
+    Accepted,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClearChargingProfileResponse {
+    pub status: ClearChargingProfileStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestStopTransactionRequest {
+    pub transaction_id: String,
+}
+
+/// RequestStartStopStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestStartStopStatus {
+    Accepted,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestStopTransactionResponse {
+    pub status: RequestStartStopStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReserveNowRequest {
+    /// The reservation's id.
+    pub id: i32,
+    pub expiry_date_time: DateTime<Utc>,
+    pub id_token: IdToken,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evse_id: Option<i32>,
+}
+
+/// ReserveNowStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReserveNowStatus {
+    Accepted,
+    Faulted,
+    Occupied,
+    Rejected,
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReserveNowResponse {
+    pub status: ReserveNowStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelReservationRequest {
+    pub reservation_id: i32,
+}
+
+/// CancelReservationStatusEnumType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelReservationStatus {
+    Accepted,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelReservationResponse {
+    pub status: CancelReservationStatus,
 }
 
 /// A payload field breaking its schema's limits: the OCPP-J error code and why.
@@ -294,6 +566,38 @@ impl Checked for AuthorizeRequest {
     }
 }
 
+impl Checked for MeterValuesRequest {
+    fn check(&self) -> Result<(), Violation> {
+        finite_readings(&self.meter_value)
+    }
+}
+
+impl Checked for NotifyEvChargingNeedsRequest {
+    fn check(&self) -> Result<(), Violation> {
+        match self.charging_needs.energy_wh() {
+            Some(wh) if !wh.is_finite() || wh < 0.0 => Err((
+                crate::rpc::ErrorCode::PropertyConstraintViolation,
+                "chargingNeeds energyAmount is a finite number of Wh, never negative".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn finite_readings(values: &[MeterValue]) -> Result<(), Violation> {
+    if values
+        .iter()
+        .flat_map(|m| &m.sampled_value)
+        .any(|v| !v.value.is_finite())
+    {
+        return Err((
+            crate::rpc::ErrorCode::PropertyConstraintViolation,
+            "meter values are finite numbers".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Checked for TransactionEventRequest {
     fn check(&self) -> Result<(), Violation> {
         at_most(
@@ -304,18 +608,13 @@ impl Checked for TransactionEventRequest {
         if let Some(token) = &self.id_token {
             at_most("idToken.idToken", &token.id_token, 36)?;
         }
-        let readings = self
-            .meter_value
-            .iter()
-            .flatten()
-            .flat_map(|m| &m.sampled_value);
-        if readings.clone().any(|v| !v.value.is_finite()) || self.seq_no < 0 {
+        if self.seq_no < 0 {
             return Err((
                 crate::rpc::ErrorCode::PropertyConstraintViolation,
-                "meter values are finite numbers and seqNo is never negative".into(),
+                "seqNo is never negative".into(),
             ));
         }
-        Ok(())
+        finite_readings(self.meter_value.as_deref().unwrap_or_default())
     }
 }
 
