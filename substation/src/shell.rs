@@ -420,6 +420,7 @@ impl Shell {
                     self.on_ended(event, at, SessionOutcome::Delivered);
                 }
                 EventKind::Departed => self.on_ended(event, at, SessionOutcome::Departed),
+                EventKind::Full => {}
             }
         }
         self.metrics.observe(&self.station.snapshot());

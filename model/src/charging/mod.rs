@@ -67,6 +67,12 @@ pub struct Session {
     pub power_kw: f64,
     /// When the session first drew power (simulated seconds).
     pub started_at: Option<f64>,
+    /// Power fixed from outside rather than allocated ([`Station::pin`]): a car not yet
+    /// plugged in (0), or a charger that cannot be trusted to keep a limit (its worst case).
+    pub pinned_kw: Option<f64>,
+    /// Its energy comes from a meter ([`Station::meter`]): the car, not the model, decides when
+    /// the session ends, so it neither completes nor departs on its own.
+    pub metered: bool,
     /// `delivered_kwh` when the power last changed, and when that was: energy is integrated from
     /// there, so the model's state at a time does not depend on how often it was advanced.
     base_kwh: f64,
@@ -77,6 +83,17 @@ impl Session {
     /// Energy still to deliver (kWh), never negative.
     pub fn remaining_kwh(&self) -> f64 {
         (self.energy_kwh - self.delivered_kwh).max(0.0)
+    }
+
+    /// Metered and full by the model's account: it gets no more power (the car is told to
+    /// stop; its meter may still show it short, which gives it power again).
+    pub fn is_full(&self) -> bool {
+        self.metered && self.remaining_kwh() <= ENERGY_EPSILON_KWH
+    }
+
+    /// The power this session is held at whatever the policy says, if any.
+    fn held_kw(&self) -> Option<f64> {
+        self.pinned_kw.or(self.is_full().then_some(0.0))
     }
 
     /// Drawing power right now.
@@ -126,6 +143,10 @@ pub enum EventKind {
     Completed,
     /// The car left at its departure before its energy was delivered; it has left the model.
     Departed,
+    /// A metered session has its energy by the model's account (its power integrated since
+    /// the last reading): it stays, with no power, until taken out (the car leaves when it
+    /// unplugs), or until a reading shows it short.
+    Full,
 }
 
 /// The numbers a heartbeat (and the metrics) report.
@@ -232,6 +253,9 @@ pub struct Station {
     load_log: Option<Vec<LoadPoint>>,
     scratch: Scratch,
     powers: Vec<f64>,
+    /// The sessions the policy shares power among when some are pinned, and their indices.
+    free: Vec<Session>,
+    free_index: Vec<usize>,
 }
 
 impl Station {
@@ -251,6 +275,8 @@ impl Station {
             load_log: None,
             scratch: Scratch::default(),
             powers: Vec::new(),
+            free: Vec::new(),
+            free_index: Vec::new(),
         }
     }
 
@@ -301,6 +327,13 @@ impl Station {
     /// with nothing left to charge completes at once; one whose departure has passed leaves at
     /// once).
     pub fn arrive(&mut self, at: f64, car: Arrival) -> Vec<Event> {
+        self.arrive_pinned(at, car, None)
+    }
+
+    /// [`Station::arrive`] for a car whose power is fixed from the start (`pinned_kw`, see
+    /// [`Station::pin`]): e.g. 0 for a car that is expected but not plugged in yet, which holds
+    /// its place (and leaves at its departure) without drawing.
+    pub fn arrive_pinned(&mut self, at: f64, car: Arrival, pinned_kw: Option<f64>) -> Vec<Event> {
         let mut events = self.advance_to(at);
         let leave = |kind| Event {
             id: car.id,
@@ -325,11 +358,49 @@ impl Station {
             departure: car.departure,
             power_kw: 0.0,
             started_at: None,
+            pinned_kw,
+            metered: false,
             base_kwh: 0.0,
             since: self.now,
         });
         self.reallocate(&mut events);
         events
+    }
+
+    /// Fixes a session's power at `pinned_kw` (counted first against the capacity; the policy
+    /// shares what is left among the others), or gives it back to the policy (`None`), and
+    /// reallocates. The live substation pins a car not plugged in yet at 0, and a charger that
+    /// ignores its limits or is out of reach at the most it can draw. `None` for an unknown id.
+    pub fn pin(&mut self, id: Uuid, pinned_kw: Option<f64>) -> Option<Vec<Event>> {
+        let index = self.sessions.iter().position(|s| s.id == id)?;
+        self.sessions[index].pinned_kw = pinned_kw.map(|p| p.max(0.0));
+        let mut events = Vec::new();
+        self.reallocate(&mut events);
+        Some(events)
+    }
+
+    /// A meter's reading of the energy a session has had (kWh, the truth: it replaces the
+    /// model's integration), and from now on the session is metered: it ends only when taken
+    /// out ([`Station::remove`]). Also the car's own account of what it needs and when it
+    /// leaves, when it gives one (`need`: total energy kWh, departure). Reallocates. `None` for
+    /// an unknown id.
+    pub fn meter(
+        &mut self,
+        id: Uuid,
+        delivered_kwh: f64,
+        need: Option<(f64, Option<f64>)>,
+    ) -> Option<Vec<Event>> {
+        let index = self.sessions.iter().position(|s| s.id == id)?;
+        let s = &mut self.sessions[index];
+        s.metered = true;
+        if let Some((energy_kwh, departure)) = need {
+            s.energy_kwh = energy_kwh.max(0.0);
+            s.departure = departure.or(s.departure);
+        }
+        s.delivered_kwh = delivered_kwh.clamp(0.0, s.energy_kwh);
+        let mut events = Vec::new();
+        self.reallocate(&mut events);
+        Some(events)
     }
 
     /// Advances the clock to `t`, integrating each session's power, completing sessions exactly
@@ -351,6 +422,17 @@ impl Station {
             let now = self.now;
             let mut ended = 0.0;
             self.sessions.retain(|s| {
+                if s.metered {
+                    if s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH {
+                        events.push(Event {
+                            id: s.id,
+                            at: now,
+                            kind: EventKind::Full,
+                            delivered_kwh: s.energy_kwh,
+                        });
+                    }
+                    return true;
+                }
                 let kind = if s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH {
                     EventKind::Completed
                 } else if s.departure.is_some_and(|d| d <= now) {
@@ -504,14 +586,18 @@ impl Station {
         self.allocated_at = now;
         self.powers.clear();
         self.powers.resize(self.sessions.len(), 0.0);
-        allocate_into(
-            self.policy,
-            self.capacity_kw,
-            &self.sessions,
-            now,
-            &mut self.scratch,
-            &mut self.powers,
-        );
+        if self.sessions.iter().any(|s| s.held_kw().is_some()) {
+            self.allocate_around_pins(now);
+        } else {
+            allocate_into(
+                self.policy,
+                self.capacity_kw,
+                &self.sessions,
+                now,
+                &mut self.scratch,
+                &mut self.powers,
+            );
+        }
         let mut load_kw = 0.0;
         let mut next_completion: Option<(f64, usize)> = None;
         let mut next_departure: Option<f64> = None;
@@ -535,7 +621,7 @@ impl Station {
             {
                 next_completion = Some((at, i));
             }
-            if let Some(d) = s.departure
+            if let Some(d) = s.departure.filter(|_| !s.metered)
                 && next_departure.is_none_or(|best| d < best)
             {
                 next_departure = Some(d);
@@ -546,6 +632,38 @@ impl Station {
         self.next_departure = next_departure;
         self.ends = ends;
         self.observe_load(load_kw);
+    }
+
+    /// The allocation when some sessions are held at a power: theirs first, then the policy
+    /// shares what is left among the others (copied out, so the policies stay as they are).
+    fn allocate_around_pins(&mut self, now: f64) {
+        self.free.clear();
+        self.free_index.clear();
+        let mut left = self.capacity_kw;
+        for (i, s) in self.sessions.iter().enumerate() {
+            match s.held_kw() {
+                Some(kw) => {
+                    self.powers[i] = kw;
+                    left -= kw;
+                }
+                None => {
+                    self.free.push(s.clone());
+                    self.free_index.push(i);
+                }
+            }
+        }
+        let mut free_powers = vec![0.0; self.free.len()];
+        allocate_into(
+            self.policy,
+            left.max(0.0),
+            &self.free,
+            now,
+            &mut self.scratch,
+            &mut free_powers,
+        );
+        for (&i, power) in self.free_index.iter().zip(free_powers) {
+            self.powers[i] = power;
+        }
     }
 
     fn observe_load(&mut self, load_kw: f64) {
@@ -590,6 +708,81 @@ mod tests {
 
     fn kinds(events: &[Event]) -> Vec<(u128, EventKind)> {
         events.iter().map(|e| (e.id.as_u128(), e.kind)).collect()
+    }
+
+    #[test]
+    fn pinned_sessions_take_their_power_first_and_the_policy_shares_the_rest() {
+        let mut station = Station::new(30.0, Allocation::Fcfs, 0.0);
+        // Expected but not plugged in: holds its place, draws nothing, starts nothing.
+        let events = station.arrive_pinned(0.0, car(1, 22.0, 10.0), Some(0.0));
+        assert!(events.is_empty(), "{events:?}");
+        station.arrive(0.0, car(2, 22.0, 10.0));
+        station.arrive(0.0, car(3, 22.0, 10.0));
+        let power = |st: &Station, n| st.session(Uuid::from_u128(n)).unwrap().power_kw;
+        assert_eq!(
+            [power(&station, 1), power(&station, 2), power(&station, 3)],
+            [0.0, 22.0, 8.0]
+        );
+        // A charger that cannot be trusted is counted at its worst case; the others give way.
+        station.pin(Uuid::from_u128(3), Some(22.0)).unwrap();
+        assert_eq!([power(&station, 2), power(&station, 3)], [8.0, 22.0]);
+        assert!(station.snapshot().load_kw <= 30.0);
+        // Unpinned: the policy decides again, and the car plugged in at last starts.
+        station.pin(Uuid::from_u128(3), None).unwrap();
+        let events = station.pin(Uuid::from_u128(1), None).unwrap();
+        assert_eq!(kinds(&events), [(1, EventKind::Started)]);
+        assert_eq!(
+            [power(&station, 1), power(&station, 2), power(&station, 3)],
+            [22.0, 8.0, 0.0]
+        );
+        assert!(station.pin(Uuid::from_u128(9), None).is_none());
+    }
+
+    #[test]
+    fn an_expected_car_that_never_comes_leaves_at_its_departure_with_nothing() {
+        let mut station = Station::new(30.0, Allocation::Fcfs, 0.0);
+        let mut c = car(1, 22.0, 10.0);
+        c.departure = Some(100.0);
+        station.arrive_pinned(0.0, c, Some(0.0));
+        let events = station.advance_to(200.0);
+        assert_eq!(kinds(&events), [(1, EventKind::Departed)]);
+        assert_eq!(events[0].delivered_kwh, 0.0);
+    }
+
+    #[test]
+    fn metered_sessions_follow_their_meter_and_stay_until_taken_out() {
+        let mut station = Station::new(11.0, Allocation::Fcfs, 0.0);
+        let mut c = car(1, 11.0, 11.0);
+        c.departure = Some(1800.0);
+        station.arrive(0.0, c);
+        station.meter(Uuid::from_u128(1), 0.0, None).unwrap();
+        // The meter says less than the model integrated: the meter wins, the completion moves.
+        station.advance_to(1800.0);
+        station.meter(Uuid::from_u128(1), 2.0, None).unwrap();
+        let s = station.session(Uuid::from_u128(1)).unwrap();
+        assert_eq!((s.delivered_kwh, s.power_kw), (2.0, 11.0));
+        assert_eq!(
+            station.next_event_time(),
+            Some(1800.0 + 9.0 / 11.0 * 3600.0)
+        );
+        // Past its departure it stays (the car decides); full by the model's account, it is
+        // told so and gets no more power.
+        let events = station.advance_to(10_000.0);
+        assert_eq!(kinds(&events), [(1, EventKind::Full)]);
+        let s = station.session(Uuid::from_u128(1)).unwrap();
+        assert!(s.is_full() && s.power_kw == 0.0);
+        assert_eq!(station.next_event_time(), None);
+        // A reading that shows it short gives it power again; the car's own need replaces the
+        // request's.
+        station.meter(Uuid::from_u128(1), 10.0, None).unwrap();
+        assert_eq!(station.session(Uuid::from_u128(1)).unwrap().power_kw, 11.0);
+        station
+            .meter(Uuid::from_u128(1), 10.0, Some((10.0, None)))
+            .unwrap();
+        assert_eq!(station.session(Uuid::from_u128(1)).unwrap().power_kw, 0.0);
+        let (session, _) = station.remove(Uuid::from_u128(1)).unwrap();
+        assert_eq!(session.delivered_kwh, 10.0);
+        assert_eq!(station.snapshot().delivered_kwh, 10.0);
     }
 
     #[test]
@@ -965,6 +1158,8 @@ mod tests {
                         departure,
                         power_kw: 0.0,
                         started_at: None,
+                        pinned_kw: None,
+                        metered: false,
                         base_kwh: delivered,
                         since: now,
                     }
@@ -1113,6 +1308,7 @@ mod tests {
                             }
                             ended_kwh += e.delivered_kwh;
                         }
+                        EventKind::Full => panic!("{context}: no car here is metered"),
                     }
                 }
                 assert_allocation_holds(station, &context);
