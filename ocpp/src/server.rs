@@ -5,20 +5,26 @@
 //!
 //! On a connection, each CALL from the station is answered in order: BootNotification
 //! (accepted, with the heartbeat interval), Heartbeat, StatusNotification, Authorize (every
-//! token accepted, until the substation decides), TransactionEvent (Started / Updated / Ended,
-//! with the energy register's readings); any other action is answered `NotImplemented`, and a
+//! token accepted: which car is which request is the substation's to decide), TransactionEvent,
+//! MeterValues, NotifyEVChargingNeeds; any other action is answered `NotImplemented`, and a
 //! station that has never booted is answered `SecurityError` (OCPP: nothing but a
-//! BootNotification until it is accepted). [`Csms::stations`] is what the substation knows of
-//! each station: connected or not, its boot details, its connectors and its transactions.
+//! BootNotification until it is accepted). What the stations do reaches the substation as
+//! [`StationEvent`]s ([`Csms::with_events`]); the substation's [`Command`]s go out as CALLs,
+//! one outstanding per connection ([`Csms::send`]), each answered as a
+//! [`StationEvent::Answered`]. [`Csms::stations`] is what the CSMS knows of each station.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use warp::Filter;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::{Reply, Response};
@@ -26,9 +32,14 @@ use warp::ws::{Message, WebSocket, Ws};
 
 use crate::messages::{
     AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, BootNotificationRequest,
-    BootNotificationResponse, Checked, HeartbeatRequest, HeartbeatResponse, IdTokenInfo,
-    RegistrationStatus, StatusNotificationRequest, StatusNotificationResponse,
-    TransactionEventKind, TransactionEventRequest, TransactionEventResponse,
+    BootNotificationResponse, CancelReservationRequest, ChargingNeeds, ChargingProfile,
+    ChargingProfileKind, ChargingProfilePurpose, ChargingRateUnit, ChargingSchedule,
+    ChargingSchedulePeriod, Checked, ClearChargingProfileRequest, HeartbeatRequest,
+    HeartbeatResponse, IdToken, IdTokenInfo, MeterValuesRequest, MeterValuesResponse,
+    NotifyEvChargingNeedsRequest, NotifyEvChargingNeedsResponse, NotifyEvChargingNeedsStatus,
+    RegistrationStatus, RequestStopTransactionRequest, ReserveNowRequest,
+    SetChargingProfileRequest, StatusNotificationRequest, StatusNotificationResponse,
+    TransactionEventKind, TransactionEventRequest, TransactionEventResponse, newest,
 };
 use crate::rpc::{ErrorCode, Frame, FrameError};
 use crate::stations::Stations;
@@ -39,11 +50,212 @@ pub const SUBPROTOCOL: &str = "ocpp2.0.1";
 /// Largest message a station may send: OCPP messages are small JSON (a few KiB at most).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// How long a CALL of the CSMS waits for its answer before it counts as unanswered.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The id of the TxDefaultProfile the CSMS sets on each station, and of the TxProfile it sets
+/// per transaction (one per EVSE: a profile with the same id replaces the last).
+pub const DEFAULT_PROFILE_ID: i32 = 1;
+pub const TX_PROFILE_ID: i32 = 2;
+
 /// What the CSMS tells the stations.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Seconds between a station's heartbeats (BootNotification's `interval`).
     pub heartbeat_interval_s: u16,
+    /// The unit the stations take limits in: W, or A per phase at [`Settings::volts`] on
+    /// [`Settings::phases`].
+    pub rate_unit: ChargingRateUnit,
+    pub volts: f64,
+    pub phases: u8,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_s: 60,
+            rate_unit: ChargingRateUnit::W,
+            volts: 230.0,
+            phases: 3,
+        }
+    }
+}
+
+impl Settings {
+    /// A limit in W, in the stations' unit.
+    fn limit_in_unit(&self, watts: f64) -> f64 {
+        match self.rate_unit {
+            ChargingRateUnit::W => watts.floor(),
+            // Amperes are rounded down to a tenth: never above the watts asked for.
+            ChargingRateUnit::A => {
+                (watts / (self.volts * f64::from(self.phases)) * 10.0).floor() / 10.0
+            }
+        }
+    }
+}
+
+/// What a station did, for the substation: sent through the channel of [`Csms::with_events`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StationEvent {
+    /// Its WebSocket is open (a reconnect, or a new boot: either way its state is as it says
+    /// next).
+    Connected {
+        station: String,
+    },
+    /// Booted (BootNotification accepted).
+    Booted {
+        station: String,
+    },
+    Disconnected {
+        station: String,
+    },
+    /// A TransactionEvent, as sent (it is answered already).
+    Transaction {
+        station: String,
+        event: Box<TransactionEventRequest>,
+    },
+    /// A MeterValues message: the EVSE's newest energy register (Wh) and power (W) readings.
+    Meter {
+        station: String,
+        evse_id: i32,
+        energy_wh: Option<f64>,
+        power_w: Option<f64>,
+    },
+    /// NotifyEVChargingNeeds: what the car on an EVSE asks for.
+    Needs {
+        station: String,
+        evse_id: i32,
+        needs: ChargingNeeds,
+    },
+    /// The answer to a command of the CSMS.
+    Answered {
+        station: String,
+        command: Command,
+        outcome: Outcome,
+    },
+}
+
+/// A CALL of the CSMS to a station ([`Csms::send`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// SetChargingProfile: a TxProfile of `limit_w` for the transaction, or the station's
+    /// TxDefaultProfile (the limit of a transaction before it has its own) without one.
+    SetLimit {
+        evse_id: i32,
+        transaction_id: Option<String>,
+        limit_w: f64,
+    },
+    /// ClearChargingProfile of a transaction's TxProfile, once it is over.
+    ClearLimit,
+    /// RequestStopTransaction.
+    Stop { transaction_id: String },
+    /// ReserveNow: hold an EVSE for the car with `id_token` until `expiry`.
+    Reserve {
+        reservation_id: i32,
+        id_token: String,
+        evse_id: Option<i32>,
+        expiry: DateTime<Utc>,
+    },
+    /// CancelReservation.
+    CancelReservation { reservation_id: i32 },
+}
+
+impl Command {
+    /// The CALL's action and payload, with limits in the stations' unit.
+    fn call(&self, settings: &Settings) -> (&'static str, Value) {
+        match self {
+            Command::SetLimit {
+                evse_id,
+                transaction_id,
+                limit_w,
+            } => {
+                let (id, purpose) = match transaction_id {
+                    Some(_) => (TX_PROFILE_ID, ChargingProfilePurpose::TxProfile),
+                    None => (DEFAULT_PROFILE_ID, ChargingProfilePurpose::TxDefaultProfile),
+                };
+                let request = SetChargingProfileRequest {
+                    evse_id: *evse_id,
+                    charging_profile: ChargingProfile {
+                        id,
+                        stack_level: 0,
+                        charging_profile_purpose: purpose,
+                        charging_profile_kind: ChargingProfileKind::Relative,
+                        transaction_id: transaction_id.clone(),
+                        charging_schedule: vec![ChargingSchedule {
+                            id,
+                            charging_rate_unit: settings.rate_unit,
+                            charging_schedule_period: vec![ChargingSchedulePeriod {
+                                start_period: 0,
+                                limit: settings.limit_in_unit(*limit_w),
+                                number_phases: (settings.rate_unit == ChargingRateUnit::A)
+                                    .then_some(i32::from(settings.phases)),
+                            }],
+                        }],
+                    },
+                };
+                ("SetChargingProfile", to_value(request))
+            }
+            Command::ClearLimit => (
+                "ClearChargingProfile",
+                to_value(ClearChargingProfileRequest {
+                    charging_profile_id: Some(TX_PROFILE_ID),
+                }),
+            ),
+            Command::Stop { transaction_id } => (
+                "RequestStopTransaction",
+                to_value(RequestStopTransactionRequest {
+                    transaction_id: transaction_id.clone(),
+                }),
+            ),
+            Command::Reserve {
+                reservation_id,
+                id_token,
+                evse_id,
+                expiry,
+            } => (
+                "ReserveNow",
+                to_value(ReserveNowRequest {
+                    id: *reservation_id,
+                    expiry_date_time: *expiry,
+                    id_token: IdToken {
+                        id_token: id_token.clone(),
+                        kind: "Central".into(),
+                    },
+                    evse_id: *evse_id,
+                }),
+            ),
+            Command::CancelReservation { reservation_id } => (
+                "CancelReservation",
+                to_value(CancelReservationRequest {
+                    reservation_id: *reservation_id,
+                }),
+            ),
+        }
+    }
+
+    /// Whether `next` makes this command, still queued, pointless: a newer limit for the same
+    /// transaction (only the newest limit matters).
+    fn replaced_by(&self, next: &Command) -> bool {
+        matches!(
+            (self, next),
+            (
+                Command::SetLimit { evse_id: a, transaction_id: ta, .. },
+                Command::SetLimit { evse_id: b, transaction_id: tb, .. },
+            ) if a == b && ta == tb
+        )
+    }
+}
+
+/// How a station answered a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Accepted,
+    /// Answered, but not `Accepted` (its status, or the CALLERROR's code).
+    Refused(String),
+    /// No answer within [`CALL_TIMEOUT`].
+    TimedOut,
+    /// The connection closed first.
+    Unreachable,
 }
 
 /// What the substation knows of one station.
@@ -104,21 +316,64 @@ impl Transaction {
     }
 }
 
-/// The CSMS: the stations that may connect and what each has said.
+/// The CSMS: the stations that may connect, what each has said, and the way to each open
+/// connection.
 #[derive(Debug)]
 pub struct Csms {
     allowed: Stations,
     settings: Settings,
     states: Mutex<HashMap<String, StationState>>,
+    events: Option<mpsc::UnboundedSender<StationEvent>>,
+    /// Each connected station's command queue, with the number of its connection (a station
+    /// that reconnects replaces its last connection).
+    outboxes: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Command>)>>,
+    connections: AtomicU64,
 }
 
 impl Csms {
     pub fn new(allowed: Stations, settings: Settings) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::build(allowed, settings, None))
+    }
+
+    /// A CSMS that reports what the stations do on the returned channel.
+    pub fn with_events(
+        allowed: Stations,
+        settings: Settings,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<StationEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Self::build(allowed, settings, Some(tx))), rx)
+    }
+
+    fn build(
+        allowed: Stations,
+        settings: Settings,
+        events: Option<mpsc::UnboundedSender<StationEvent>>,
+    ) -> Self {
+        Self {
             allowed,
             settings,
             states: Mutex::default(),
-        })
+            events,
+            outboxes: Mutex::default(),
+            connections: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues `command` for `station`: sent when its CALL before is answered (one outstanding
+    /// CALL per direction), answered as [`StationEvent::Answered`]. False when the station is
+    /// not connected.
+    pub fn send(&self, station: &str, command: Command) -> bool {
+        let outboxes = self.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        outboxes
+            .get(station)
+            .is_some_and(|(_, tx)| tx.send(command).is_ok())
+    }
+
+    fn report(&self, event: StationEvent) {
+        if let Some(events) = &self.events {
+            // The substation is gone (shutting down): nobody to tell.
+            let _ = events.send(event);
+        }
     }
 
     /// Every station that has connected, by id.
@@ -175,6 +430,9 @@ impl Csms {
                     s.booted = Some((station.vendor_name, station.model));
                 });
                 tracing::info!(station = station_id, reason = ?boot.reason, "station booted");
+                self.report(StationEvent::Booted {
+                    station: station_id.to_owned(),
+                });
                 to_value(BootNotificationResponse {
                     current_time: Utc::now(),
                     interval: i32::from(self.settings.heartbeat_interval_s),
@@ -214,12 +472,40 @@ impl Csms {
                 self.update(station_id, |s| {
                     s.transactions.entry(id).or_default().apply(&event);
                 });
-                to_value(TransactionEventResponse {
+                let answer = to_value(TransactionEventResponse {
                     id_token_info: event.id_token.as_ref().map(|_| IdTokenInfo {
                         status: AuthorizationStatus::Accepted,
                     }),
-                })
+                });
+                self.report(StationEvent::Transaction {
+                    station: station_id.to_owned(),
+                    event: Box::new(event),
+                });
+                answer
             }),
+            "MeterValues" => parse::<MeterValuesRequest>(payload).map(|meter| {
+                self.update(station_id, |_| {});
+                self.report(StationEvent::Meter {
+                    station: station_id.to_owned(),
+                    evse_id: meter.evse_id,
+                    energy_wh: newest(&meter.meter_value, |v| v.energy_wh()),
+                    power_w: newest(&meter.meter_value, |v| v.power_w()),
+                });
+                to_value(MeterValuesResponse {})
+            }),
+            "NotifyEVChargingNeeds" => {
+                parse::<NotifyEvChargingNeedsRequest>(payload).map(|notify| {
+                    self.update(station_id, |_| {});
+                    self.report(StationEvent::Needs {
+                        station: station_id.to_owned(),
+                        evse_id: notify.evse_id,
+                        needs: notify.charging_needs,
+                    });
+                    to_value(NotifyEvChargingNeedsResponse {
+                        status: NotifyEvChargingNeedsStatus::Accepted,
+                    })
+                })
+            }
             other => Err((
                 ErrorCode::NotImplemented,
                 format!("{other} is not supported by this CSMS"),
@@ -312,18 +598,51 @@ fn refuse(status: StatusCode, why: String) -> Response {
     warp::reply::with_status(why, status).into_response()
 }
 
-/// One station's connection, until it closes.
+/// One station's connection, until it closes: answers its CALLs in order, and sends the
+/// substation's commands one CALL at a time.
 async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
+    let connection = csms.connections.fetch_add(1, Ordering::Relaxed);
+    let (commands_tx, mut commands) = mpsc::unbounded_channel();
+    csms.outboxes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(station_id.clone(), (connection, commands_tx));
     csms.update(&station_id, |s| s.connected = true);
+    csms.report(StationEvent::Connected {
+        station: station_id.clone(),
+    });
     tracing::info!(station = %station_id, "station connected");
     let (mut tx, mut rx) = socket.split();
-    while let Some(message) = rx.next().await {
+    let mut calls = Calls::default();
+    loop {
+        if let Some(text) = calls.next_call(&csms.settings) {
+            if tx.send(Message::text(text)).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let deadline = calls.deadline();
+        let message = tokio::select! {
+            message = rx.next() => message,
+            Some(command) = commands.recv() => {
+                calls.queue(command);
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                if let Some(command) = calls.timed_out() {
+                    tracing::warn!(station = %station_id, ?command, "no answer within {CALL_TIMEOUT:?}");
+                    csms.report(StationEvent::Answered { station: station_id.clone(), command, outcome: Outcome::TimedOut });
+                }
+                continue;
+            }
+        };
         let message = match message {
-            Ok(m) => m,
-            Err(e) => {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
                 tracing::info!(station = %station_id, error = %e, "station connection failed");
                 break;
             }
+            None => break,
         };
         if message.is_close() {
             break;
@@ -338,8 +657,16 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
                 action,
                 payload,
             }) => Some(csms.answer(&station_id, id, &action, payload)),
-            // Answers to CALLs of ours: none are sent yet.
-            Ok(_) => None,
+            Ok(answer) => {
+                if let Some((command, outcome)) = calls.answered(answer) {
+                    csms.report(StationEvent::Answered {
+                        station: station_id.clone(),
+                        command,
+                        outcome,
+                    });
+                }
+                None
+            }
             Err(e) => {
                 tracing::warn!(station = %station_id, error = %e, "a message that is not OCPP-J");
                 FrameError::answer(&e)
@@ -351,6 +678,167 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
             break;
         }
     }
+    {
+        let mut outboxes = csms.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        if outboxes
+            .get(&station_id)
+            .is_some_and(|(c, _)| *c == connection)
+        {
+            outboxes.remove(&station_id);
+        }
+    }
+    for command in calls.abandon() {
+        csms.report(StationEvent::Answered {
+            station: station_id.clone(),
+            command,
+            outcome: Outcome::Unreachable,
+        });
+    }
     csms.update(&station_id, |s| s.connected = false);
+    csms.report(StationEvent::Disconnected {
+        station: station_id.clone(),
+    });
     tracing::info!(station = %station_id, "station disconnected");
+}
+
+/// The CSMS's CALLs on one connection: queued, and the one outstanding.
+#[derive(Debug, Default)]
+struct Calls {
+    queued: VecDeque<Command>,
+    /// The CALL sent and not answered yet: its message id, command and deadline.
+    outstanding: Option<(String, Command, Instant)>,
+    sent: u64,
+}
+
+impl Calls {
+    fn queue(&mut self, command: Command) {
+        match self.queued.iter_mut().find(|q| q.replaced_by(&command)) {
+            Some(queued) => *queued = command,
+            None => self.queued.push_back(command),
+        }
+    }
+
+    /// The text of the next CALL to send, when none is outstanding.
+    fn next_call(&mut self, settings: &Settings) -> Option<String> {
+        if self.outstanding.is_some() {
+            return None;
+        }
+        let command = self.queued.pop_front()?;
+        self.sent += 1;
+        let id = format!("csms-{}", self.sent);
+        let (action, payload) = command.call(settings);
+        let text = Frame::Call {
+            id: id.clone(),
+            action: action.to_owned(),
+            payload,
+        }
+        .to_text();
+        self.outstanding = Some((id, command, Instant::now() + CALL_TIMEOUT));
+        Some(text)
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.outstanding.as_ref().map(|(_, _, at)| *at)
+    }
+
+    fn timed_out(&mut self) -> Option<Command> {
+        self.outstanding.take().map(|(_, command, _)| command)
+    }
+
+    /// The outstanding command and how it went, when `answer` is its answer.
+    fn answered(&mut self, answer: Frame) -> Option<(Command, Outcome)> {
+        if self.outstanding.as_ref()?.0 != answer.id() {
+            // A late answer to a CALL that timed out: it was reported already.
+            return None;
+        }
+        let (_, command, _) = self.outstanding.take()?;
+        let outcome = match answer {
+            Frame::CallResult { payload, .. } => {
+                match payload.get("status").and_then(Value::as_str) {
+                    Some("Accepted") => Outcome::Accepted,
+                    Some(other) => Outcome::Refused(other.to_owned()),
+                    None => Outcome::Refused("no status".to_owned()),
+                }
+            }
+            Frame::CallError { code, .. } => Outcome::Refused(code.as_str().to_owned()),
+            Frame::Call { .. } => unreachable!("CALLs are answered, not matched"),
+        };
+        Some((command, outcome))
+    }
+
+    /// Everything not answered, once the connection is gone.
+    fn abandon(&mut self) -> impl Iterator<Item = Command> + '_ {
+        self.outstanding
+            .take()
+            .map(|(_, command, _)| command)
+            .into_iter()
+            .chain(self.queued.drain(..))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(transaction: &str, limit_w: f64) -> Command {
+        Command::SetLimit {
+            evse_id: 1,
+            transaction_id: Some(transaction.to_owned()),
+            limit_w,
+        }
+    }
+
+    #[test]
+    fn one_call_at_a_time_and_only_the_newest_limit_of_a_transaction_is_sent() {
+        let settings = Settings::default();
+        let mut calls = Calls::default();
+        calls.queue(limit("t1", 7000.0));
+        let first = calls.next_call(&settings).unwrap();
+        assert!(first.contains("SetChargingProfile") && first.contains("7000"));
+        calls.queue(limit("t1", 5000.0));
+        calls.queue(limit("t2", 3000.0));
+        calls.queue(limit("t1", 4000.0));
+        assert_eq!(calls.next_call(&settings), None, "one outstanding CALL");
+        // Someone else's answer (a late one) changes nothing.
+        let stray = Frame::CallResult {
+            id: "csms-9".into(),
+            payload: serde_json::json!({"status": "Accepted"}),
+        };
+        assert_eq!(calls.answered(stray), None);
+        let answer = Frame::CallResult {
+            id: "csms-1".into(),
+            payload: serde_json::json!({"status": "Rejected"}),
+        };
+        assert_eq!(
+            calls.answered(answer),
+            Some((limit("t1", 7000.0), Outcome::Refused("Rejected".into())))
+        );
+        let second = calls.next_call(&settings).unwrap();
+        assert!(second.contains("4000"), "{second}");
+        assert_eq!(calls.timed_out(), Some(limit("t1", 4000.0)));
+        assert!(calls.next_call(&settings).unwrap().contains("3000"));
+        assert_eq!(calls.abandon().collect::<Vec<_>>(), [limit("t2", 3000.0)]);
+    }
+
+    #[test]
+    fn limits_go_out_in_the_stations_unit_never_above_the_watts() {
+        let amps = Settings {
+            rate_unit: ChargingRateUnit::A,
+            ..Settings::default()
+        };
+        // 11 kW on three phases at 230 V: 15.94 A, sent as 15.9.
+        assert_eq!(amps.limit_in_unit(11_000.0), 15.9);
+        assert_eq!(Settings::default().limit_in_unit(7_000.4), 7000.0);
+        let (action, payload) = limit("t1", 11_000.0).call(&amps);
+        assert_eq!(action, "SetChargingProfile");
+        assert_eq!(
+            payload["chargingProfile"]["chargingSchedule"][0],
+            serde_json::json!({"id": TX_PROFILE_ID, "chargingRateUnit": "A",
+                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 15.9, "numberPhases": 3}]})
+        );
+        assert_eq!(
+            payload["chargingProfile"]["chargingProfilePurpose"],
+            "TxProfile"
+        );
+    }
 }

@@ -28,6 +28,7 @@ async fn start(stations: &str) -> Running {
         Stations::parse(stations).unwrap(),
         Settings {
             heartbeat_interval_s: 60,
+            ..Settings::default()
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
