@@ -8,5 +8,6 @@ pub mod load;
 pub mod nats_users;
 pub mod replay;
 pub mod secrets;
+pub mod stations;
 mod status;
 pub mod up;

@@ -1,7 +1,8 @@
 //! `evgrid`: the command line around the pipeline. `evgrid up` runs the whole grid locally;
 //! `evgrid load` drives charge requests at an ingest API or straight at NATS and measures what
 //! comes back; `evgrid sim` runs the routing and charging model in simulated time
-//! (`evgrid-sim`); `evgrid replay` runs what a live grid recorded through it.
+//! (`evgrid-sim`); `evgrid replay` runs what a live grid recorded through it; `evgrid stations`
+//! plays OCPP charging stations against a substation's CSMS endpoint.
 
 use clap::{Parser, Subcommand};
 use evgrid_common::config::LogArgs;
@@ -36,6 +37,9 @@ enum Command {
     ApiKey(evgrid::api_key::ApiKeyArgs),
     /// Make the secrets of a secured grid once (NATS users, API keys) and keep them.
     Secrets(evgrid::secrets::SecretsArgs),
+    /// Simulate OCPP 2.0.1 charging stations that connect to a substation and charge cars,
+    /// until SIGTERM or Ctrl-C.
+    Stations(Box<evgrid::stations::StationsArgs>),
 }
 
 #[tokio::main]
@@ -61,6 +65,7 @@ async fn main() -> std::process::ExitCode {
         Command::Secrets(args) => {
             evgrid::secrets::main(args).map(|()| std::process::ExitCode::SUCCESS)
         }
+        Command::Stations(args) => evgrid::stations::main(*args).await,
     };
     match result {
         Ok(code) => code,
