@@ -678,15 +678,6 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
             break;
         }
     }
-    {
-        let mut outboxes = csms.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        if outboxes
-            .get(&station_id)
-            .is_some_and(|(c, _)| *c == connection)
-        {
-            outboxes.remove(&station_id);
-        }
-    }
     for command in calls.abandon() {
         csms.report(StationEvent::Answered {
             station: station_id.clone(),
@@ -694,10 +685,24 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
             outcome: Outcome::Unreachable,
         });
     }
-    csms.update(&station_id, |s| s.connected = false);
-    csms.report(StationEvent::Disconnected {
-        station: station_id.clone(),
-    });
+    // A station that reconnected before this connection noticed it was gone is connected:
+    // only the current connection's end is the station's.
+    let current = {
+        let mut outboxes = csms.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = outboxes
+            .get(&station_id)
+            .is_some_and(|(c, _)| *c == connection);
+        if current {
+            outboxes.remove(&station_id);
+        }
+        current
+    };
+    if current {
+        csms.update(&station_id, |s| s.connected = false);
+        csms.report(StationEvent::Disconnected {
+            station: station_id.clone(),
+        });
+    }
     tracing::info!(station = %station_id, "station disconnected");
 }
 
