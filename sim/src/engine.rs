@@ -449,8 +449,6 @@ fn record(events: &[Event], fates: &mut [Fate]) {
                 fate.delivered_kwh = e.delivered_kwh;
                 fate.waited_until.get_or_insert(e.at);
             }
-            // The simulator's cars are not metered.
-            EventKind::Full => {}
         }
     }
 }

@@ -10,6 +10,7 @@
 //! the live service
 //! around it. docs/substation.md describes both.
 
+mod chargers;
 mod clock;
 pub mod config;
 mod feed;
@@ -31,9 +32,9 @@ use crate::feed::Feed;
 use crate::limits::LimitFeed;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
-use crate::shell::{DRAIN_TIMEOUT, Shell};
+use crate::shell::{DRAIN_TIMEOUT, Ocpp, Shell};
 
-pub use config::Config;
+pub use config::{Chargers, Config};
 
 /// Runs one substation until `shutdown` fires: serves `/metrics`, `/healthz` and `/readyz` on
 /// `listener`, charges the sessions dispatched to it, and on shutdown records and hands back
@@ -42,6 +43,27 @@ pub use config::Config;
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ocpp_listener =
+        match config.chargers {
+            Chargers::Simulated => None,
+            Chargers::Ocpp => {
+                let addr = config.ocpp.ocpp_listen;
+                Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen for OCPP stations on {addr}: {e}")
+                })?)
+            }
+        };
+    run_with_ocpp(config, listener, ocpp_listener, shutdown).await
+}
+
+/// [`run`], with the OCPP stations' listener bound by the caller (`--chargers ocpp`; tests
+/// bind port 0): stations connect to `ws://<its address>/ocpp/<station id>`.
+pub async fn run_with_ocpp(
+    config: Config,
+    listener: TcpListener,
+    ocpp_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = evgrid_common::metrics::registry();
@@ -55,13 +77,56 @@ pub async fn run(
         stop_http.clone(),
     ));
     let span = tracing::info_span!("substation", substation = %config.id);
+    let (ocpp, ocpp_server) = match (config.chargers, ocpp_listener) {
+        (Chargers::Ocpp, Some(ocpp_listener)) => {
+            let (ocpp, server) = serve_ocpp(&config, ocpp_listener, stop_http.clone())?;
+            (Some(ocpp), Some(server))
+        }
+        (Chargers::Ocpp, None) => anyhow::bail!("--chargers ocpp needs a listener for stations"),
+        (Chargers::Simulated, _) => (None, None),
+    };
     let result =
-        tracing::Instrument::instrument(charge(config, metrics, readiness, shutdown), span).await;
+        tracing::Instrument::instrument(charge(config, metrics, readiness, ocpp, shutdown), span)
+            .await;
     stop_http.cancel();
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "ops HTTP server failed");
+    for server in [Some(server), ocpp_server].into_iter().flatten() {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
     }
     result
+}
+
+/// Serves the CSMS stations connect to on `listener` until `stop`.
+fn serve_ocpp(
+    config: &Config,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<(Ocpp, tokio::task::JoinHandle<()>)> {
+    use evgrid_ocpp::messages::ChargingRateUnit;
+    use evgrid_ocpp::server::{Csms, Settings, routes};
+
+    let stations = config
+        .ocpp
+        .ocpp_stations
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--chargers ocpp needs --ocpp-stations"))?;
+    let settings = Settings {
+        rate_unit: match config.ocpp.ocpp_rate_unit {
+            config::RateUnit::W => ChargingRateUnit::W,
+            config::RateUnit::A => ChargingRateUnit::A,
+        },
+        ..Settings::default()
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(url = %format!("ws://{addr}/ocpp/<station id>"), "OCPP stations connect here");
+    }
+    let (csms, events) = Csms::with_events(stations, settings);
+    let server = tokio::spawn(http::serve(listener, routes(csms.clone()), stop));
+    Ok((
+        Ocpp::new(csms, events, config.ocpp.ocpp_station_max_kw),
+        server,
+    ))
 }
 
 /// Connects, makes sure the streams and the consumer exist, then charges until `shutdown`.
@@ -69,6 +134,7 @@ async fn charge(
     config: Config,
     metrics: Metrics,
     readiness: Readiness,
+    ocpp: Option<Ocpp>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = format!("evgrid-substation-{}", config.id);
@@ -91,7 +157,7 @@ async fn charge(
     let (publisher, writer) = Publisher::start(nats.js.clone());
     let mut feed = Feed::new(&nats, &config.id, config.nats.replicas, kv.clone());
     let mut limit_feed = LimitFeed::new(&nats, &config.id);
-    let mut shell = Shell::new(&config, kv, publisher, metrics);
+    let mut shell = Shell::new(&config, kv, publisher, metrics, ocpp);
     if !shell.replay_limits(&mut limit_feed, &shutdown).await {
         return Ok(());
     }

@@ -5,7 +5,8 @@
 //! process, each with its own registry).
 
 use prometheus::{
-    Counter, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 use evgrid_common::metrics::register;
@@ -45,6 +46,20 @@ pub struct Metrics {
     /// `evgrid_substation_limit_messages_total{outcome="invalid"}`: logged and ignored.
     pub limit_invalid: IntCounter,
     pub accept_to_charging_seconds: Histogram,
+    /// `--chargers ocpp` (docs/ocpp.md): stations connected, sessions counted at their worst
+    /// case now, and the limits sent and their answers.
+    pub ocpp_stations_connected: IntGauge,
+    pub ocpp_untrusted_sessions: IntGauge,
+    pub ocpp_worst_case: IntCounter,
+    pub ocpp_limits_sent: IntCounter,
+    pub ocpp_limits_accepted: IntCounter,
+    pub ocpp_limits_refused: IntCounter,
+    pub ocpp_walk_ins: IntCounter,
+    /// Per station: the limit in force and the power its meter shows (W). The one `station`
+    /// label: ids come from the operator's stations file, a fixed set, and the Grid dashboard
+    /// shows each station's limit against its draw.
+    pub station_limit_watts: GaugeVec,
+    pub station_power_watts: GaugeVec,
     /// Energy already counted into `energy_delivered_joules` (kWh).
     counted_kwh: f64,
 }
@@ -157,8 +172,73 @@ impl Metrics {
                 )
                 .expect("valid histogram"),
             ),
+            ocpp_stations_connected: int_gauge(
+                "evgrid_substation_ocpp_stations_connected",
+                "Charging stations connected over OCPP now (--chargers ocpp).",
+            ),
+            ocpp_untrusted_sessions: int_gauge(
+                "evgrid_substation_ocpp_worst_case_sessions",
+                "Sessions counted at their station's most because the station is out of reach, \
+                 refused or never answered its limit, or draws more than it.",
+            ),
+            ocpp_worst_case: counter(
+                "evgrid_substation_ocpp_worst_case_total",
+                "Times a session was put at its station's worst case (see \
+                 evgrid_substation_ocpp_worst_case_sessions).",
+            ),
+            ocpp_limits_sent: counter(
+                "evgrid_substation_ocpp_limits_sent_total",
+                "Charging limits (SetChargingProfile) sent to stations.",
+            ),
+            ocpp_limits_accepted: counter(
+                "evgrid_substation_ocpp_limits_accepted_total",
+                "Charging limits stations accepted.",
+            ),
+            ocpp_limits_refused: counter(
+                "evgrid_substation_ocpp_limits_refused_total",
+                "Charging limits stations rejected or did not answer in time.",
+            ),
+            ocpp_walk_ins: counter(
+                "evgrid_substation_ocpp_walk_ins_total",
+                "Cars that plugged in without a request and were charged as sessions of their own.",
+            ),
+            station_limit_watts: register(
+                registry,
+                GaugeVec::new(
+                    opts(
+                        "evgrid_substation_station_limit_watts",
+                        "The charging limit in force at a station's transaction, in watts.",
+                    ),
+                    &["station"],
+                )
+                .expect("valid gauge"),
+            ),
+            station_power_watts: register(
+                registry,
+                GaugeVec::new(
+                    opts(
+                        "evgrid_substation_station_power_watts",
+                        "The power a station's meter shows its car drawing, in watts.",
+                    ),
+                    &["station"],
+                )
+                .expect("valid gauge"),
+            ),
             counted_kwh: 0.0,
         }
+    }
+
+    /// The load the stations' meters show (kW), for `--chargers ocpp`: it replaces the
+    /// model's in the load gauges.
+    pub fn observe_measured_load(&mut self, load_kw: f64) {
+        self.current_load_kw.set(load_kw);
+        self.load_watts.set(load_kw * WATTS_PER_KW);
+        let capacity_w = self.capacity_watts.get();
+        self.utilization_ratio.set(if capacity_w > 0.0 {
+            load_kw * WATTS_PER_KW / capacity_w
+        } else {
+            0.0
+        });
     }
 
     /// Sets the gauges from the charging model and counts the energy delivered since last time.
@@ -204,7 +284,7 @@ mod tests {
             ..Snapshot::default()
         });
         let families = registry.gather();
-        assert_eq!(families.len(), 15);
+        assert_eq!(families.len(), 22);
         for family in &families {
             for metric in family.get_metric() {
                 let labels: Vec<(&str, &str)> = metric

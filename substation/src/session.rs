@@ -13,7 +13,9 @@ use crate::plan::Accept;
 /// A session this process is charging (or finishing): its assignment and its message.
 pub(crate) struct Live {
     pub dispatch: Dispatch,
-    pub acker: Acker,
+    /// The dispatch message's acker; `None` for a car that walked up to a charging station
+    /// without a request (`--chargers ocpp`), which has no message.
+    pub acker: Option<Acker>,
     /// `EV_DISPATCH` sequence and delivery count of the message held.
     pub stream_seq: u64,
     pub delivery: i64,
@@ -91,7 +93,7 @@ impl Live {
     ) -> Self {
         Self {
             dispatch,
-            acker,
+            acker: Some(acker),
             stream_seq,
             delivery,
             prior_kwh: accept.prior_kwh,
@@ -100,6 +102,27 @@ impl Live {
             accepted_at,
             ending: None,
             revision,
+            writing: None,
+            next: None,
+            completion: None,
+        }
+    }
+
+    /// The session of a car that plugged in without a request (a walk-in): `dispatch` is made
+    /// up for it here. Its state is new (revision 0) and it has no message to settle.
+    pub fn walk_in(dispatch: Dispatch) -> Self {
+        let accepted_at = dispatch.accepted_at;
+        Self {
+            dispatch,
+            acker: None,
+            stream_seq: 0,
+            delivery: 1,
+            prior_kwh: 0.0,
+            charging_started_at: None,
+            moved: Vec::new(),
+            accepted_at,
+            ending: None,
+            revision: 0,
             writing: None,
             next: None,
             completion: None,

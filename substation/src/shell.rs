@@ -46,8 +46,11 @@ use crate::plan::{Facts, Plan, Skip, Stored, Taken, parse_dispatch, plan};
 use crate::publisher::Publisher;
 use crate::session::{Completion, Ending, Live, Receipt};
 
+mod ocpp;
 mod report;
 mod state;
+
+pub(crate) use ocpp::Ocpp;
 
 /// Progress acks (and energy checkpoints) go out this often: four per ack wait, so a late tick
 /// or a lost ack never lets a live session's message be redelivered, and a crash loses at most
@@ -86,10 +89,18 @@ pub(crate) struct Shell {
     limit_end: Option<Instant>,
     /// `EV_LIMITS` sequence of the last limit message handled.
     limit_seq: u64,
+    /// The charging stations, with `--chargers ocpp`.
+    ocpp: Option<Ocpp>,
 }
 
 impl Shell {
-    pub fn new(config: &Config, kv: kv::Store, publisher: Publisher, mut metrics: Metrics) -> Self {
+    pub fn new(
+        config: &Config,
+        kv: kv::Store,
+        publisher: Publisher,
+        mut metrics: Metrics,
+        ocpp: Option<Ocpp>,
+    ) -> Self {
         let station = Station::new(config.capacity_kw, config.allocation, 0.0);
         metrics.observe(&station.snapshot());
         Self {
@@ -113,6 +124,7 @@ impl Shell {
             limit: InForce::configured(config.capacity_kw),
             limit_end: None,
             limit_seq: 0,
+            ocpp,
         }
     }
 
@@ -208,6 +220,7 @@ impl Shell {
                     }
                 }
                 (msg, state) = feed.next() => self.on_message(msg, state, feed).await,
+                Some(event) = ocpp::next_event(&mut self.ocpp) => self.on_station(event),
             }
         }
     }
@@ -326,7 +339,7 @@ impl Shell {
             Plan::KeepHolding => {
                 tracing::debug!(%request_id, delivery, "dispatch redelivered; session continues");
                 let live = self.sessions.get_mut(&request_id).expect("held here");
-                live.acker = acker;
+                live.acker = Some(acker);
                 live.delivery = delivery;
             }
             Plan::Skip(why) => {
@@ -397,6 +410,16 @@ impl Shell {
         self.sessions.insert(request_id, live);
         self.took_dispatch(stream_seq);
 
+        if self.ocpp.is_some() {
+            // The car is still to come: it holds its place without power until it plugs in.
+            let events = self.station.arrive_pinned(now, car, Some(0.0));
+            self.await_car(request_id);
+            let live = &self.sessions[&request_id];
+            let record = self.record(live, live.waiting_state(), prior_kwh, None);
+            self.write_state(record, false);
+            self.apply(events);
+            return;
+        }
         let events = self.station.arrive(now, car);
         if self
             .station
@@ -420,10 +443,15 @@ impl Shell {
                     self.on_ended(event, at, SessionOutcome::Delivered);
                 }
                 EventKind::Departed => self.on_ended(event, at, SessionOutcome::Departed),
-                EventKind::Full => {}
             }
         }
         self.metrics.observe(&self.station.snapshot());
+        if self.ocpp.is_some() {
+            self.send_limits();
+            if let Some(measured) = self.measured_load_kw() {
+                self.metrics.observe_measured_load(measured);
+            }
+        }
     }
 
     fn on_started(&mut self, id: Uuid, at: DateTime<Utc>) {
@@ -448,21 +476,32 @@ impl Shell {
     /// The session ended: its energy is delivered, or the car left at its departure with what
     /// it got. Either way the request is `completed`, with the energy and the outcome.
     fn on_ended(&mut self, event: Event, at: DateTime<Utc>, outcome: SessionOutcome) {
-        let id = event.id;
+        let Some(live) = self.sessions.get(&event.id) else {
+            return;
+        };
+        let energy = match outcome {
+            SessionOutcome::Delivered => live.dispatch.energy_target_kwh(),
+            SessionOutcome::Departed => {
+                (live.prior_kwh + event.delivered_kwh).min(live.dispatch.energy_target_kwh())
+            }
+        };
+        self.finish(event.id, at, outcome, energy);
+    }
+
+    /// Completes session `id` at `at` with `energy` (kWh): records it `completed`, then
+    /// announces it, then settles its message.
+    fn finish(&mut self, id: Uuid, at: DateTime<Utc>, outcome: SessionOutcome, energy: f64) {
         let Some(live) = self.sessions.get_mut(&id) else {
             return;
         };
         live.ending = Some(Ending::Completed);
-        let energy = match outcome {
-            SessionOutcome::Delivered => {
-                self.metrics.sessions_completed.inc();
-                live.dispatch.energy_target_kwh()
-            }
-            SessionOutcome::Departed => {
-                self.metrics.sessions_departed.inc();
-                (live.prior_kwh + event.delivered_kwh).min(live.dispatch.energy_target_kwh())
-            }
-        };
+        match outcome {
+            SessionOutcome::Delivered => self.metrics.sessions_completed.inc(),
+            SessionOutcome::Departed => self.metrics.sessions_departed.inc(),
+        }
+        if let Some(ocpp) = &mut self.ocpp {
+            ocpp.forget(id);
+        }
         let live = &self.sessions[&id];
         tracing::debug!(
             request_id = %id,
@@ -489,7 +528,7 @@ impl Shell {
     async fn progress(&mut self) {
         self.advance_now();
         for live in self.sessions.values() {
-            ack(&live.acker, AckKind::Progress, "progress").await;
+            ack_held(live, AckKind::Progress, "progress").await;
         }
         let mut checkpoints = Vec::new();
         for s in self.station.sessions().iter().filter(|s| s.is_drawing()) {
@@ -560,6 +599,13 @@ impl Shell {
 
 fn header<'a>(msg: &'a jetstream::Message, name: &str) -> Option<&'a str> {
     msg.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+/// [`ack`] of a session's message, when it has one (a walk-in has none).
+async fn ack_held(live: &Live, kind: AckKind, what: &'static str) {
+    if let Some(acker) = &live.acker {
+        ack(acker, kind, what).await;
+    }
 }
 
 async fn ack(acker: &Acker, kind: AckKind, what: &'static str) {

@@ -33,6 +33,8 @@ impl Substation {
             time_scale: 3600.0,
             heartbeat_interval: Duration::from_secs(1),
             allocation: Allocation::default(),
+            chargers: evgrid_substation::Chargers::Simulated,
+            ocpp: evgrid_substation::config::OcppArgs::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let shutdown = CancellationToken::new();

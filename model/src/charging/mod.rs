@@ -70,8 +70,10 @@ pub struct Session {
     /// Power fixed from outside rather than allocated ([`Station::pin`]): a car not yet
     /// plugged in (0), or a charger that cannot be trusted to keep a limit (its worst case).
     pub pinned_kw: Option<f64>,
-    /// Its energy comes from a meter ([`Station::meter`]): the car, not the model, decides when
-    /// the session ends, so it neither completes nor departs on its own.
+    /// Its energy comes from a meter ([`Station::meter`]), and only from there (the model
+    /// does not integrate it between readings, which would run ahead of a lagging meter and
+    /// flip its power on and off); the car, not the model, decides when the session ends, so
+    /// it neither completes nor departs on its own.
     pub metered: bool,
     /// `delivered_kwh` when the power last changed, and when that was: energy is integrated from
     /// there, so the model's state at a time does not depend on how often it was advanced.
@@ -85,8 +87,7 @@ impl Session {
         (self.energy_kwh - self.delivered_kwh).max(0.0)
     }
 
-    /// Metered and full by the model's account: it gets no more power (the car is told to
-    /// stop; its meter may still show it short, which gives it power again).
+    /// Metered, and its meter shows all its energy: it gets no more power.
     pub fn is_full(&self) -> bool {
         self.metered && self.remaining_kwh() <= ENERGY_EPSILON_KWH
     }
@@ -117,9 +118,10 @@ impl Session {
         }
     }
 
-    /// When this session completes at its current power (simulated seconds), if it draws.
+    /// When this session completes at its current power (simulated seconds), if it draws and
+    /// is not metered.
     fn completion_time(&self, now: f64) -> Option<f64> {
-        self.is_drawing()
+        (self.is_drawing() && !self.metered)
             .then(|| now + self.remaining_kwh() / self.power_kw * SECONDS_PER_HOUR)
     }
 }
@@ -143,10 +145,6 @@ pub enum EventKind {
     Completed,
     /// The car left at its departure before its energy was delivered; it has left the model.
     Departed,
-    /// A metered session has its energy by the model's account (its power integrated since
-    /// the last reading): it stays, with no power, until taken out (the car leaves when it
-    /// unplugs), or until a reading shows it short.
-    Full,
 }
 
 /// The numbers a heartbeat (and the metrics) report.
@@ -423,14 +421,6 @@ impl Station {
             let mut ended = 0.0;
             self.sessions.retain(|s| {
                 if s.metered {
-                    if s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH {
-                        events.push(Event {
-                            id: s.id,
-                            at: now,
-                            kind: EventKind::Full,
-                            delivered_kwh: s.energy_kwh,
-                        });
-                    }
                     return true;
                 }
                 let kind = if s.is_drawing() && s.remaining_kwh() <= ENERGY_EPSILON_KWH {
@@ -572,7 +562,7 @@ impl Station {
             return;
         }
         for s in &mut self.sessions {
-            if s.is_drawing() {
+            if s.is_drawing() && !s.metered {
                 s.delivered_kwh =
                     (s.base_kwh + s.power_kw * (t - s.since) / SECONDS_PER_HOUR).min(s.energy_kwh);
             }
@@ -756,33 +746,28 @@ mod tests {
         c.departure = Some(1800.0);
         station.arrive(0.0, c);
         station.meter(Uuid::from_u128(1), 0.0, None).unwrap();
-        // The meter says less than the model integrated: the meter wins, the completion moves.
-        station.advance_to(1800.0);
-        station.meter(Uuid::from_u128(1), 2.0, None).unwrap();
+        // Only the meter moves its energy: no completion is foreseen, and past its departure
+        // it stays (the car decides).
+        assert_eq!(station.next_event_time(), None);
+        assert!(station.advance_to(10_000.0).is_empty());
         let s = station.session(Uuid::from_u128(1)).unwrap();
-        assert_eq!((s.delivered_kwh, s.power_kw), (2.0, 11.0));
+        assert_eq!((s.delivered_kwh, s.power_kw), (0.0, 11.0));
+        station.meter(Uuid::from_u128(1), 2.0, None).unwrap();
         assert_eq!(
-            station.next_event_time(),
-            Some(1800.0 + 9.0 / 11.0 * 3600.0)
+            station.session(Uuid::from_u128(1)).unwrap().delivered_kwh,
+            2.0
         );
-        // Past its departure it stays (the car decides); full by the model's account, it is
-        // told so and gets no more power.
-        let events = station.advance_to(10_000.0);
-        assert_eq!(kinds(&events), [(1, EventKind::Full)]);
+        // Full by its meter: no more power. The car's own need replaces the request's.
+        station.meter(Uuid::from_u128(1), 11.0, None).unwrap();
         let s = station.session(Uuid::from_u128(1)).unwrap();
         assert!(s.is_full() && s.power_kw == 0.0);
-        assert_eq!(station.next_event_time(), None);
-        // A reading that shows it short gives it power again; the car's own need replaces the
-        // request's.
-        station.meter(Uuid::from_u128(1), 10.0, None).unwrap();
-        assert_eq!(station.session(Uuid::from_u128(1)).unwrap().power_kw, 11.0);
         station
-            .meter(Uuid::from_u128(1), 10.0, Some((10.0, None)))
+            .meter(Uuid::from_u128(1), 8.0, Some((12.0, None)))
             .unwrap();
-        assert_eq!(station.session(Uuid::from_u128(1)).unwrap().power_kw, 0.0);
+        assert_eq!(station.session(Uuid::from_u128(1)).unwrap().power_kw, 11.0);
         let (session, _) = station.remove(Uuid::from_u128(1)).unwrap();
-        assert_eq!(session.delivered_kwh, 10.0);
-        assert_eq!(station.snapshot().delivered_kwh, 10.0);
+        assert_eq!(session.delivered_kwh, 8.0);
+        assert_eq!(station.snapshot().delivered_kwh, 8.0);
     }
 
     #[test]
@@ -1308,7 +1293,6 @@ mod tests {
                             }
                             ended_kwh += e.delivered_kwh;
                         }
-                        EventKind::Full => panic!("{context}: no car here is metered"),
                     }
                 }
                 assert_allocation_holds(station, &context);

@@ -22,7 +22,7 @@ use evgrid_model::messages::{RequestRecord, SessionEventKind, session_state_key}
 use futures::FutureExt;
 use uuid::Uuid;
 
-use super::{Shell, ack};
+use super::{Shell, ack_held};
 use crate::publisher::Write;
 use crate::session::{Ending, StateWrite, Written};
 
@@ -134,10 +134,10 @@ impl Shell {
             return;
         };
         match (live.ending, durable) {
-            (Some(Ending::Completed), true) => ack(&live.acker, AckKind::Ack, "ack").await,
+            (Some(Ending::Completed), true) => ack_held(&live, AckKind::Ack, "ack").await,
             // Redelivered at once to whichever substation process pulls next: it resumes from
             // the energy just recorded.
-            (Some(Ending::Interrupted), true) => ack(&live.acker, AckKind::Nak(None), "nak").await,
+            (Some(Ending::Interrupted), true) => ack_held(&live, AckKind::Nak(None), "nak").await,
             // Not recorded: leave the message to its ack wait; a redelivery redoes the ending.
             _ => {
                 tracing::warn!(request_id = %id, "final writes of the session were not acknowledged")
@@ -186,6 +186,9 @@ impl Shell {
             // Its power goes to the others.
             self.apply(events);
         }
+        if let Some(ocpp) = &mut self.ocpp {
+            ocpp.forget(id);
+        }
         self.metrics.sessions_fenced.inc();
         tracing::warn!(
             request_id = %id,
@@ -194,6 +197,6 @@ impl Shell {
             "the request moved on without this substation (failover); it stops charging here"
         );
         // Done here for good: the request lives on elsewhere.
-        ack(&live.acker, AckKind::Ack, "ack").await;
+        ack_held(&live, AckKind::Ack, "ack").await;
     }
 }

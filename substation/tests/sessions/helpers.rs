@@ -56,6 +56,8 @@ impl Grid {
             time_scale: 3600.0,
             heartbeat_interval: Duration::from_millis(50),
             allocation: Allocation::Fcfs,
+            chargers: evgrid_substation::Chargers::Simulated,
+            ocpp: evgrid_substation::config::OcppArgs::default(),
         }
     }
 
@@ -213,6 +215,28 @@ impl Running {
             shutdown,
             handle,
         }
+    }
+
+    /// A substation with `--chargers ocpp` (`config` says so), its stations' listener bound
+    /// here; returns it with the base URL stations connect to (`<url>/ocpp/<station id>`).
+    pub async fn start_ocpp(config: Config) -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ocpp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", ocpp.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(evgrid_substation::run_with_ocpp(
+            config,
+            listener,
+            Some(ocpp),
+            shutdown.clone(),
+        ));
+        let running = Self {
+            addr,
+            shutdown,
+            handle,
+        };
+        (running, url)
     }
 
     /// SIGTERM's path: cancel, and wait for `run` to return.

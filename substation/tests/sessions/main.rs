@@ -3,6 +3,7 @@
 
 mod attacks;
 mod helpers;
+mod ocpp;
 
 use std::time::{Duration, Instant};
 
