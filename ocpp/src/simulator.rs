@@ -412,6 +412,8 @@ struct Station {
     outbox: VecDeque<Outgoing>,
     in_flight: Option<InFlight>,
     car: Option<Car>,
+    /// The station's TxDefaultProfile limit (W): a transaction's limit until it has its own.
+    default_limit_w: Option<f64>,
     reservation: Option<Reservation>,
     next_walk_in: Option<Instant>,
     /// Cars so far (walk-in tokens are numbered).
@@ -448,6 +450,7 @@ impl Station {
             outbox: VecDeque::new(),
             in_flight: None,
             car: None,
+            default_limit_w: None,
             reservation: None,
             next_walk_in: None,
             cars: 0,
@@ -879,6 +882,7 @@ impl Station {
     /// The car is authorized: its transaction starts, and it states its needs.
     fn start_transaction(&mut self, now: Instant) {
         let (time_scale, interval) = (self.config.time_scale, self.config.meter_interval);
+        let default_limit_w = self.default_limit_w;
         let Some(car) = self.car.as_mut().filter(|c| c.tx.is_none()) else {
             return;
         };
@@ -889,7 +893,7 @@ impl Station {
             id: id.clone(),
             seq_no: 0,
             energy_wh: 0.0,
-            limit_w: None,
+            limit_w: default_limit_w,
             integrated_to: now,
             next_meter: now + interval,
         });
@@ -1155,8 +1159,9 @@ impl Station {
             "ClearChargingProfile" => {
                 let _: ClearChargingProfileRequest = parse(payload)?;
                 self.integrate(now);
+                let default_limit_w = self.default_limit_w;
                 if let Some(tx) = self.car.as_mut().and_then(|c| c.tx.as_mut()) {
-                    tx.limit_w = None;
+                    tx.limit_w = default_limit_w;
                 }
                 to_value(ClearChargingProfileResponse {
                     status: ClearChargingProfileStatus::Accepted,
@@ -1185,12 +1190,17 @@ impl Station {
         }
     }
 
-    /// Applies a TxProfile for the transaction going on; anything else is rejected (the
-    /// simulated station has no station-wide or default limits).
+    /// Applies a TxProfile for the transaction going on, or a TxDefaultProfile (the limit of
+    /// transactions without their own); anything else is rejected (the simulated station has
+    /// no station-wide limits).
     fn set_profile(&mut self, profile: &ChargingProfile, now: Instant) -> ChargingProfileStatus {
         let Some(limit_w) = profile_limit_w(profile) else {
             return ChargingProfileStatus::Rejected;
         };
+        if profile.charging_profile_purpose == ChargingProfilePurpose::TxDefaultProfile {
+            self.default_limit_w = Some(limit_w);
+            return ChargingProfileStatus::Accepted;
+        }
         let current = self
             .car
             .as_ref()
