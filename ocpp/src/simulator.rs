@@ -368,8 +368,11 @@ struct Tx {
     id: String,
     seq_no: i32,
     energy_wh: f64,
-    /// The last limit the CSMS set, W; `None`: none yet, or cleared.
+    /// The limit in force, W: its own TxProfile's, else the station's TxDefaultProfile's;
+    /// `None`: neither (the station's most).
     limit_w: Option<f64>,
+    /// `limit_w` is the transaction's own (a TxProfile), not the station's default.
+    own_limit: bool,
     integrated_to: Instant,
     next_meter: Instant,
 }
@@ -894,6 +897,7 @@ impl Station {
             seq_no: 0,
             energy_wh: 0.0,
             limit_w: default_limit_w,
+            own_limit: false,
             integrated_to: now,
             next_meter: now + interval,
         });
@@ -1162,6 +1166,7 @@ impl Station {
                 let default_limit_w = self.default_limit_w;
                 if let Some(tx) = self.car.as_mut().and_then(|c| c.tx.as_mut()) {
                     tx.limit_w = default_limit_w;
+                    tx.own_limit = false;
                 }
                 to_value(ClearChargingProfileResponse {
                     status: ClearChargingProfileStatus::Accepted,
@@ -1198,7 +1203,15 @@ impl Station {
             return ChargingProfileStatus::Rejected;
         };
         if profile.charging_profile_purpose == ChargingProfilePurpose::TxDefaultProfile {
+            // OCPP: the default holds for every transaction without a TxProfile of its own,
+            // one going on included.
+            self.integrate(now);
             self.default_limit_w = Some(limit_w);
+            if let Some(tx) = self.car.as_mut().and_then(|c| c.tx.as_mut())
+                && !tx.own_limit
+            {
+                tx.limit_w = Some(limit_w);
+            }
             return ChargingProfileStatus::Accepted;
         }
         let current = self
@@ -1216,6 +1229,7 @@ impl Station {
         self.integrate(now);
         if let Some(tx) = self.car.as_mut().and_then(|c| c.tx.as_mut()) {
             tx.limit_w = Some(limit_w);
+            tx.own_limit = true;
         }
         self.emit(SimEvent::Limit {
             station: self.id.clone(),
