@@ -13,7 +13,7 @@
 //!   limit, or the one sent if higher) leave room for it within the capacity: the sum of the
 //!   limits in force never exceeds the capacity, even while answers are on their way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -74,8 +74,8 @@ pub(crate) struct Plug {
     unsure_w: f64,
     /// Its limit is to be sent again, whatever it was (the station reconnected).
     resend: bool,
-    /// Refused a limit or never answered it, or drew more than its limit: counted at its
-    /// worst case until its transaction ends (or, refused, until it reconnects).
+    /// Refused a limit or never answered it (until it reconnects), or
+    /// its last reading was over its limit: counted at its worst case.
     refused: bool,
     overdraw: bool,
     /// The limit before the last decrease, and until when the station may still draw it.
@@ -91,6 +91,9 @@ struct Link {
     /// The station took the TxDefaultProfile of 0 W: a new transaction draws nothing until
     /// it has its own limit.
     default_in_force: bool,
+    /// It refused a reservation (it knows of a car the substation does not): not asked again
+    /// until it boots or a transaction of it ends.
+    declined: bool,
 }
 
 /// The stations, and the sessions at or expected at them.
@@ -106,6 +109,8 @@ pub(crate) struct Chargers {
     tokens: HashMap<Uuid, Vec<String>>,
     /// Connectors held for awaited cars: (station, reservation id).
     reservations: HashMap<Uuid, (String, i32)>,
+    /// Awaited cars with no connector held yet, first come first, with their departure.
+    unreserved: VecDeque<(Uuid, Option<DateTime<Utc>>)>,
     next_reservation: i32,
 }
 
@@ -120,6 +125,7 @@ impl Chargers {
             awaited: HashMap::new(),
             tokens: HashMap::new(),
             reservations: HashMap::new(),
+            unreserved: VecDeque::new(),
             next_reservation: 1,
         }
     }
@@ -157,6 +163,7 @@ impl Chargers {
     pub fn on_booted(&mut self, station: &str) -> Command {
         let link = self.links.entry(station.to_owned()).or_default();
         link.booted = true;
+        link.declined = false;
         Command::SetLimit {
             evse_id: 0,
             transaction_id: None,
@@ -189,29 +196,47 @@ impl Chargers {
         tokens: Vec<String>,
         departure: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
-    ) -> Option<(String, Command)> {
+    ) -> Vec<(String, Command)> {
         for token in &tokens {
             self.awaited.insert(token.clone(), id);
         }
-        let id_token = tokens.first()?.clone();
         self.tokens.insert(id, tokens);
-        let station = self.free_station()?;
-        let reservation_id = self.next_reservation;
-        self.next_reservation = self.next_reservation.wrapping_add(1).max(1);
-        self.reservations
-            .insert(id, (station.clone(), reservation_id));
-        let expiry = departure
-            .filter(|d| *d > now)
-            .unwrap_or(now + chrono::Duration::hours(RESERVATION_HOURS));
-        Some((
-            station,
-            Command::Reserve {
-                reservation_id,
-                id_token,
-                evse_id: Some(RESERVED_EVSE),
-                expiry,
-            },
-        ))
+        self.unreserved.push_back((id, departure));
+        self.reserve_waiting(now)
+    }
+
+    /// Holds free stations for the cars waiting longest without one.
+    pub fn reserve_waiting(&mut self, now: DateTime<Utc>) -> Vec<(String, Command)> {
+        let mut sends = Vec::new();
+        while let Some(&(id, departure)) = self.unreserved.front() {
+            let waiting = self.tokens.contains_key(&id) && !self.reservations.contains_key(&id);
+            if !waiting {
+                self.unreserved.pop_front();
+                continue;
+            }
+            let Some(station) = self.free_station() else {
+                break;
+            };
+            self.unreserved.pop_front();
+            let id_token = self.tokens[&id][0].clone();
+            let reservation_id = self.next_reservation;
+            self.next_reservation = self.next_reservation.wrapping_add(1).max(1);
+            self.reservations
+                .insert(id, (station.clone(), reservation_id));
+            let expiry = departure
+                .filter(|d| *d > now)
+                .unwrap_or(now + chrono::Duration::hours(RESERVATION_HOURS));
+            sends.push((
+                station,
+                Command::Reserve {
+                    reservation_id,
+                    id_token,
+                    evse_id: Some(RESERVED_EVSE),
+                    expiry,
+                },
+            ));
+        }
+        sends
     }
 
     /// A connected, booted station with no car and no reservation (the first by id, so
@@ -220,7 +245,7 @@ impl Chargers {
         let mut free: Vec<&String> = self
             .links
             .iter()
-            .filter(|(_, l)| l.connected && l.booted)
+            .filter(|(_, l)| l.connected && l.booted && !l.declined)
             .map(|(s, _)| s)
             .filter(|s| !self.plugs.values().any(|p| &p.station == *s))
             .filter(|s| !self.reservations.values().any(|(r, _)| r == *s))
@@ -350,14 +375,16 @@ impl Chargers {
             .unwrap_or(default)
             .max(plug.in_flight_max_w)
             .max(before);
-        if plug
-            .power_w
-            .is_some_and(|w| w > limit * (1.0 + OVERDRAW_TOLERANCE) + OVERDRAW_MARGIN_W)
-            && !plug.overdraw
-        {
-            tracing::warn!(station = %plug.station, transaction = %plug.transaction_id, power_w = plug.power_w, limit_w = limit, "station draws more than its limit: counted at its worst case");
-            plug.overdraw = true;
+        let Some(power_w) = plug.power_w else {
+            return;
+        };
+        // Each reading decides: a station seen over its limit once by a reading that crossed
+        // a change is trusted again when the next shows it under.
+        let over = power_w > limit * (1.0 + OVERDRAW_TOLERANCE) + OVERDRAW_MARGIN_W;
+        if over && !plug.overdraw {
+            tracing::warn!(station = %plug.station, transaction = %plug.transaction_id, power_w, limit_w = limit, "station draws more than its limit: counted at its worst case");
         }
+        plug.overdraw = over;
     }
 
     /// The power session `id` is to be counted at whatever the policy says (kW): its worst case
@@ -473,6 +500,13 @@ impl Chargers {
                 let accepted = *outcome == Outcome::Accepted;
                 let changed = link.default_in_force != accepted;
                 link.default_in_force = accepted;
+                // Its transactions without a limit of their own drew the most until now.
+                let max_w = self.max_w;
+                for plug in self.plugs.values_mut() {
+                    if plug.station == station && plug.in_force_w.is_none() && accepted {
+                        plug.lowered_from = Some((max_w, now + OVERDRAW_GRACE));
+                    }
+                }
                 changed
             }
             Command::SetLimit {
@@ -514,9 +548,21 @@ impl Chargers {
                 before != self.pin_kw(id)
             }
             Command::Reserve { reservation_id, .. } if *outcome != Outcome::Accepted => {
-                // The car may still plug in anywhere with its token.
-                self.reservations
-                    .retain(|_, (s, r)| !(s == station && r == reservation_id));
+                // Held for another elsewhere, then; the car may still plug in anywhere with its
+                // token meanwhile.
+                let refused: Vec<Uuid> = self
+                    .reservations
+                    .iter()
+                    .filter(|(_, (s, r))| s == station && r == reservation_id)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in refused {
+                    self.reservations.remove(&id);
+                    self.unreserved.push_front((id, None));
+                }
+                if let Some(link) = self.links.get_mut(station) {
+                    link.declined = true;
+                }
                 false
             }
             _ => false,
@@ -552,8 +598,13 @@ impl Chargers {
         if let Some(plug) = self.plugs.remove(&id) {
             self.by_transaction
                 .remove(&(plug.station.clone(), plug.transaction_id));
+            if let Some(link) = self.links.get_mut(&plug.station) {
+                link.declined = false;
+            }
             sends.push((plug.station, Command::ClearLimit));
         }
+        // The connector freed (or the reservation given back) may be held for another car.
+        sends.extend(self.reserve_waiting(Utc::now()));
         sends
     }
 
@@ -664,9 +715,9 @@ mod tests {
         online(&mut c, "b");
         online(&mut c, "a");
         let id = Uuid::from_u128(1);
-        let (station, reserve) = c
-            .await_car(id, vec!["car-1".into(), id.to_string()], None, Utc::now())
-            .unwrap();
+        let mut sends = c.await_car(id, vec!["car-1".into(), id.to_string()], None, Utc::now());
+        assert_eq!(sends.len(), 1);
+        let (station, reserve) = sends.remove(0);
         assert_eq!(station, "a");
         assert!(matches!(reserve, Command::Reserve { ref id_token, .. } if id_token == "car-1"));
         let started = event(
@@ -715,6 +766,38 @@ mod tests {
         let ended = event(TransactionEventKind::Ended, "t1", 2, None, 2000.0, 0.0);
         assert_eq!(c.on_transaction("b", &ended, Instant::now()), Tx::Ended(id));
         assert_eq!(c.forget(id), [("b".to_owned(), Command::ClearLimit)]);
+    }
+
+    #[test]
+    fn a_freed_or_declining_station_is_held_for_the_car_waiting_longest() {
+        let mut c = Chargers::new(22.0);
+        online(&mut c, "a");
+        online(&mut c, "b");
+        let ids: Vec<Uuid> = (1..=3).map(Uuid::from_u128).collect();
+        let mut held = Vec::new();
+        for (n, &id) in ids.iter().enumerate() {
+            held.push(c.await_car(id, vec![format!("car-{n}")], None, Utc::now()));
+        }
+        assert_eq!(held.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 0]);
+        // b knows better (a car is there): the third car... still waits, and the first
+        // car's hold moves on when a frees.
+        let (station, refused) = held[1][0].clone();
+        assert_eq!(station, "b");
+        c.on_answered(
+            "b",
+            &refused,
+            &Outcome::Refused("Occupied".into()),
+            Instant::now(),
+        );
+        assert!(c.reserve_waiting(Utc::now()).is_empty(), "b declined");
+        let sends = c.forget(ids[0]);
+        let reserved: Vec<&str> = sends
+            .iter()
+            .filter(|(_, cmd)| matches!(cmd, Command::Reserve { .. }))
+            .map(|(s, _)| s.as_str())
+            .collect();
+        assert_eq!(reserved, ["a"], "{sends:?}");
+        assert!(matches!(&sends[1].1, Command::Reserve { id_token, .. } if id_token == "car-1"));
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub ocpp_limits_accepted: IntCounter,
     pub ocpp_limits_refused: IntCounter,
     pub ocpp_walk_ins: IntCounter,
+    pub ocpp_meter_readings: IntCounter,
     /// Per station: the limit in force and the power its meter shows (W). The one `station`
     /// label: ids come from the operator's stations file, a fixed set, and the Grid dashboard
     /// shows each station's limit against its draw.
@@ -202,6 +203,11 @@ impl Metrics {
                 "evgrid_substation_ocpp_walk_ins_total",
                 "Cars that plugged in without a request and were charged as sessions of their own.",
             ),
+            ocpp_meter_readings: counter(
+                "evgrid_substation_ocpp_meter_readings_total",
+                "Meter readings of transactions taken from stations (TransactionEvent, \
+                 MeterValues).",
+            ),
             station_limit_watts: register(
                 registry,
                 GaugeVec::new(
@@ -284,7 +290,7 @@ mod tests {
             ..Snapshot::default()
         });
         let families = registry.gather();
-        assert_eq!(families.len(), 22);
+        assert_eq!(families.len(), 23);
         for family in &families {
             for metric in family.get_metric() {
                 let labels: Vec<(&str, &str)> = metric

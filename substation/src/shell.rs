@@ -91,6 +91,9 @@ pub(crate) struct Shell {
     limit_seq: u64,
     /// The charging stations, with `--chargers ocpp`.
     ocpp: Option<Ocpp>,
+    /// The allocation changed since the stations' limits were last worked out: they are, at
+    /// the next limit round.
+    limits_due: bool,
 }
 
 impl Shell {
@@ -125,6 +128,7 @@ impl Shell {
             limit_end: None,
             limit_seq: 0,
             ocpp,
+            limits_due: false,
         }
     }
 
@@ -191,6 +195,8 @@ impl Shell {
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
         progress.reset();
+        let mut limit_round = tokio::time::interval(ocpp::LIMIT_ROUND);
+        limit_round.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let wake = self
                 .station
@@ -214,6 +220,7 @@ impl Shell {
                 }
                 _ = heartbeat.tick() => self.heartbeat(),
                 _ = progress.tick() => self.progress().await,
+                _ = limit_round.tick(), if self.limits_due => self.send_limits(),
                 limit = limit_feed.next() => {
                     if let Some(in_force) = self.take_limit(limit) {
                         self.set_limit(in_force);
@@ -259,6 +266,8 @@ impl Shell {
         self.advance_now();
         let events = self.station.set_capacity(in_force.capacity_kw);
         self.apply(events);
+        // A new capacity reaches every station at once, not at the next limit round.
+        self.send_limits();
         self.limit_end = in_force.until.map(|until| {
             let wait = (until - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait
@@ -446,12 +455,7 @@ impl Shell {
             }
         }
         self.metrics.observe(&self.station.snapshot());
-        if self.ocpp.is_some() {
-            self.send_limits();
-            if let Some(measured) = self.measured_load_kw() {
-                self.metrics.observe_measured_load(measured);
-            }
-        }
+        self.limits_due = self.ocpp.is_some();
     }
 
     fn on_started(&mut self, id: Uuid, at: DateTime<Utc>) {

@@ -390,6 +390,7 @@ impl Station {
     ) -> Option<Vec<Event>> {
         let index = self.sessions.iter().position(|s| s.id == id)?;
         let s = &mut self.sessions[index];
+        let (was_metered, was_full) = (s.metered, s.is_full());
         s.metered = true;
         if let Some((energy_kwh, departure)) = need {
             s.energy_kwh = energy_kwh.max(0.0);
@@ -397,7 +398,13 @@ impl Station {
         }
         s.delivered_kwh = delivered_kwh.clamp(0.0, s.energy_kwh);
         let mut events = Vec::new();
-        self.reallocate(&mut events);
+        // A reading alone changes the allocation only when the car becomes full or short
+        // again: between events the model's own integration does not reallocate either, and a
+        // thousand stations each reporting every second would otherwise reallocate a
+        // thousand times a second.
+        if !was_metered || need.is_some() || s.is_full() != was_full {
+            self.reallocate(&mut events);
+        }
         Some(events)
     }
 

@@ -6,7 +6,7 @@
 //! can be trusted with is [`Chargers`]' to say; the shell pins the model to it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use evgrid_model::charging::{Arrival, Event};
@@ -28,6 +28,12 @@ const ID_TOKEN_MAX_CHARS: usize = 36;
 const WALK_IN_KWH: f64 = 20.0;
 /// Energy within this of the target is the target (kWh): meters count in Wh.
 const FULL_EPSILON_KWH: f64 = 1e-3;
+/// How often the stations' limits follow the allocation (an arrival, a car full, an answer
+/// making room): each station gets at most one limit per round, where sending on every change
+/// sent a thousand stations 80 limits each while a thousand cars plugged in. What makes the
+/// sum of the limits in force exceed the capacity (a lower capacity, a station counted at its
+/// worst) is sent at once.
+pub(super) const LIMIT_ROUND: Duration = Duration::from_millis(200);
 
 /// The charging stations of one substation: the CSMS they connect to and the bookkeeping of
 /// who charges where.
@@ -110,6 +116,8 @@ impl Shell {
                 let ocpp = self.chargers();
                 let default = ocpp.chargers.on_booted(&station);
                 ocpp.send([(station, default)]);
+                let reserve = ocpp.chargers.reserve_waiting(Utc::now());
+                ocpp.send(reserve);
             }
             StationEvent::Disconnected { station } => {
                 let ids = self.chargers().chargers.on_disconnected(&station);
@@ -171,6 +179,7 @@ impl Shell {
     /// Sends the stations the limits that follow from the model's powers (called after every
     /// change of the model, so a new capacity reaches every station in the same round).
     pub(super) fn send_limits(&mut self) {
+        self.limits_due = false;
         let Some(ocpp) = &mut self.ocpp else {
             return;
         };
@@ -192,9 +201,10 @@ impl Shell {
         self.repin_after(ids, Vec::new());
     }
 
-    /// [`Self::repin`] after a change of the model that made `events`: the limits are sent
-    /// once, for the allocation both make.
+    /// [`Self::repin`] after a change of the model that made `events`; a session newly
+    /// counted at its worst case has the others' limits lowered at once.
     fn repin_after(&mut self, ids: &[Uuid], mut events: Vec<Event>) {
+        let mut worse = false;
         for &id in ids {
             let ocpp = self.ocpp.as_ref().expect("--chargers ocpp");
             let pin = ocpp.chargers.pin_kw(id);
@@ -204,11 +214,15 @@ impl Shell {
             if session.pinned_kw != pin {
                 if pin.is_some() {
                     self.metrics.ocpp_worst_case.inc();
+                    worse = true;
                 }
                 events.extend(self.station.pin(id, pin).unwrap_or_default());
             }
         }
         self.apply(events);
+        if worse {
+            self.send_limits();
+        }
     }
 
     fn on_transaction(&mut self, station: &str, event: &TransactionEventRequest) {
@@ -279,6 +293,7 @@ impl Shell {
     /// A reading of session `id`'s meter: the truth for its energy. A session with all its
     /// energy is asked to stop.
     fn on_metered(&mut self, id: Uuid) {
+        self.metrics.ocpp_meter_readings.inc();
         self.advance_now();
         let ocpp = self.ocpp.as_ref().expect("--chargers ocpp");
         let Some(plug) = ocpp.chargers.plug_of(id) else {
