@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod load;
 pub mod measure;
 pub mod minimal;
+pub mod ocpp;
 pub mod procs;
 pub mod replicas;
 pub mod setup;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use evgrid_bench::{chaos, dispatch, e2e, forwarder, ingest, minimal, replicas};
+use evgrid_bench::{chaos, dispatch, e2e, forwarder, ingest, minimal, ocpp, replicas};
 use evgrid_common::config::LogArgs;
 
 #[derive(Parser, Debug)]
@@ -47,6 +47,9 @@ enum Benchmark {
     Original(e2e::OriginalArgs),
     /// 7. A burst of cars through 1, 2 and 3 dispatcher replicas: herd factor and throughput.
     Replicas(replicas::Args),
+    /// Benchmark 8: one substation as the CSMS of 1,000 OCPP stations (a full reallocation
+    /// reaching every station, peak RSS, CPU per meter reading).
+    Ocpp(ocpp::Args),
     /// Every benchmark, with its defaults, one after the other.
     All,
     /// The fault-tolerance suite: faults under load, every accepted request accounted for
@@ -98,6 +101,7 @@ async fn run(benchmark: Benchmark) -> anyhow::Result<()> {
         Benchmark::Memory(args) => e2e::memory(&args, path).await,
         Benchmark::Original(args) => e2e::original(&args, path).await,
         Benchmark::Replicas(args) => replicas::run(&args, path).await,
+        Benchmark::Ocpp(args) => ocpp::run(&args, path).await,
         Benchmark::All => all(path).await,
         Benchmark::Chaos(args) => chaos::main(&args, path).await,
     };
@@ -128,5 +132,6 @@ async fn all(logs: &std::path::Path) -> anyhow::Result<String> {
     out += &e2e::memory(&defaults(), logs).await?;
     out += &e2e::original(&defaults(), logs).await?;
     out += &replicas::run(&defaults(), logs).await?;
+    out += &ocpp::run(&defaults(), logs).await?;
     Ok(out)
 }
