@@ -16,6 +16,8 @@ pub struct Endpoints {
     pub prometheus: Result<String, String>,
     /// Why Prometheus is not on the port asked for, when it is not.
     pub prometheus_moved: Option<String>,
+    /// With --chargers ocpp: each substation's OCPP URL and its simulated stations.
+    pub ocpp: Vec<(String, String, usize)>,
 }
 
 /// What the banner says besides the endpoints.
@@ -62,6 +64,12 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
     ));
     for (id, cap, addr) in &e.substations {
         out.push_str(&format!("  {id:<17} http://{addr}/metrics  ({cap} kW)\n"));
+        if let Some((_, url, n)) = e.ocpp.iter().find(|(s, _, _)| s == id) {
+            out.push_str(&format!(
+                "  {:<17} {url}  ({n} simulated OCPP stations)\n",
+                ""
+            ));
+        }
     }
     match &e.prometheus {
         Ok(url) => match &e.prometheus_moved {

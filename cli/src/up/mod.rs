@@ -21,6 +21,7 @@ use evgrid_dispatcher::Policy;
 mod banner;
 mod process;
 mod prometheus;
+mod stations;
 
 pub use banner::Endpoints;
 use banner::{BannerNotes, print_banner};
@@ -88,6 +89,17 @@ pub struct UpArgs {
     /// (about 12 grid-hours of energy) completes well within a minute.
     #[arg(long, default_value_t = DEFAULT_TIME_SCALE, value_parser = parse_positive)]
     pub time_scale: f64,
+    /// Where the cars charge: in each substation's model (simulated), or at simulated OCPP
+    /// 2.0.1 charging stations behind each substation (ocpp; docs/ocpp.md).
+    #[arg(long, value_enum, default_value_t = evgrid_substation::Chargers::default())]
+    pub chargers: evgrid_substation::Chargers,
+    /// With --chargers ocpp: simulated stations behind each substation.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub stations_per_substation: u16,
+    /// With --chargers ocpp: port where the first substation's stations connect; the next
+    /// substation's is the one after (0 = any free ports).
+    #[arg(long, default_value_t = 9000)]
+    pub ocpp_base_port: u16,
     /// Dispatch policy, as `evgrid-dispatcher --policy` (its default when not given).
     #[arg(long, value_enum)]
     pub policy: Option<Policy>,
@@ -233,6 +245,7 @@ impl UpArgs {
             evgrid_common::config::DEFAULT_NATS_URL,
             None,
             None,
+            &[],
         )?;
         Ok(())
     }
@@ -389,8 +402,12 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
     let ingest_listener = evgrid_common::http::bind(args.ingest_listen).await?;
     let dispatcher_listener = bind_metrics(args.metrics_base_port, 0).await?;
     let mut substation_listeners = Vec::new();
+    let mut ocpp_listeners = Vec::new();
     for i in 0..capacities.len() {
         substation_listeners.push(bind_metrics(args.metrics_base_port, 1 + i as u16).await?);
+        if args.chargers == evgrid_substation::Chargers::Ocpp {
+            ocpp_listeners.push(bind_metrics(args.ocpp_base_port, i as u16).await?);
+        }
     }
 
     let (nats_child, nats_url, nats_monitor) = match &args.nats_url {
@@ -427,6 +444,7 @@ async fn start_and_run(args: UpArgs, shutdown: &CancellationToken) -> Result<()>
             ingest: ingest_listener,
             dispatcher: dispatcher_listener,
             substations: substation_listeners,
+            ocpp: ocpp_listeners,
         },
         &nats_url,
         nats_monitor,
@@ -445,6 +463,8 @@ struct ServiceConfigs {
     ingest: evgrid_ingest::Config,
     dispatcher: evgrid_dispatcher::Config,
     substations: Vec<evgrid_substation::Config>,
+    /// With --chargers ocpp: each substation's stations.
+    fleets: Vec<stations::Fleet>,
 }
 
 impl ServiceConfigs {
@@ -454,6 +474,7 @@ impl ServiceConfigs {
         nats_url: &str,
         credentials: Option<&credentials::Credentials>,
         api_keys: Option<&std::path::Path>,
+        ocpp: &[SocketAddr],
     ) -> Result<Self> {
         // How `role` connects; with users, only the dispatcher manages the streams.
         let nats = |role: Role| -> Vec<String> {
@@ -488,7 +509,12 @@ impl ServiceConfigs {
         }
         let dispatcher = service_config(&dispatcher_words).context("dispatcher")?;
         let mut substations = Vec::new();
-        for (id, capacity) in substation_ids(capacities).into_iter().zip(capacities) {
+        let mut fleets = Vec::new();
+        for (i, (id, capacity)) in substation_ids(capacities)
+            .into_iter()
+            .zip(capacities)
+            .enumerate()
+        {
             let mut words = nats(Role::Substation(id.clone()));
             words.extend([
                 "--id".to_owned(),
@@ -498,6 +524,22 @@ impl ServiceConfigs {
                 "--time-scale".to_owned(),
                 args.time_scale.to_string(),
             ]);
+            if let Some(addr) = ocpp.get(i) {
+                let fleet = stations::fleet(
+                    &credentials::dir(&args.data_dir),
+                    &id,
+                    args.stations_per_substation,
+                )?;
+                words.extend([
+                    "--chargers".to_owned(),
+                    "ocpp".to_owned(),
+                    "--ocpp-listen".to_owned(),
+                    addr.to_string(),
+                    "--ocpp-stations".to_owned(),
+                    path_word(&fleet.file)?,
+                ]);
+                fleets.push(fleet);
+            }
             substations.push(
                 service_config::<evgrid_substation::Config>(&words).with_context(|| id.clone())?,
             );
@@ -506,6 +548,7 @@ impl ServiceConfigs {
             ingest,
             dispatcher,
             substations,
+            fleets,
         })
     }
 }
@@ -514,6 +557,8 @@ struct Listeners {
     ingest: tokio::net::TcpListener,
     dispatcher: tokio::net::TcpListener,
     substations: Vec<tokio::net::TcpListener>,
+    /// With --chargers ocpp: where each substation's stations connect.
+    ocpp: Vec<tokio::net::TcpListener>,
 }
 
 async fn run_services(
@@ -525,16 +570,23 @@ async fn run_services(
     credentials: Option<&credentials::Credentials>,
     token: CancellationToken,
 ) -> Result<()> {
+    let ocpp_addrs = listeners
+        .ocpp
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
     let ServiceConfigs {
         ingest: ingest_config,
         dispatcher: dispatcher_config,
         substations: substation_configs,
+        fleets,
     } = ServiceConfigs::new(
         args,
         capacities,
         nats_url,
         credentials,
         api_keys_file(args).as_deref(),
+        &ocpp_addrs,
     )?;
     // The demo submits as a client would; the live line reads as an observer.
     let auth = |role: Role| credentials.map(|c| c.auth(&role)).unwrap_or_default();
@@ -552,6 +604,18 @@ async fn run_services(
             .collect::<Result<_>>()?,
         prometheus: Err("not started yet".to_owned()),
         prometheus_moved: None,
+        ocpp: substation_ids(capacities)
+            .into_iter()
+            .zip(&ocpp_addrs)
+            .zip(&fleets)
+            .map(|((id, addr), fleet)| {
+                (
+                    id,
+                    format!("ws://{addr}/ocpp/<station id>"),
+                    fleet.stations.len(),
+                )
+            })
+            .collect(),
     };
 
     let mut set = tokio::task::JoinSet::new();
@@ -563,10 +627,16 @@ async fn run_services(
         "dispatcher",
         evgrid_dispatcher::run(dispatcher_config, listeners.dispatcher, token.clone()),
     ));
+    let mut ocpp_listeners = listeners.ocpp.into_iter();
     for (config, listener) in substation_configs.into_iter().zip(listeners.substations) {
         set.spawn(named(
             "substation",
-            evgrid_substation::run(config, listener, token.clone()),
+            evgrid_substation::run_with_ocpp(
+                config,
+                listener,
+                ocpp_listeners.next(),
+                token.clone(),
+            ),
         ));
     }
 
@@ -601,6 +671,10 @@ async fn run_services(
                 api_key: api_keys_file(args).map(|_| api_key_file(&args.data_dir)),
             },
         );
+    }
+    for (fleet, addr) in fleets.iter().zip(&ocpp_addrs) {
+        let config = stations::simulation(format!("ws://{addr}/ocpp"), fleet, args.time_scale);
+        tracker.spawn(evgrid_ocpp::simulator::run(config, None, token.clone()));
     }
     if let (Some(demo), Some(rate)) = (demo, demo_rate) {
         tracker.spawn(demo.drive(nats_url.to_owned(), auth(Role::Client), rate, token.clone()));
