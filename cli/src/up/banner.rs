@@ -65,10 +65,8 @@ pub(super) fn print_banner(e: &Endpoints, notes: &BannerNotes) {
     for (id, cap, addr) in &e.substations {
         out.push_str(&format!("  {id:<17} http://{addr}/metrics  ({cap} kW)\n"));
         if let Some((_, url, n)) = e.ocpp.iter().find(|(s, _, _)| s == id) {
-            out.push_str(&format!(
-                "  {:<17} {url}  ({n} simulated OCPP stations)\n",
-                ""
-            ));
+            let label = format!("{id} OCPP");
+            out.push_str(&format!("  {label:<17}  {url}  ({n} simulated stations)\n"));
         }
     }
     match &e.prometheus {

@@ -136,6 +136,44 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
     up.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_ocpp_quick_start_charges_a_posted_request_at_a_simulated_station() {
+    let quick_start = readme_command("cargo run --release -p evgrid -- up --chargers");
+    assert!(quick_start.ends_with("up --chargers ocpp"), "{quick_start}");
+    let up = UpProcess::start(&["--chargers", "ocpp", "--ocpp-base-port", "0"]).await;
+    let api = up.banner("API (ingest)").to_owned();
+    let ocpp = up.banner("substation-1 OCPP");
+    assert!(
+        ocpp.starts_with("ws://127.0.0.1:") && ocpp.contains("(20 simulated stations)"),
+        "{ocpp}"
+    );
+    let http = up.http();
+    wait_until_grid_is_up(&http, &api, 3, Duration::from_secs(30)).await;
+    let post = words(&readme_command("# submit a request"));
+    let body = &post[post.iter().position(|w| w == "-d").expect("curl -d") + 1];
+    let id = crate::helpers::submit(&http, &api, body.clone()).await;
+    let done = eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let record = get_json(&http, &format!("{api}/v1/charge-requests/{id}")).await?;
+            (record["state"] == "completed").then_some(record)
+        },
+    )
+    .await
+    .expect("the posted request completes at a station within a minute");
+    // The energy is what the station's meter read: at least the 30 kWh asked for.
+    let energy = done["energy_delivered_kwh"].as_f64().unwrap();
+    assert!(energy >= 30.0 - 1e-3, "{done}");
+    assert_eq!(done["fully_charged"], true, "{done}");
+    let stations = std::fs::read_to_string(
+        Path::new(&up.data_dir).join("credentials/ocpp-stations-substation-1"),
+    )
+    .unwrap();
+    assert_eq!(stations.lines().count(), 20);
+    up.stop().await;
+}
+
 /// A foreign server on a port: one that answers every request as a ready Prometheus (with
 /// someone else's config), or one that accepts connections and never answers.
 async fn foreign_server(answers: bool) -> (u16, tokio::task::JoinHandle<()>) {
