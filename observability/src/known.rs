@@ -51,6 +51,9 @@ pub struct KnownMetric {
     /// least these.
     #[serde(default)]
     pub boundaries: Vec<f64>,
+    /// Exported with samples only by substations with `--chargers ocpp` (per-station series).
+    #[serde(default)]
+    pub ocpp_only: bool,
     pub help: String,
 }
 
