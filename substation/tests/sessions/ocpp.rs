@@ -233,15 +233,20 @@ async fn a_station_that_ignores_its_limit_is_counted_at_its_most_and_the_others_
             .await;
     }
     let seen = fleet.finish().await;
-    // While c charges at its most, 22 kW, a and b share the 18 kW left.
-    let c_ended = seen.iter().position(|v| v["ended"] == "c-tx").unwrap();
+    // While c charges at its most, 22 kW, a and b share the 18 kW left: the limits they hold
+    // when c is full and asked to stop (after that, c's end rightly gives them more).
+    let c_full = seen
+        .iter()
+        .position(|v| v["stop_requested"] == "c-tx")
+        .expect("c is stopped when its meter shows its energy");
     let mut last = BTreeMap::new();
-    for v in &seen[..c_ended] {
+    for v in &seen[..c_full] {
+        let station = v["station"].as_str().unwrap_or_default();
         if v["purpose"] == "TxProfile" {
-            last.insert(
-                v["station"].as_str().unwrap(),
-                v["limit_w"].as_f64().unwrap(),
-            );
+            last.insert(station, v["limit_w"].as_f64().unwrap());
+        } else if v.get("ended").is_some() {
+            // A car gone: its limit holds nothing any more.
+            last.remove(station);
         }
     }
     let others = last.get("a").unwrap_or(&0.0) + last.get("b").unwrap_or(&0.0);
@@ -250,7 +255,7 @@ async fn a_station_that_ignores_its_limit_is_counted_at_its_most_and_the_others_
         "a and b still allowed {others} W: {last:?}"
     );
     assert!(
-        seen[..c_ended]
+        seen[..c_full]
             .iter()
             .any(|v| v["station"] == "c" && v["power_w"] == 22000.0)
     );

@@ -8,8 +8,8 @@ CONFIG_JSON: {"stations": [{"id", "password", "behaviour", "walk_in"}], "time_sc
 "meter_interval", "max_w", "done_after"}. Each station boots and reports its connector; a car
 arrives for every ReserveNow (with the reservation's idToken) or at once with `walk_in` as its
 idToken; the car authorizes, starts a transaction and reports its meter (energy register and
-power) every `meter_interval` seconds, drawing the limit in force (the station's most until it
-has one). Behaviours: `obey`; `ignore` (draws its most whatever it is told, and says Accepted);
+power, in TransactionEvents; a walk-in's in MeterValues) every `meter_interval` seconds, drawing
+the limit in force (its default until it has its own, the station's most without either). Behaviours: `obey`; `ignore` (draws its most whatever it is told, and says Accepted);
 `drop` (closes its connection once mid-transaction and reconnects, carrying on). A walk-in car
 needs 5 kWh and ends its transaction itself when full; a reserved car charges until the CSMS
 stops it. Every limit received, transaction started and ended is printed as a JSON line with a
@@ -199,7 +199,16 @@ class Fleet:
                             0.0, cp, stopped_reason=reason)
                 say(station=sid, ended=tx, energy_wh=energy, token=car["token"])
                 break
-            await event("Updated", "MeterValuePeriodic", power, cp)
+            if car["need_wh"] is None:
+                await event("Updated", "MeterValuePeriodic", power, cp)
+            else:
+                # Walk-ins report through MeterValues, the other way stations send readings.
+                stamp = now()
+                await cp.call(call.MeterValues(evse_id=1, meter_value=[{
+                    "timestamp": stamp, "sampled_value": [
+                        {"value": energy},
+                        {"value": power, "measurand": "Power.Active.Import",
+                         "unit_of_measure": {"unit": "W"}}]}]))
             say(station=sid, power_w=power)
         self.ended += 1
         if self.ended >= self.config["done_after"]:
