@@ -71,6 +71,24 @@ fn words(command: &str) -> Vec<String> {
     words
 }
 
+/// Posts the README's "submit a request" body to `api` and follows the request until it is
+/// completed, within `wait`: its record then.
+async fn post_readme_request_until_completed(
+    http: &reqwest::Client,
+    api: &str,
+    wait: Duration,
+) -> serde_json::Value {
+    let post = words(&readme_command("# submit a request"));
+    let body = &post[post.iter().position(|w| w == "-d").expect("curl -d") + 1];
+    let id = crate::helpers::submit(http, api, body.clone()).await;
+    eventually(wait, Duration::from_millis(250), || async {
+        let record = get_json(http, &format!("{api}/v1/charge-requests/{id}")).await?;
+        (record["state"] == "completed").then_some(record)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the posted request completes within {wait:?}: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load() {
     // `evgrid up --demo`, as the quick start runs it, on the test's free ports.
@@ -90,19 +108,7 @@ async fn the_readme_quick_start_completes_a_posted_request_and_the_100_car_load(
     wait_until_grid_is_up(&http, &api, 3, Duration::from_secs(30)).await;
 
     // "submit a request, then follow it": the README's curl body, posted to this grid.
-    let post = words(&readme_command("# submit a request"));
-    let body = &post[post.iter().position(|w| w == "-d").expect("curl -d") + 1];
-    let id = crate::helpers::submit(&http, &api, body.clone()).await;
-    let done = eventually(
-        Duration::from_secs(120),
-        Duration::from_millis(250),
-        || async {
-            let record = get_json(&http, &format!("{api}/v1/charge-requests/{id}")).await?;
-            (record["state"] == "completed").then_some(record)
-        },
-    )
-    .await
-    .expect("the posted request completes within 2 minutes during the demo");
+    let done = post_readme_request_until_completed(&http, &api, Duration::from_secs(120)).await;
     assert_eq!(done["fully_charged"], true, "{done}");
 
     // The README's 100-concurrent command, word for word but for the addresses.
@@ -149,19 +155,7 @@ async fn the_readme_ocpp_quick_start_charges_a_posted_request_at_a_simulated_sta
     );
     let http = up.http();
     wait_until_grid_is_up(&http, &api, 3, Duration::from_secs(30)).await;
-    let post = words(&readme_command("# submit a request"));
-    let body = &post[post.iter().position(|w| w == "-d").expect("curl -d") + 1];
-    let id = crate::helpers::submit(&http, &api, body.clone()).await;
-    let done = eventually(
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async {
-            let record = get_json(&http, &format!("{api}/v1/charge-requests/{id}")).await?;
-            (record["state"] == "completed").then_some(record)
-        },
-    )
-    .await
-    .expect("the posted request completes at a station within a minute");
+    let done = post_readme_request_until_completed(&http, &api, Duration::from_secs(60)).await;
     // The energy is what the station's meter read: at least the 30 kWh asked for.
     let energy = done["energy_delivered_kwh"].as_f64().unwrap();
     assert!(energy >= 30.0 - 1e-3, "{done}");
