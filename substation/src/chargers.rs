@@ -10,8 +10,9 @@
 //!   than its limit, is counted at its worst case ([`Chargers::pin_kw`]: the station's most, or
 //!   what it was seen drawing if more), so the model lowers the others;
 //! - a limit goes down at once, but up only when the limits in force (each station's accepted
-//!   limit, or the one sent if higher) leave room for it within the capacity: the sum of the
-//!   limits in force never exceeds the capacity, even while answers are on their way.
+//!   limit, or a higher one sent and not answered, or sent with its answer lost) leave room for
+//!   it within the capacity: the sum of the limits in force never exceeds the capacity, even
+//!   while answers are on their way.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -189,7 +190,8 @@ impl Chargers {
     }
 
     /// A session waits for its car, which will authorize with one of `tokens`. Returns the
-    /// reservation to send, when a station is free to hold for it.
+    /// reservations to send: this car's when a station is free to hold for it (after any car
+    /// waiting longer).
     pub fn await_car(
         &mut self,
         id: Uuid,
@@ -586,8 +588,8 @@ impl Chargers {
     }
 
     /// Session `id` is over: forgets it, and returns what to send (a reservation to cancel,
-    /// the ended transaction's profile to clear).
-    pub fn forget(&mut self, id: Uuid) -> Vec<(String, Command)> {
+    /// the ended transaction's profile to clear, the freed station held for a waiting car).
+    pub fn forget(&mut self, id: Uuid, now: DateTime<Utc>) -> Vec<(String, Command)> {
         for token in self.tokens.remove(&id).unwrap_or_default() {
             self.awaited.remove(&token);
         }
@@ -604,7 +606,7 @@ impl Chargers {
             sends.push((plug.station, Command::ClearLimit));
         }
         // The connector freed (or the reservation given back) may be held for another car.
-        sends.extend(self.reserve_waiting(Utc::now()));
+        sends.extend(self.reserve_waiting(now));
         sends
     }
 
@@ -765,7 +767,10 @@ mod tests {
         assert_eq!(c.on_transaction("b", &stale, Instant::now()), Tx::Ignored);
         let ended = event(TransactionEventKind::Ended, "t1", 2, None, 2000.0, 0.0);
         assert_eq!(c.on_transaction("b", &ended, Instant::now()), Tx::Ended(id));
-        assert_eq!(c.forget(id), [("b".to_owned(), Command::ClearLimit)]);
+        assert_eq!(
+            c.forget(id, Utc::now()),
+            [("b".to_owned(), Command::ClearLimit)]
+        );
     }
 
     #[test]
@@ -790,7 +795,7 @@ mod tests {
             Instant::now(),
         );
         assert!(c.reserve_waiting(Utc::now()).is_empty(), "b declined");
-        let sends = c.forget(ids[0]);
+        let sends = c.forget(ids[0], Utc::now());
         let reserved: Vec<&str> = sends
             .iter()
             .filter(|(_, cmd)| matches!(cmd, Command::Reserve { .. }))

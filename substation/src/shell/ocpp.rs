@@ -71,7 +71,7 @@ impl Ocpp {
 
     /// Session `id` is over here: gives back its reservation and clears its limit.
     pub fn forget(&mut self, id: Uuid) {
-        let sends = self.chargers.forget(id);
+        let sends = self.chargers.forget(id, Utc::now());
         self.send(sends);
     }
 }
