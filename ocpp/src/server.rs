@@ -1,7 +1,10 @@
 //! The CSMS end of OCPP 2.0.1 over WebSocket: charging stations connect to
 //! `ws://HOST:PORT/ocpp/{station_id}` with the subprotocol `ocpp2.0.1` and HTTP Basic
 //! authentication (Security Profile 1: the station id and its password from [`Stations`]).
-//! Anything else is refused before the upgrade, with the reason in the HTTP answer.
+//! Anything else is refused before the upgrade, with the reason in the HTTP answer (404 for
+//! another path, 400 without the subprotocol, 401 with `WWW-Authenticate: Basic`).
+//! [`serve_stations`] serves it on a listener, within [`HANDSHAKE_TIMEOUT`] and
+//! [`MAX_CONNECTIONS`].
 //!
 //! On a connection, each CALL from the station is answered in order: BootNotification
 //! (accepted, with the heartbeat interval), Heartbeat, StatusNotification, Authorize (every
@@ -23,12 +26,20 @@ use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
-use warp::Filter;
-use warp::http::{HeaderValue, StatusCode, header};
-use warp::reply::{Reply, Response};
-use warp::ws::{Message, WebSocket, Ws};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::messages::{
     AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, BootNotificationRequest,
@@ -49,6 +60,23 @@ pub const SUBPROTOCOL: &str = "ocpp2.0.1";
 
 /// Largest message a station may send: OCPP messages are small JSON (a few KiB at most).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Each connection's WebSocket read buffer, and the write buffer's target. Allocated per
+/// connection: tungstenite's defaults (128 KiB each) cost a substation of 1,000 stations
+/// about 60 MB more peak RSS (the OCPP benchmark). OCPP messages are well under 4 KiB; a larger
+/// one grows the read buffer up to [`MAX_MESSAGE_BYTES`].
+const WS_BUFFER_BYTES: usize = 4 * 1024;
+
+/// A station must complete its WebSocket handshake within this, or the connection is closed:
+/// a real station sends its request in milliseconds (as `evgrid_common::http`'s header timeout).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Station connections open at once (handshakes included); more wait in the listen backlog
+/// until one closes. Below the process's file descriptor limit, as the HTTP servers' bound.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How long a connection ended by shutdown waits to send its Close frame to the station.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a CALL of the CSMS waits for its answer before it counts as unanswered.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -535,72 +563,194 @@ fn to_value<T: serde::Serialize>(value: T) -> Value {
     serde_json::to_value(value).expect("an OCPP message serializes")
 }
 
-/// The HTTP routes of the CSMS: the WebSocket endpoint `/ocpp/{station_id}`.
-pub fn routes(
-    csms: Arc<Csms>,
-) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
-    warp::path!("ocpp" / String)
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<String>("sec-websocket-protocol"))
-        .and(warp::ws())
-        .map(
-            move |station_id: String,
-                  authorization: Option<String>,
-                  protocols: Option<String>,
-                  ws: Ws| {
-                upgrade(csms.clone(), station_id, authorization, protocols, ws)
+/// Serves the CSMS on `listener` until `shutdown`: each connection is a station's WebSocket
+/// upgrade to `/ocpp/{station_id}`, checked as the module says and then served until it closes.
+/// On `shutdown` it stops accepting, closes every station's connection (Close 1001, going away)
+/// and returns once all of them have ended.
+///
+/// Served with tokio-tungstenite directly rather than through the HTTP server: warp builds each
+/// WebSocket with tungstenite's default buffers, 256 KiB per connection, and cannot be told
+/// otherwise. A request that is not a WebSocket upgrade at all is closed without an answer.
+pub async fn serve_stations(csms: Arc<Csms>, listener: TcpListener, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        // A free slot before accepting: beyond the limit, stations wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, say: wait a moment rather than spin.
+                    tracing::warn!(%error, "cannot accept a station's connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
-        )
+            _ = shutdown.cancelled() => break,
+        };
+        let csms = csms.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            connection(csms, stream, shutdown).await;
+            drop(slot);
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
-/// Checks a connection attempt and upgrades it, or refuses it with the reason.
-fn upgrade(
-    csms: Arc<Csms>,
-    station_id: String,
-    authorization: Option<String>,
-    protocols: Option<String>,
-    ws: Ws,
-) -> Response {
-    let offers_ocpp201 = protocols
-        .as_deref()
-        .is_some_and(|p| p.split(',').any(|p| p.trim() == SUBPROTOCOL));
-    if !offers_ocpp201 {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("this CSMS speaks the WebSocket subprotocol {SUBPROTOCOL} only"),
-        );
-    }
-    if !csms.authenticates(&station_id, authorization.as_deref()) {
-        tracing::warn!(station = %station_id, known = csms.allowed.knows(&station_id), "station refused: wrong or missing credentials");
-        let mut response = refuse(
-            StatusCode::UNAUTHORIZED,
-            "unknown station, or wrong password (HTTP Basic: the station id and its password)"
-                .to_owned(),
-        );
+/// One accepted TCP connection: the handshake within [`HANDSHAKE_TIMEOUT`], then the station.
+async fn connection(csms: Arc<Csms>, stream: TcpStream, shutdown: CancellationToken) {
+    // Small buffers: a thousand stations should cost megabytes, not 256 KiB each.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+    let mut admitted = None;
+    let callback = Admission {
+        csms: &csms,
+        admitted: &mut admitted,
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let socket = tokio::select! {
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match done {
+            Ok(Ok(socket)) => socket,
+            // Refused (the answer is sent), or not a WebSocket request.
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "station connection not upgraded");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no WebSocket handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    let Some(station_id) = admitted else {
+        // The handshake succeeds only through the callback's `Ok`, which names the station.
+        return;
+    };
+    serve(csms, station_id, socket, shutdown).await;
+}
+
+/// The handshake's check of a station ([`admit`]), keeping the id of the station let in.
+struct Admission<'a> {
+    csms: &'a Csms,
+    admitted: &'a mut Option<String>,
+}
+
+impl Callback for Admission<'_> {
+    fn on_request(
+        self,
+        request: &Request,
+        mut response: Response,
+    ) -> Result<Response, ErrorResponse> {
+        let station_id = admit(self.csms, request).map_err(Refusal::response)?;
         response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"evgrid\""),
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
         );
-        return response;
+        *self.admitted = Some(station_id);
+        Ok(response)
     }
-    let reply = ws
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| serve(csms, station_id, socket));
-    let mut response = reply.into_response();
-    response.headers_mut().insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
-    response
 }
 
-fn refuse(status: StatusCode, why: String) -> Response {
-    warp::reply::with_status(why, status).into_response()
+/// Why a station's upgrade request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Not `/ocpp/{station_id}`.
+    NotFound,
+    /// Does not offer the subprotocol `ocpp2.0.1`.
+    NoSubprotocol,
+    /// Unknown station, or not its credentials.
+    Unauthorized,
+}
+
+impl Refusal {
+    /// The HTTP answer, with the reason as a text body. tungstenite writes the headers as
+    /// given: the length tells the client where the body ends, and the connection closes after.
+    fn response(self) -> ErrorResponse {
+        let (status, why) = match self {
+            Refusal::NotFound => (
+                StatusCode::NOT_FOUND,
+                "stations connect to /ocpp/{station id}".to_owned(),
+            ),
+            Refusal::NoSubprotocol => (
+                StatusCode::BAD_REQUEST,
+                format!("this CSMS speaks the WebSocket subprotocol {SUBPROTOCOL} only"),
+            ),
+            Refusal::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unknown station, or wrong password (HTTP Basic: the station id and its password)"
+                    .to_owned(),
+            ),
+        };
+        let length = why.len();
+        let mut response = ErrorResponse::new(Some(why));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if self == Refusal::Unauthorized {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"evgrid\""),
+            );
+        }
+        response
+    }
+}
+
+/// Checks a station's upgrade request, in warp's order before: the path, the subprotocol, the
+/// credentials. The station's id, or why it is refused.
+fn admit(csms: &Csms, request: &Request) -> Result<String, Refusal> {
+    // No percent-decoding: a station id has no '%' (`check_station_id`), so an encoded path
+    // names no known station and is refused below like any unknown one.
+    let station_id = request
+        .uri()
+        .path()
+        .strip_prefix("/ocpp/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .ok_or(Refusal::NotFound)?;
+    let offers_ocpp201 = request
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offers_ocpp201 {
+        return Err(Refusal::NoSubprotocol);
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !csms.authenticates(station_id, authorization) {
+        tracing::warn!(station = %station_id, known = csms.allowed.knows(station_id), "station refused: wrong or missing credentials");
+        return Err(Refusal::Unauthorized);
+    }
+    Ok(station_id.to_owned())
 }
 
 /// One station's connection, until it closes: answers its CALLs in order, and sends the
 /// substation's commands one CALL at a time.
-async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
+async fn serve(
+    csms: Arc<Csms>,
+    station_id: String,
+    socket: WebSocketStream<TcpStream>,
+    shutdown: CancellationToken,
+) {
     let connection = csms.connections.fetch_add(1, Ordering::Relaxed);
     let (commands_tx, mut commands) = mpsc::unbounded_channel();
     csms.outboxes
@@ -635,6 +785,15 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
                 }
                 continue;
             }
+            _ = shutdown.cancelled() => {
+                // Best effort: the station learns the CSMS is going away, and reconnects.
+                let away = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "the CSMS is shutting down".into(),
+                }));
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.send(away)).await;
+                break;
+            }
         };
         let message = match message {
             Some(Ok(m)) => m,
@@ -644,12 +803,11 @@ async fn serve(csms: Arc<Csms>, station_id: String, socket: WebSocket) {
             }
             None => break,
         };
-        if message.is_close() {
-            break;
-        }
-        let Ok(text) = message.to_str() else {
+        let text = match &message {
+            Message::Text(text) => text.as_str(),
+            Message::Close(_) => break,
             // Pings are answered by the WebSocket layer; OCPP-J has no binary messages.
-            continue;
+            _ => continue,
         };
         let reply = match Frame::parse(text) {
             Ok(Frame::Call {
@@ -784,6 +942,85 @@ impl Calls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn upgrade_request(path: &str, protocol: Option<&str>, user_password: &str) -> Request {
+        let mut request = Request::builder().uri(path);
+        if let Some(protocol) = protocol {
+            request = request.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        let basic = base64::engine::general_purpose::STANDARD.encode(user_password);
+        request
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_station_is_admitted_on_its_path_with_the_subprotocol_and_its_password() {
+        let csms = Csms::new(
+            Stations::parse("cs-1:plain-password-0123\ncs-2:plain-password-0456\n").unwrap(),
+            Settings::default(),
+        );
+        let admitted = |path, protocol, credentials| {
+            admit(&csms, &upgrade_request(path, protocol, credentials))
+        };
+        let ok = "cs-1:plain-password-0123";
+        assert_eq!(
+            admitted("/ocpp/cs-1", Some("ocpp1.6, ocpp2.0.1"), ok),
+            Ok("cs-1".to_owned())
+        );
+        for path in ["/ocpp", "/ocpp/", "/other/cs-1", "/ocpp/cs-1/more"] {
+            assert_eq!(
+                admitted(path, Some(SUBPROTOCOL), ok),
+                Err(Refusal::NotFound),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            admitted("/ocpp/cs-1", None, ok),
+            Err(Refusal::NoSubprotocol)
+        );
+        assert_eq!(
+            admitted("/ocpp/cs-1", Some("ocpp1.6"), ok),
+            Err(Refusal::NoSubprotocol)
+        );
+        for (path, credentials) in [
+            ("/ocpp/cs-1", "cs-1:plain-password-0124"),
+            // Another station's id and password, on this station's path.
+            ("/ocpp/cs-1", "cs-2:plain-password-0456"),
+            ("/ocpp/cs-9", "cs-9:plain-password-0123"),
+            ("/ocpp/cs%2D1", "cs%2D1:plain-password-0123"),
+        ] {
+            assert_eq!(
+                admitted(path, Some(SUBPROTOCOL), credentials),
+                Err(Refusal::Unauthorized),
+                "{path} {credentials}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_say_why_and_only_401_asks_for_basic_credentials() {
+        for (refusal, status) in [
+            (Refusal::NotFound, 404),
+            (Refusal::NoSubprotocol, 400),
+            (Refusal::Unauthorized, 401),
+        ] {
+            let response = refusal.response();
+            assert_eq!(response.status(), status);
+            let body = response.body().clone().unwrap();
+            assert!(!body.is_empty());
+            assert_eq!(
+                response.headers()[header::CONTENT_LENGTH],
+                body.len().to_string()
+            );
+            let challenge = response.headers().get(header::WWW_AUTHENTICATE);
+            assert_eq!(
+                challenge.is_some_and(|c| c == "Basic realm=\"evgrid\""),
+                status == 401
+            );
+        }
+    }
 
     fn limit(transaction: &str, limit_w: f64) -> Command {
         Command::SetLimit {

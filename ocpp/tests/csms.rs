@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use evgrid_ocpp::server::{Csms, Settings, routes};
+use evgrid_ocpp::server::{Csms, Settings, serve_stations};
 use evgrid_ocpp::stations::Stations;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -34,11 +34,7 @@ async fn start(stations: &str) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
-    tokio::spawn(evgrid_common::http::serve(
-        listener,
-        routes(csms.clone()),
-        stop.clone(),
-    ));
+    tokio::spawn(serve_stations(csms.clone(), listener, stop.clone()));
     Running { url, csms, stop }
 }
 
@@ -162,4 +158,84 @@ async fn a_transaction_is_recorded_with_the_energy_its_meter_read() {
     assert_eq!(tx.energy_wh, 10_000.0);
     assert_eq!(tx.stopped_reason.as_deref(), Some("EVDisconnected"));
     assert!(tx.started_at.is_some() && tx.ended_at >= tx.started_at);
+}
+
+/// A WebSocket upgrade to `path` as an OCPP station, with cs-1's credentials.
+fn upgrade(url: &str, path: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use base64::Engine as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+    let mut request = format!("{url}{path}").into_client_request().unwrap();
+    let basic = base64::engine::general_purpose::STANDARD.encode("cs-1:plain-password-0123");
+    let headers = request.headers_mut();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Basic {basic}")).unwrap(),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(evgrid_ocpp::server::SUBPROTOCOL),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_path_is_not_found() {
+    use tokio_tungstenite::tungstenite::Error;
+    let csms = start(&hashed_stations()).await;
+    for path in ["/cs-1", "/ocpp", "/ocpp/cs-1/extra", "/ws/cs-1"] {
+        let refused = tokio_tungstenite::connect_async(upgrade(&csms.url, path)).await;
+        let Err(Error::Http(response)) = refused else {
+            panic!("{path}: not refused with an HTTP status");
+        };
+        assert_eq!(response.status(), 404, "{path}");
+        let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+        assert!(body.contains("/ocpp/"), "{path}: {body}");
+    }
+    // The right path, with the same credentials, is let in.
+    let (_socket, response) = tokio_tungstenite::connect_async(upgrade(&csms.url, "/ocpp/cs-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        evgrid_ocpp::server::SUBPROTOCOL
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_stations_connections_and_the_server_returns() {
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let csms = Csms::new(
+        Stations::parse(&hashed_stations()).unwrap(),
+        Settings::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve_stations(csms.clone(), listener, stop.clone()));
+    let (mut socket, _) = tokio_tungstenite::connect_async(upgrade(&url, "/ocpp/cs-1"))
+        .await
+        .unwrap();
+    evgrid_test_support::eventually(Duration::from_secs(5), Duration::from_millis(20), || {
+        let connected = csms.stations().get("cs-1").is_some_and(|s| s.connected);
+        async move { connected.then_some(()) }
+    })
+    .await
+    .expect("the station is seen connected");
+
+    stop.cancel();
+    let closed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("the CSMS closes the connection within 5 s");
+    match closed {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("not a Close frame: {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server returns once its connections are gone")
+        .unwrap();
+    assert!(!csms.stations()["cs-1"].connected);
 }

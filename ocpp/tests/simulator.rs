@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use evgrid_ocpp::rpc::{ErrorCode, Frame};
-use evgrid_ocpp::server::{Csms, Settings, routes};
+use evgrid_ocpp::server::{Csms, Settings, serve_stations};
 use evgrid_ocpp::simulator::{self, EndReason, Report, SimConfig, SimEvent};
 use evgrid_ocpp::stations::Stations;
 use futures::{SinkExt, StreamExt};
@@ -69,11 +69,7 @@ async fn walk_ins_charge_at_the_real_csms_and_a_wrong_password_is_refused() {
     let url = format!("ws://{}/ocpp", listener.local_addr().unwrap());
     let server_stop = CancellationToken::new();
     let _server_stops = server_stop.clone().drop_guard();
-    tokio::spawn(evgrid_common::http::serve(
-        listener,
-        routes(csms.clone()),
-        server_stop,
-    ));
+    tokio::spawn(serve_stations(csms.clone(), listener, server_stop));
 
     let mut stations: Vec<(String, String)> = passwords
         .iter()

@@ -104,7 +104,7 @@ fn serve_ocpp(
     stop: CancellationToken,
 ) -> anyhow::Result<(Ocpp, tokio::task::JoinHandle<()>)> {
     use evgrid_ocpp::messages::ChargingRateUnit;
-    use evgrid_ocpp::server::{Csms, Settings, routes};
+    use evgrid_ocpp::server::{Csms, Settings, serve_stations};
 
     let stations = config
         .ocpp
@@ -122,7 +122,7 @@ fn serve_ocpp(
         tracing::info!(url = %format!("ws://{addr}/ocpp/<station id>"), "OCPP stations connect here");
     }
     let (csms, events) = Csms::with_events(stations, settings);
-    let server = tokio::spawn(http::serve(listener, routes(csms.clone()), stop));
+    let server = tokio::spawn(serve_stations(csms.clone(), listener, stop));
     Ok((
         Ocpp::new(csms, events, config.ocpp.ocpp_station_max_kw),
         server,
