@@ -176,8 +176,9 @@ impl Shell {
         }
     }
 
-    /// Sends the stations the limits that follow from the model's powers (called after every
-    /// change of the model, so a new capacity reaches every station in the same round).
+    /// Sends the stations the limits that follow from the model's powers: at each limit round
+    /// when the allocation changed, and at once for a new capacity or a station newly counted
+    /// at its worst case.
     pub(super) fn send_limits(&mut self) {
         self.limits_due = false;
         let Some(ocpp) = &mut self.ocpp else {
@@ -195,7 +196,7 @@ impl Shell {
     }
 
     /// Pins sessions `ids` in the model at what their stations can be trusted with, and
-    /// reallocates (and sends the limits that follow).
+    /// reallocates (the limits follow at the next round, or at once when a station got worse).
     fn repin(&mut self, ids: &[Uuid]) {
         self.advance_now();
         self.repin_after(ids, Vec::new());
