@@ -476,6 +476,21 @@ pub struct RequestRecord {
     /// The substations the request left before this one (failover), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved: Vec<Move>,
+    /// With `--chargers ocpp`: the station transaction the session charges in (written by
+    /// the substation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charger: Option<ChargerSession>,
+}
+
+/// Where a session charges with `--chargers ocpp` (docs/ocpp.md): its station's transaction.
+/// Kept in the session's record so a restarted substation knows the car again: a
+/// transaction's later events carry no idToken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChargerSession {
+    pub station_id: String,
+    pub transaction_id: String,
+    /// Energy the request had before this transaction began, kWh.
+    pub energy_before_kwh: f64,
 }
 
 /// One move of a request away from a failed substation (`RequestRecord::moved`).
@@ -531,6 +546,7 @@ impl RequestRecord {
             rejected_at: None,
             updated_at,
             moved: Vec::new(),
+            charger: None,
         }
     }
 
@@ -580,6 +596,7 @@ impl RequestRecord {
             rejected_at: None,
             updated_at,
             moved: Vec::new(),
+            charger: None,
         }
     }
 }

@@ -35,16 +35,26 @@ const OVERDRAW_GRACE: Duration = Duration::from_secs(2);
 const RESERVED_EVSE: i32 = 1;
 /// The longest a connector is held for a car without a departure.
 const RESERVATION_HOURS: i64 = 12;
+/// A transaction nobody here knows (after a restart, its events carry no idToken) waits this
+/// long for its request's session to claim it, counted at its station's most meanwhile; then
+/// it is charged as a walk-in. A restarted substation gets its sessions back within the
+/// dispatch ack wait (2 s) of reconnecting.
+pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 /// What the shell does with a TransactionEvent.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Tx {
-    /// A transaction of no session yet: the awaited session whose car this is (by its
-    /// idToken), or a walk-in (none). The shell calls [`Chargers::plug`] for it.
+    /// A transaction of no session yet: the awaited session whose car this is (by its idToken,
+    /// or a resumed session's transaction, with the energy its request had before it), or a
+    /// walk-in (none). The shell calls [`Chargers::plug`] for it.
     New {
         awaited: Option<Uuid>,
         id_token: Option<String>,
+        energy_before_kwh: Option<f64>,
     },
+    /// A transaction nobody here knows, going on (no idToken to tell whose): held for
+    /// [`ORPHAN_GRACE`] (`true` the first time it is seen).
+    Orphan(bool),
     /// A reading of a session's meter.
     Metered(Uuid),
     /// The session's transaction ended: the car has left.
@@ -112,6 +122,11 @@ pub(crate) struct Chargers {
     reservations: HashMap<Uuid, (String, i32)>,
     /// Awaited cars with no connector held yet, first come first, with their departure.
     unreserved: VecDeque<(Uuid, Option<DateTime<Utc>>)>,
+    /// Resumed sessions' transactions, by (station, transaction id): the session and the
+    /// energy its request had before the transaction.
+    expected: HashMap<(String, String), (Uuid, f64)>,
+    /// Transactions going on that no session has claimed yet: since when, and their last event.
+    orphans: HashMap<(String, String), (Instant, Box<TransactionEventRequest>)>,
     next_reservation: i32,
 }
 
@@ -127,6 +142,8 @@ impl Chargers {
             tokens: HashMap::new(),
             reservations: HashMap::new(),
             unreserved: VecDeque::new(),
+            expected: HashMap::new(),
+            orphans: HashMap::new(),
             next_reservation: 1,
         }
     }
@@ -199,12 +216,60 @@ impl Chargers {
         departure: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Vec<(String, Command)> {
+        self.await_token(id, tokens);
+        self.unreserved.push_back((id, departure));
+        self.reserve_waiting(now)
+    }
+
+    /// Session `id`'s car will be known by any of `tokens` when it starts a transaction, with
+    /// no connector held for it (a resumed session's car is at its station already).
+    pub fn await_token(&mut self, id: Uuid, tokens: Vec<String>) {
         for token in &tokens {
             self.awaited.insert(token.clone(), id);
         }
         self.tokens.insert(id, tokens);
-        self.unreserved.push_back((id, departure));
-        self.reserve_waiting(now)
+    }
+
+    /// A resumed session's car was charging in `transaction` of `station` (its record says):
+    /// that transaction is its own again. Returns the transaction's last event when it is
+    /// going on already (an orphan), for the shell to plug it now.
+    pub fn expect(
+        &mut self,
+        id: Uuid,
+        station: &str,
+        transaction: &str,
+        energy_before_kwh: f64,
+    ) -> Option<Box<TransactionEventRequest>> {
+        let key = (station.to_owned(), transaction.to_owned());
+        match self.orphans.remove(&key) {
+            Some((_, event)) => Some(event),
+            None => {
+                self.expected.insert(key, (id, energy_before_kwh));
+                None
+            }
+        }
+    }
+
+    /// Transactions unclaimed for [`ORPHAN_GRACE`] by `now`: taken out, with their station and
+    /// last event, to be charged as walk-ins.
+    pub fn unclaimed(&mut self, now: Instant) -> Vec<(String, Box<TransactionEventRequest>)> {
+        let due: Vec<(String, String)> = self
+            .orphans
+            .iter()
+            .filter(|(_, (since, _))| now.duration_since(*since) >= ORPHAN_GRACE)
+            .map(|(key, _)| key.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|key| {
+                let (_, event) = self.orphans.remove(&key)?;
+                Some((key.0, event))
+            })
+            .collect()
+    }
+
+    /// What the transactions nobody has claimed may draw (kW): each at its station's most.
+    pub fn orphans_kw(&self) -> f64 {
+        self.orphans.len() as f64 * self.max_w / 1000.0
     }
 
     /// Holds free stations for the cars waiting longest without one.
@@ -285,12 +350,37 @@ impl Chargers {
                 _ => Tx::Metered(id),
             };
         }
-        if event.event_type == TransactionEventKind::Ended {
-            return Tx::Ignored;
+        if let Some((id, energy_before_kwh)) = self.expected.remove(&key) {
+            return Tx::New {
+                awaited: Some(id),
+                id_token: None,
+                energy_before_kwh: Some(energy_before_kwh),
+            };
         }
         let id_token = event.id_token.as_ref().map(|t| t.id_token.clone());
+        match event.event_type {
+            TransactionEventKind::Ended => {
+                // Over before anyone claimed it: nothing draws any more.
+                self.orphans.remove(&key);
+                return Tx::Ignored;
+            }
+            // Going on, and no token says whose: a session of this substation's before a
+            // restart may claim it yet.
+            TransactionEventKind::Updated if id_token.is_none() => {
+                let new = !self.orphans.contains_key(&key);
+                let since = self.orphans.get(&key).map_or(now, |(since, _)| *since);
+                self.orphans.insert(key, (since, Box::new(event.clone())));
+                return Tx::Orphan(new);
+            }
+            _ => {}
+        }
+        self.orphans.remove(&key);
         let awaited = id_token.as_ref().and_then(|t| self.awaited.get(t).copied());
-        Tx::New { awaited, id_token }
+        Tx::New {
+            awaited,
+            id_token,
+            energy_before_kwh: None,
+        }
     }
 
     /// Puts session `id` at `station`'s transaction: a car that was awaited, or a walk-in.
@@ -593,6 +683,7 @@ impl Chargers {
         for token in self.tokens.remove(&id).unwrap_or_default() {
             self.awaited.remove(&token);
         }
+        self.expected.retain(|_, (session, _)| *session != id);
         let mut sends = Vec::new();
         if let Some((station, reservation_id)) = self.reservations.remove(&id) {
             sends.push((station, Command::CancelReservation { reservation_id }));
@@ -735,7 +826,8 @@ mod tests {
             c.on_transaction("b", &started, Instant::now()),
             Tx::New {
                 awaited: Some(id),
-                id_token: Some("car-1".into())
+                id_token: Some("car-1".into()),
+                energy_before_kwh: None,
             }
         );
         let cancel = c.plug(id, "b", &started, 2.0).unwrap();
@@ -754,7 +846,8 @@ mod tests {
             c.on_transaction("a", &walk_in, Instant::now()),
             Tx::New {
                 awaited: None,
-                id_token: Some("car-9".into())
+                id_token: Some("car-9".into()),
+                energy_before_kwh: None,
             }
         );
         let updated = event(TransactionEventKind::Updated, "t1", 1, None, 1500.0, 7000.0);
@@ -803,6 +896,49 @@ mod tests {
             .collect();
         assert_eq!(reserved, ["a"], "{sends:?}");
         assert!(matches!(&sends[1].1, Command::Reserve { id_token, .. } if id_token == "car-1"));
+    }
+
+    #[test]
+    fn a_transaction_nobody_knows_waits_for_its_session_counted_at_the_most() {
+        let mut c = Chargers::new(22.0);
+        online(&mut c, "a");
+        let t0 = Instant::now();
+        // After a restart: the transaction reports before its session is back.
+        let going = event(
+            TransactionEventKind::Updated,
+            "ta",
+            7,
+            None,
+            5000.0,
+            11000.0,
+        );
+        assert_eq!(c.on_transaction("a", &going, t0), Tx::Orphan(true));
+        assert_eq!(c.on_transaction("a", &going, t0), Tx::Orphan(false));
+        assert_eq!(c.orphans_kw(), 22.0);
+        let id = Uuid::from_u128(1);
+        let claimed = c.expect(id, "a", "ta", 3.0).expect("going on already");
+        assert_eq!(claimed.transaction_info.transaction_id, "ta");
+        assert_eq!(c.orphans_kw(), 0.0);
+        // Expected before it reports: its first event is the session's, with its energy before.
+        let other = Uuid::from_u128(2);
+        assert!(c.expect(other, "a", "tb", 1.5).is_none());
+        let next = event(TransactionEventKind::Updated, "tb", 3, None, 900.0, 7000.0);
+        assert_eq!(
+            c.on_transaction("a", &next, t0),
+            Tx::New {
+                awaited: Some(other),
+                id_token: None,
+                energy_before_kwh: Some(1.5),
+            }
+        );
+        // Unclaimed for the grace: handed over, to be charged as a walk-in.
+        let lost = event(TransactionEventKind::Updated, "tc", 2, None, 100.0, 7000.0);
+        assert_eq!(c.on_transaction("a", &lost, t0), Tx::Orphan(true));
+        assert!(c.unclaimed(t0 + ORPHAN_GRACE / 2).is_empty());
+        let adopted = c.unclaimed(t0 + ORPHAN_GRACE);
+        assert_eq!(adopted.len(), 1);
+        assert_eq!(adopted[0].0, "a");
+        assert_eq!(c.orphans_kw(), 0.0);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, Move, RequestRecord};
+use evgrid_model::messages::{ChargerSession, Dispatch, Move, RequestRecord};
 use evgrid_model::validate::{RequestError, check_dispatch};
 
 /// The dispatches this process has handled, as the heartbeat echoes them (`dispatch_seq`): the
@@ -124,6 +124,8 @@ pub(crate) struct Accept {
     /// here before has been at the substation since its dispatch: that time counts against its
     /// stay, so a restart never extends it.
     pub stay_left_s: Option<f64>,
+    /// The station transaction a resumed session charges in (`--chargers ocpp`).
+    pub charger: Option<ChargerSession>,
 }
 
 /// What to do with a dispatch message.
@@ -189,6 +191,7 @@ pub(crate) fn plan(dispatch: &Dispatch, facts: Facts<'_>, stored: &Stored) -> Pl
         stay_left_s: dispatch
             .departure
             .map(|d| (d - dispatch.accepted_at).num_milliseconds() as f64 / 1000.0 - stayed_s),
+        charger: record.and_then(|r| r.charger.clone()).filter(|_| resumed),
     })
 }
 
@@ -300,6 +303,11 @@ mod tests {
             rejected_at: None,
             updated_at: at(20),
             moved: Vec::new(),
+            charger: Some(ChargerSession {
+                station_id: "st-1".into(),
+                transaction_id: "tx-1".into(),
+                energy_before_kwh: 0.0,
+            }),
         })))
     }
 
@@ -313,6 +321,7 @@ mod tests {
                 charging_started_at: None,
                 moved: Vec::new(),
                 stay_left_s: Some(7200.0),
+                charger: None,
             })
         );
         // The queued state the dispatcher wrote is not a claim by any substation.
@@ -345,6 +354,12 @@ mod tests {
                 charging_started_at: Some(at(20)),
                 moved: Vec::new(),
                 stay_left_s: Some(7200.0 - 600.0),
+                // And in the station transaction it charged in (--chargers ocpp).
+                charger: Some(ChargerSession {
+                    station_id: "st-1".into(),
+                    transaction_id: "tx-1".into(),
+                    energy_before_kwh: 0.0,
+                }),
             })
         );
         // A recorded energy above the request (a corrupt record) is capped.

@@ -4,7 +4,9 @@
 
 use async_nats::jetstream::message::Acker;
 use chrono::{DateTime, Utc};
-use evgrid_model::messages::{Dispatch, Move, RequestRecord, RequestState, SessionOutcome};
+use evgrid_model::messages::{
+    ChargerSession, Dispatch, Move, RequestRecord, RequestState, SessionOutcome,
+};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
@@ -42,6 +44,9 @@ pub(crate) struct Live {
     /// The `completed` event, announced only once the `completed` state is stored: a session
     /// fenced off (moved away meanwhile) never announces a completion it does not own.
     pub completion: Option<Completion>,
+    /// With `--chargers ocpp`, a resumed session: the station transaction its car was charging
+    /// in when its record was written.
+    pub charger: Option<ChargerSession>,
 }
 
 /// What a session's `completed` event says.
@@ -105,6 +110,7 @@ impl Live {
             writing: None,
             next: None,
             completion: None,
+            charger: accept.charger.clone(),
         }
     }
 
@@ -126,6 +132,7 @@ impl Live {
             writing: None,
             next: None,
             completion: None,
+            charger: None,
         }
     }
 

@@ -218,7 +218,10 @@ impl Shell {
                     tracing::info!(capacity_kw = self.configured_capacity_kw, "grid-operator limit ended; back to the configured capacity");
                     self.set_limit(InForce::configured(self.configured_capacity_kw));
                 }
-                _ = heartbeat.tick() => self.heartbeat(),
+                _ = heartbeat.tick() => {
+                    self.adopt_unclaimed();
+                    self.heartbeat();
+                }
                 _ = progress.tick() => self.progress().await,
                 _ = limit_round.tick(), if self.limits_due => self.send_limits(),
                 limit = limit_feed.next() => {
@@ -264,7 +267,9 @@ impl Shell {
     /// and heartbeats, so the dispatcher sees the new capacity without waiting an interval.
     fn set_limit(&mut self, in_force: InForce) {
         self.advance_now();
-        let events = self.station.set_capacity(in_force.capacity_kw);
+        let events = self
+            .station
+            .set_capacity(in_force.capacity_kw - self.orphans_kw());
         self.apply(events);
         // A new capacity reaches every station at once, not at the next limit round.
         self.send_limits();

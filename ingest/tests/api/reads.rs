@@ -49,6 +49,7 @@ async fn a_request_is_queued_right_after_its_202_then_follows_the_bucket() {
         rejected_at: None,
         updated_at: now,
         moved: Vec::new(),
+        charger: None,
     };
     bucket
         .put(&id, serde_json::to_vec(&charging).unwrap().into())

@@ -90,18 +90,87 @@ impl Shell {
     }
 
     /// A dispatched session waits for its car: known by its `vehicle_id` and its request id
-    /// as idTokens, with a connector reserved for it when one is free.
+    /// as idTokens, with a connector reserved for it when one is free. A resumed session whose
+    /// car was charging (its record names the station transaction) takes that transaction
+    /// back, now if it is going on already.
     pub(super) fn await_car(&mut self, id: Uuid) {
-        let d = &self.sessions[&id].dispatch;
+        let live = &self.sessions[&id];
+        let d = &live.dispatch;
         let mut tokens = Vec::new();
         if d.vehicle_id.chars().count() <= ID_TOKEN_MAX_CHARS {
             tokens.push(d.vehicle_id.clone());
         }
         tokens.push(id.to_string());
         let departure = d.departure;
+        if let Some(charger) = live.charger.clone() {
+            let ocpp = self.chargers();
+            let going_on = ocpp.chargers.expect(
+                id,
+                &charger.station_id,
+                &charger.transaction_id,
+                charger.energy_before_kwh,
+            );
+            ocpp.chargers.await_token(id, tokens);
+            if let Some(event) = going_on {
+                tracing::info!(request_id = %id, station = %charger.station_id, "resumed session takes its transaction back");
+                self.bind(id, &charger.station_id, &event, charger.energy_before_kwh);
+                self.reserve_for_orphans();
+            }
+            return;
+        }
         let ocpp = self.chargers();
         let reserve = ocpp.chargers.await_car(id, tokens, departure, Utc::now());
         ocpp.send(reserve);
+    }
+
+    /// The session `id` charges in `station`'s transaction of `event`, its request having had
+    /// `energy_before_kwh` before it.
+    fn bind(
+        &mut self,
+        id: Uuid,
+        station: &str,
+        event: &TransactionEventRequest,
+        energy_before_kwh: f64,
+    ) {
+        let ocpp = self.chargers();
+        let cancel = ocpp.chargers.plug(id, station, event, energy_before_kwh);
+        ocpp.send(cancel);
+        tracing::info!(request_id = %id, station, transaction = %event.transaction_info.transaction_id, "car plugged in");
+        self.on_metered(id);
+    }
+
+    /// What the transactions nobody claimed yet may draw (kW): kept out of the capacity the
+    /// policy shares.
+    pub(super) fn orphans_kw(&self) -> f64 {
+        self.ocpp
+            .as_ref()
+            .map_or(0.0, |ocpp| ocpp.chargers.orphans_kw())
+    }
+
+    /// Gives the policy the capacity in force less what unclaimed transactions may draw, and
+    /// sends the limits that follow at once (a lower capacity).
+    fn reserve_for_orphans(&mut self) {
+        self.advance_now();
+        let capacity_kw = self.limit.capacity_kw - self.orphans_kw();
+        let events = self.station.set_capacity(capacity_kw);
+        self.apply(events);
+        self.send_limits();
+    }
+
+    /// Transactions no resumed session claimed within the grace: charged as walk-ins.
+    pub(super) fn adopt_unclaimed(&mut self) {
+        let Some(ocpp) = &mut self.ocpp else {
+            return;
+        };
+        let unclaimed = ocpp.chargers.unclaimed(Instant::now());
+        if unclaimed.is_empty() {
+            return;
+        }
+        for (station, event) in unclaimed {
+            tracing::warn!(%station, transaction = %event.transaction_info.transaction_id, "a transaction nobody claimed: charged as a walk-in");
+            self.walk_in(&station, &event, None);
+        }
+        self.reserve_for_orphans();
     }
 
     /// What a station did.
@@ -227,28 +296,41 @@ impl Shell {
     }
 
     fn on_transaction(&mut self, station: &str, event: &TransactionEventRequest) {
+        let orphans_kw = self.orphans_kw();
         match self
             .chargers()
             .chargers
             .on_transaction(station, event, Instant::now())
         {
             Tx::New {
-                awaited: Some(id), ..
+                awaited: Some(id),
+                energy_before_kwh,
+                ..
             } => {
-                let base = self.sessions.get(&id).map_or(0.0, |l| l.prior_kwh);
-                let ocpp = self.chargers();
-                let cancel = ocpp.chargers.plug(id, station, event, base);
-                ocpp.send(cancel);
-                tracing::info!(request_id = %id, station, transaction = %event.transaction_info.transaction_id, "car plugged in");
-                self.on_metered(id);
+                // A new transaction starts from what the request had; a resumed one from what
+                // its record says it had before the transaction.
+                let before = energy_before_kwh
+                    .unwrap_or_else(|| self.sessions.get(&id).map_or(0.0, |l| l.prior_kwh));
+                self.bind(id, station, event, before);
             }
             Tx::New {
                 awaited: None,
                 id_token,
+                ..
             } => self.walk_in(station, event, id_token),
+            Tx::Orphan(new) => {
+                if new {
+                    tracing::info!(station, transaction = %event.transaction_info.transaction_id, "a transaction going on that no session knows yet: counted at its station's most");
+                }
+            }
             Tx::Metered(id) => self.on_metered(id),
             Tx::Ended(id) => self.on_unplugged(id),
             Tx::Ignored => {}
+        }
+        // A transaction unclaimed appeared, or one ended or was claimed: the capacity the
+        // policy shares follows.
+        if self.orphans_kw() != orphans_kw {
+            self.reserve_for_orphans();
         }
     }
 
@@ -300,8 +382,11 @@ impl Shell {
         let Some(plug) = ocpp.chargers.plug_of(id) else {
             return;
         };
-        let meter_kwh = plug.meter_kwh;
-        let events = self.station.meter(id, meter_kwh, None).unwrap_or_default();
+        // The model counts this process's share of the request: the transaction's meter less
+        // what was recorded before this process took the session.
+        let prior_kwh = self.sessions.get(&id).map_or(0.0, |l| l.prior_kwh);
+        let delivered = (plug.base_kwh + plug.meter_kwh - prior_kwh).max(0.0);
+        let events = self.station.meter(id, delivered, None).unwrap_or_default();
         self.repin_after(&[id], events);
         self.stop_if_full(id);
     }

@@ -7,8 +7,8 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use evgrid_model::messages::{
-    Heartbeat, RequestRecord, RequestState, SessionEvent, SessionEventKind, SessionOutcome,
-    SessionReport, Telemetry,
+    ChargerSession, Heartbeat, RequestRecord, RequestState, SessionEvent, SessionEventKind,
+    SessionOutcome, SessionReport, Telemetry,
 };
 use evgrid_model::{headers, subjects};
 
@@ -61,9 +61,20 @@ impl Shell {
         delivered_kwh: f64,
         completed_at: Option<DateTime<Utc>>,
     ) -> RequestRecord {
+        let id = live.dispatch.request_id;
+        let charger = self
+            .ocpp
+            .as_ref()
+            .and_then(|ocpp| ocpp.chargers.plug_of(id))
+            .map(|plug| ChargerSession {
+                station_id: plug.station.clone(),
+                transaction_id: plug.transaction_id.clone(),
+                energy_before_kwh: plug.base_kwh,
+            });
         RequestRecord {
             // The dispatch names the substation that took it: this one (the plan skips others').
             substation_id: Some(self.id.clone()),
+            charger,
             energy_delivered_kwh: delivered_kwh,
             charging_started_at: live.charging_started_at,
             completed_at,

@@ -220,9 +220,15 @@ impl Running {
     /// A substation with `--chargers ocpp` (`config` says so), its stations' listener bound
     /// here; returns it with the base URL stations connect to (`<url>/ocpp/<station id>`).
     pub async fn start_ocpp(config: Config) -> (Self, String) {
+        Self::start_ocpp_at(config, "127.0.0.1:0").await
+    }
+
+    /// [`Running::start_ocpp`] with the stations' listener on `ocpp_addr` (a restarted
+    /// substation serves where its stations reconnect).
+    pub async fn start_ocpp_at(config: Config, ocpp_addr: &str) -> (Self, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let ocpp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ocpp = tokio::net::TcpListener::bind(ocpp_addr).await.unwrap();
         let url = format!("ws://{}", ocpp.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(evgrid_substation::run_with_ocpp(

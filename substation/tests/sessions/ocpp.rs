@@ -93,11 +93,15 @@ impl Fleet {
 
 /// A substation `s1` with `--chargers ocpp`, the stations `ids` allowed in.
 async fn substation(grid: &Grid, capacity_kw: f64, ids: &[&str]) -> (Running, String) {
+    Running::start_ocpp(ocpp_config(grid, capacity_kw, ids)).await
+}
+
+fn ocpp_config(grid: &Grid, capacity_kw: f64, ids: &[&str]) -> evgrid_substation::Config {
     let lines: String = ids.iter().map(|id| format!("{id}:{PASSWORD}\n")).collect();
     let mut config = grid.config("s1", capacity_kw);
     config.chargers = Chargers::Ocpp;
     config.ocpp.ocpp_stations = Some(Stations::parse(&lines).unwrap());
-    Running::start_ocpp(config).await
+    config
 }
 
 /// Replays the limits the stations were told, in the order they took them: the sum of the
@@ -330,4 +334,81 @@ async fn an_operator_limit_reaches_every_station_in_one_round_and_a_dropped_stat
     }
     assert!(seen.iter().any(|v| v["dropped"] == true));
     substation.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_substation_takes_back_the_transactions_going_on() {
+    let grid = Grid::start().await;
+    let config = ocpp_config(&grid, 22.0, &["st-1"]);
+    let (first, url) = Running::start_ocpp(config.clone()).await;
+    // evgrid's own simulated station (it reconnects, and boots again when the CSMS asks).
+    let (observer, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sim = evgrid_ocpp::simulator::SimConfig {
+        time_scale: 3600.0,
+        meter_interval: Duration::from_millis(100),
+        reserved_arrival_delay: Duration::from_millis(100),
+        reconnect_delay: Duration::from_millis(100),
+        ..evgrid_ocpp::simulator::SimConfig::new(
+            format!("{url}/ocpp"),
+            vec![("st-1".into(), PASSWORD.into())],
+        )
+    };
+    let stations = tokio::spawn(evgrid_ocpp::simulator::run(
+        sim,
+        Some(observer),
+        stop.clone(),
+    ));
+    // 40 kWh at 11 kW: about four seconds of charging.
+    let d = dispatch("s1", 40.0, 11.0);
+    grid.dispatch(&d).await;
+    let charging = evgrid_test_support::eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let record = grid.try_record(d.request_id).await?;
+            (record.energy_delivered_kwh > 2.0).then_some(record)
+        },
+    )
+    .await
+    .expect("the car charges at the station");
+    assert!(charging.charger.is_some(), "{charging:?}");
+
+    // A shutdown hands the session back; the next process serves the stations where they were.
+    first.stop().await.unwrap();
+    let (second, _) = Running::start_ocpp_at(config, url.trim_start_matches("ws://")).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(evgrid_ocpp::simulator::SimEvent::Ended { energy_wh, .. }) =
+                events.recv().await
+            {
+                return energy_wh;
+            }
+        }
+    })
+    .await
+    .expect("the transaction ends: the request's energy is there");
+    let record = evgrid_test_support::eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let record = grid.try_record(d.request_id).await?;
+            (record.state == RequestState::Completed).then_some(record)
+        },
+    )
+    .await
+    .expect("the request completes");
+    // The whole transaction's energy, before and after the restart, counted once, and no
+    // walk-in made of the car the second process did not know.
+    assert!(
+        (record.energy_delivered_kwh - ended / 1000.0).abs() < 1e-6,
+        "{record:?} against the meter's {ended} Wh"
+    );
+    assert!(record.energy_delivered_kwh >= 40.0 - 1e-3);
+    let (_, page) = second.get("/metrics").await;
+    let walk_ins = crate::helpers::sample(&page, "evgrid_substation_ocpp_walk_ins_total", "s1");
+    assert_eq!(walk_ins, Some(0.0), "{page}");
+    stop.cancel();
+    stations.await.unwrap();
+    second.stop().await.unwrap();
 }
