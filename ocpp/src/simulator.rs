@@ -6,7 +6,8 @@
 //! connector, heartbeats, and lets cars charge: walk-ins on a seeded random schedule, and the
 //! cars of reservations the CSMS makes (ReserveNow). A car authorizes, starts a transaction,
 //! states its needs (NotifyEVChargingNeeds) and draws the last limit the CSMS set for the
-//! transaction (SetChargingProfile), reporting its meter every `meter_interval`, until it has
+//! transaction, or else the station's default (SetChargingProfile: TxProfile, TxDefaultProfile),
+//! reporting its meter every `meter_interval`, until it has
 //! its energy, leaves, or the CSMS stops it. A dropped connection is reopened with the
 //! transaction still going. The arithmetic (limits, energy) is in pure functions.
 //!
