@@ -159,6 +159,48 @@ where
     serve_with(listener, routes, shutdown, Limits::default()).await;
 }
 
+/// Accepts connections at most `max` at once: a connection holds its slot (the permit) until
+/// it is dropped, and beyond the limit new ones wait in the listen backlog. Shared by the HTTP
+/// servers and the substations' OCPP endpoint.
+#[derive(Debug, Clone)]
+pub struct Acceptor {
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Acceptor {
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+        }
+    }
+
+    /// The next connection on `listener`, with its slot; `None` once `shutdown` fires.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        shutdown: &CancellationToken,
+    ) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+        // A free slot before accepting: beyond the limit, connections wait in the backlog.
+        let slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => return None,
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => return Some((stream, slot)),
+                    Err(error) => {
+                        // Out of descriptors, say: wait a moment rather than spin.
+                        tracing::warn!(%error, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+    }
+}
+
 /// [`serve`] within `limits`. warp's own loop sets neither bound: 3,000 half-sent request heads
 /// stayed open for ever, and at a 256-descriptor limit `/healthz` stopped answering (issue #11).
 pub async fn serve_with<F>(
@@ -172,30 +214,13 @@ pub async fn serve_with<F>(
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let acceptor = Acceptor::new(limits.max_connections);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    loop {
-        // A free slot before accepting: beyond the limit, connections wait in the backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of descriptors, say: wait a moment rather than spin.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some((stream, slot)) = acceptor.accept(&listener, &shutdown).await {
         let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
         let connection = graceful.watch(
             builder

@@ -27,7 +27,7 @@ use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -40,6 +40,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use evgrid_common::http::Acceptor;
 
 use crate::messages::{
     AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, BootNotificationRequest,
@@ -572,26 +574,9 @@ fn to_value<T: serde::Serialize>(value: T) -> Value {
 /// WebSocket with tungstenite's default buffers, 256 KiB per connection, and cannot be told
 /// otherwise. A request that is not a WebSocket upgrade at all is closed without an answer.
 pub async fn serve_stations(csms: Arc<Csms>, listener: TcpListener, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = Acceptor::new(MAX_CONNECTIONS);
     let connections = TaskTracker::new();
-    loop {
-        // A free slot before accepting: beyond the limit, stations wait in the backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of descriptors, say: wait a moment rather than spin.
-                    tracing::warn!(%error, "cannot accept a station's connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some((stream, slot)) = acceptor.accept(&listener, &shutdown).await {
         let csms = csms.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
