@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use evgrid_common::config::{parse_duration, parse_positive, parse_positive_duration};
 use evgrid_ocpp::simulator::{self, SimConfig};
-use evgrid_ocpp::stations::check_station_id;
+use evgrid_ocpp::stations::{self, StationsFileError};
 
 /// Options of `evgrid stations`.
 #[derive(Args, Debug, Clone)]
@@ -111,41 +111,22 @@ pub fn read_stations(path: &Path) -> Result<Vec<(String, String)>> {
 /// The stations of a stations file's text, or the number of the bad line (0: the whole file)
 /// and why.
 pub fn parse_stations(text: &str) -> Result<Vec<(String, String)>, (usize, String)> {
-    let mut stations: Vec<(String, String)> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bad = |why: String| (i + 1, why);
-        let (id, password) = line
-            .split_once(':')
-            .ok_or_else(|| bad("expected `station_id:password`".into()))?;
-        check_station_id(id).map_err(bad)?;
-        if ["$argon2", "$2a$", "$2b$", "$2y$"]
-            .iter()
-            .any(|p| password.starts_with(p))
-        {
-            return Err(bad(format!(
-                "station {id}'s password is a hash: a station needs the password itself"
-            )));
-        }
-        // What the CSMS takes (OCPP 2.0.1's BasicAuthPassword): anything else would only be
-        // refused once connected.
-        if !(16..=40).contains(&password.chars().count()) {
-            return Err(bad(format!(
-                "station {id}'s password must be 16 to 40 characters (OCPP 2.0.1)"
-            )));
-        }
-        if stations.iter().any(|(known, _)| known == id) {
-            return Err(bad(format!("station {id} is on an earlier line too")));
-        }
-        stations.push((id.to_owned(), password.to_owned()));
-    }
-    if stations.is_empty() {
-        return Err((0, "names no station".into()));
-    }
-    Ok(stations)
+    let entries = stations::entries(text).map_err(|e| match e {
+        StationsFileError::Line { line, detail } => (line, detail),
+        _ => (0, "names no station".to_owned()),
+    })?;
+    entries
+        .into_iter()
+        .map(|e| {
+            let bad = |why: &str| (e.line, format!("station {}'s password {why}", e.station));
+            if stations::is_hash(e.password) {
+                return Err(bad("is a hash: a station needs the password itself"));
+            }
+            // What the CSMS takes: anything else would only be refused once connected.
+            stations::check_plain_password(e.password).map_err(bad)?;
+            Ok((e.station.to_owned(), e.password.to_owned()))
+        })
+        .collect()
 }
 
 fn parse_ws_url(s: &str) -> Result<String, String> {

@@ -4,7 +4,7 @@
 //! line each; a password may be given as an argon2 (`$argon2id$…`) or bcrypt (`$2b$…`) hash,
 //! so the file need not hold the secret itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use argon2::password_hash::PasswordHash;
@@ -56,29 +56,15 @@ impl Stations {
         Self::parse(&text)
     }
 
-    /// Parses `station_id:password` lines; blank lines and `#` comments are skipped.
+    /// Parses `station_id:password` lines ([`entries`]).
     pub fn parse(text: &str) -> Result<Self, StationsFileError> {
         let mut secrets = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad = |detail: String| StationsFileError::Line {
-                line: i + 1,
+        for entry in entries(text)? {
+            let secret = secret_of(entry.password).map_err(|detail| StationsFileError::Line {
+                line: entry.line,
                 detail,
-            };
-            let (id, password) = line
-                .split_once(':')
-                .ok_or_else(|| bad("expected `station_id:password`".into()))?;
-            check_station_id(id).map_err(bad)?;
-            let secret = secret_of(password).map_err(bad)?;
-            if secrets.insert(id.to_owned(), secret).is_some() {
-                return Err(bad(format!("station {id} is on an earlier line too")));
-            }
-        }
-        if secrets.is_empty() {
-            return Err(StationsFileError::Empty);
+            })?;
+            secrets.insert(entry.station.to_owned(), secret);
         }
         Ok(Self { secrets })
     }
@@ -114,6 +100,72 @@ impl Stations {
     }
 }
 
+/// One station of a stations file, as written: its line number, its id, and its password or
+/// the password's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub line: usize,
+    pub station: &'a str,
+    pub password: &'a str,
+}
+
+/// The stations of a stations file's text, in file order: one `station_id:password` line each,
+/// blank lines and `#` comments skipped. A line that is not that, an id OCPP does not allow, a
+/// station on two lines, or no station at all is an error naming the line. The CSMS
+/// ([`Stations::parse`]) and the stations' side (`evgrid stations`, which needs the plain
+/// passwords) read the same file with it.
+pub fn entries(text: &str) -> Result<Vec<Entry<'_>>, StationsFileError> {
+    let mut entries = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |detail: String| StationsFileError::Line {
+            line: i + 1,
+            detail,
+        };
+        let (station, password) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected `station_id:password`".into()))?;
+        check_station_id(station).map_err(bad)?;
+        if !seen.insert(station) {
+            return Err(bad(format!("station {station} is on an earlier line too")));
+        }
+        entries.push(Entry {
+            line: i + 1,
+            station,
+            password,
+        });
+    }
+    if entries.is_empty() {
+        return Err(StationsFileError::Empty);
+    }
+    Ok(entries)
+}
+
+/// Whether a stations file gives this password as a hash (argon2 or bcrypt) rather than itself.
+pub fn is_hash(password: &str) -> bool {
+    password.starts_with("$argon2") || is_bcrypt(password)
+}
+
+fn is_bcrypt(password: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| password.starts_with(p))
+}
+
+/// A plain password as OCPP 2.0.1 allows it (BasicAuthPassword: 16 to 40 characters); the
+/// error says what it must be.
+pub fn check_plain_password(password: &str) -> Result<(), &'static str> {
+    if (16..=40).contains(&password.chars().count()) {
+        Ok(())
+    } else {
+        Err("must be 16 to 40 characters (OCPP 2.0.1)")
+    }
+}
+
 /// A station identity as OCPP allows it in a URL path: 1 to 48 printable ASCII characters
 /// without `:` (Basic authentication's separator) or `/`.
 pub fn check_station_id(id: &str) -> Result<(), String> {
@@ -136,23 +188,15 @@ fn secret_of(password: &str) -> Result<Secret, String> {
         }
         return Ok(Secret::Argon2(password.to_owned()));
     }
-    if ["$2a$", "$2b$", "$2y$"]
-        .iter()
-        .any(|p| password.starts_with(p))
-    {
+    if is_bcrypt(password) {
         // A bcrypt hash is 60 characters; `verify` rejects anything else at every attempt.
         if password.len() != 60 {
             return Err("not a bcrypt hash (60 characters)".into());
         }
         return Ok(Secret::Bcrypt(password.to_owned()));
     }
-    // OCPP 2.0.1's BasicAuthPassword is 16 to 40 characters.
-    if !(16..=40).contains(&password.chars().count()) {
-        return Err(
-            "a password must be 16 to 40 characters (OCPP 2.0.1), or an argon2 or bcrypt hash"
-                .into(),
-        );
-    }
+    check_plain_password(password)
+        .map_err(|why| format!("a password {why}, or an argon2 or bcrypt hash"))?;
     Ok(Secret::Plain(Sha256::digest(password.as_bytes()).into()))
 }
 

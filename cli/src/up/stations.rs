@@ -28,11 +28,8 @@ pub(super) fn fleet(dir: &Path, id: &str, count: u16) -> Result<Fleet> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let file = dir.join(format!("ocpp-stations-{id}"));
     let mut stations: Vec<(String, String)> = match std::fs::read_to_string(&file) {
-        Ok(text) => text
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(s, p)| (s.to_owned(), p.to_owned()))
-            .collect(),
+        Ok(text) => crate::stations::parse_stations(&text)
+            .map_err(|(line, why)| anyhow::anyhow!("{} line {line}: {why}", file.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
     };
