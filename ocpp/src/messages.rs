@@ -397,15 +397,6 @@ pub struct ChargingProfile {
     pub charging_schedule: Vec<ChargingSchedule>,
 }
 
-impl ChargingProfile {
-    /// The limit in force from the start of the profile's first schedule, and its unit.
-    pub fn first_limit(&self) -> Option<(f64, ChargingRateUnit)> {
-        let schedule = self.charging_schedule.first()?;
-        let period = schedule.charging_schedule_period.first()?;
-        Some((period.limit, schedule.charging_rate_unit))
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SetChargingProfileRequest {
@@ -506,8 +497,7 @@ pub struct CancelReservationResponse {
     pub status: CancelReservationStatus,
 }
 
-/// A payload field breaking its schema's limits: the OCPP-J error code and why.
-pub type Violation = (crate::rpc::ErrorCode, String);
+use crate::rpc::Violation;
 
 /// What the schemas bound beyond the types: string lengths, and ids that are never negative.
 pub trait Checked {

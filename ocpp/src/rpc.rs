@@ -9,7 +9,22 @@
 //! the caller's. A message that is not a frame is a [`FrameError`] carrying the CALLERROR to
 //! answer it with, when it has a message id to answer.
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+/// A payload breaking its message's rules: the CALLERROR code and why.
+pub type Violation = (ErrorCode, String);
+
+/// A CALL's payload as the message `T`; a `FormatViolation` when it is not one.
+pub fn payload<T: DeserializeOwned>(payload: Value) -> Result<T, Violation> {
+    serde_json::from_value(payload).map_err(|e| (ErrorCode::FormatViolation, e.to_string()))
+}
+
+/// A message as a payload (the messages are plain structs: they always serialize).
+pub fn to_payload<T: Serialize>(message: T) -> Value {
+    serde_json::to_value(message).expect("an OCPP message serializes")
+}
 
 /// Longest message id OCPP allows (36 characters: a UUID).
 pub const MAX_MESSAGE_ID_CHARS: usize = 36;
@@ -125,12 +140,8 @@ impl FrameError {
 
     /// The CALLERROR answering it, when the broken message had an id.
     pub fn answer(&self) -> Option<Frame> {
-        self.id.as_ref().map(|id| Frame::CallError {
-            id: id.clone(),
-            code: self.code,
-            description: self.description.clone(),
-            details: json!({}),
-        })
+        let id = self.id.clone()?;
+        Some(Frame::reply(id, Err((self.code, self.description.clone()))))
     }
 }
 
@@ -140,7 +151,7 @@ impl Frame {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             FrameError::new(None, ErrorCode::ProtocolError, format!("not JSON: {e}"))
         })?;
-        let Some(items) = value.as_array() else {
+        let Value::Array(mut items) = value else {
             return Err(FrameError::new(
                 None,
                 ErrorCode::ProtocolError,
@@ -151,7 +162,7 @@ impl Frame {
             Some(Value::String(id))
                 if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS =>
             {
-                id.as_str()
+                id.clone()
             }
             _ => {
                 return Err(FrameError::new(
@@ -163,7 +174,8 @@ impl Frame {
                 ));
             }
         };
-        let bad = |code, what: &str| Err(FrameError::new(Some(id), code, what));
+        let bad = |code, what: &str| Err(FrameError::new(Some(&id), code, what));
+        // The payload is taken out of the array, not copied: every message passes here.
         match (items.first().and_then(Value::as_u64), items.len()) {
             (Some(2), 4) => {
                 let Some(action) = items[2].as_str().filter(|a| !a.is_empty()) else {
@@ -175,10 +187,11 @@ impl Frame {
                         "a CALL's payload must be an object",
                     );
                 }
+                let action = action.to_owned();
                 Ok(Frame::Call {
-                    id: id.to_owned(),
-                    action: action.to_owned(),
-                    payload: items[3].clone(),
+                    id,
+                    action,
+                    payload: items[3].take(),
                 })
             }
             (Some(3), 3) => {
@@ -189,15 +202,15 @@ impl Frame {
                     );
                 }
                 Ok(Frame::CallResult {
-                    id: id.to_owned(),
-                    payload: items[2].clone(),
+                    payload: items[2].take(),
+                    id,
                 })
             }
             (Some(4), 5) => Ok(Frame::CallError {
-                id: id.to_owned(),
                 code: ErrorCode::parse(items[2].as_str().unwrap_or_default()),
                 description: items[3].as_str().unwrap_or_default().to_owned(),
-                details: items[4].clone(),
+                details: items[4].take(),
+                id,
             }),
             (Some(2..=4), n) => bad(
                 ErrorCode::ProtocolError,
@@ -219,23 +232,36 @@ impl Frame {
         }
     }
 
-    /// The WebSocket text of this frame.
+    /// The WebSocket text of this frame (written from references: nothing is copied).
     pub fn to_text(&self) -> String {
-        let value = match self {
+        let text = match self {
             Frame::Call {
                 id,
                 action,
                 payload,
-            } => json!([2, id, action, payload]),
-            Frame::CallResult { id, payload } => json!([3, id, payload]),
+            } => serde_json::to_string(&(2, id, action, payload)),
+            Frame::CallResult { id, payload } => serde_json::to_string(&(3, id, payload)),
             Frame::CallError {
                 id,
                 code,
                 description,
                 details,
-            } => json!([4, id, code.as_str(), description, details]),
+            } => serde_json::to_string(&(4, id, code.as_str(), description, details)),
         };
-        value.to_string()
+        text.expect("a frame serializes")
+    }
+
+    /// The answer to the CALL `id`: its CALLRESULT, or the CALLERROR of what it violated.
+    pub fn reply(id: String, result: Result<Value, Violation>) -> Frame {
+        match result {
+            Ok(payload) => Frame::CallResult { id, payload },
+            Err((code, description)) => Frame::CallError {
+                id,
+                code,
+                description,
+                details: json!({}),
+            },
+        }
     }
 }
 

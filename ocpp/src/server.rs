@@ -54,7 +54,7 @@ use crate::messages::{
     SetChargingProfileRequest, StatusNotificationRequest, StatusNotificationResponse,
     TransactionEventKind, TransactionEventRequest, TransactionEventResponse, newest,
 };
-use crate::rpc::{ErrorCode, Frame, FrameError};
+use crate::rpc::{self, ErrorCode, Frame, FrameError, Violation, to_payload};
 use crate::stations::Stations;
 
 /// The WebSocket subprotocol of OCPP 2.0.1.
@@ -223,17 +223,17 @@ impl Command {
                         }],
                     },
                 };
-                ("SetChargingProfile", to_value(request))
+                ("SetChargingProfile", to_payload(request))
             }
             Command::ClearLimit => (
                 "ClearChargingProfile",
-                to_value(ClearChargingProfileRequest {
+                to_payload(ClearChargingProfileRequest {
                     charging_profile_id: Some(TX_PROFILE_ID),
                 }),
             ),
             Command::Stop { transaction_id } => (
                 "RequestStopTransaction",
-                to_value(RequestStopTransactionRequest {
+                to_payload(RequestStopTransactionRequest {
                     transaction_id: transaction_id.clone(),
                 }),
             ),
@@ -244,7 +244,7 @@ impl Command {
                 expiry,
             } => (
                 "ReserveNow",
-                to_value(ReserveNowRequest {
+                to_payload(ReserveNowRequest {
                     id: *reservation_id,
                     expiry_date_time: *expiry,
                     id_token: IdToken {
@@ -256,7 +256,7 @@ impl Command {
             ),
             Command::CancelReservation { reservation_id } => (
                 "CancelReservation",
-                to_value(CancelReservationRequest {
+                to_payload(CancelReservationRequest {
                     reservation_id: *reservation_id,
                 }),
             ),
@@ -463,7 +463,7 @@ impl Csms {
                 self.report(StationEvent::Booted {
                     station: station_id.to_owned(),
                 });
-                to_value(BootNotificationResponse {
+                to_payload(BootNotificationResponse {
                     current_time: Utc::now(),
                     interval: i32::from(self.settings.heartbeat_interval_s),
                     status: RegistrationStatus::Accepted,
@@ -475,7 +475,7 @@ impl Csms {
             )),
             "Heartbeat" => parse::<HeartbeatRequest>(payload).map(|_| {
                 self.update(station_id, |_| {});
-                to_value(HeartbeatResponse {
+                to_payload(HeartbeatResponse {
                     current_time: Utc::now(),
                 })
             }),
@@ -486,12 +486,12 @@ impl Csms {
                         format!("{:?}", status.connector_status),
                     );
                 });
-                to_value(StatusNotificationResponse {})
+                to_payload(StatusNotificationResponse {})
             }),
             // Which cars are dispatched requests and which walk in is the substation's to
             // decide (issue #12, next); every token is accepted meanwhile.
             "Authorize" => parse::<AuthorizeRequest>(payload).map(|_| {
-                to_value(AuthorizeResponse {
+                to_payload(AuthorizeResponse {
                     id_token_info: IdTokenInfo {
                         status: AuthorizationStatus::Accepted,
                     },
@@ -502,7 +502,7 @@ impl Csms {
                 self.update(station_id, |s| {
                     s.transactions.entry(id).or_default().apply(&event);
                 });
-                let answer = to_value(TransactionEventResponse {
+                let answer = to_payload(TransactionEventResponse {
                     id_token_info: event.id_token.as_ref().map(|_| IdTokenInfo {
                         status: AuthorizationStatus::Accepted,
                     }),
@@ -521,7 +521,7 @@ impl Csms {
                     energy_wh: newest(&meter.meter_value, |v| v.energy_wh()),
                     power_w: newest(&meter.meter_value, |v| v.power_w()),
                 });
-                to_value(MeterValuesResponse {})
+                to_payload(MeterValuesResponse {})
             }),
             "NotifyEVChargingNeeds" => {
                 parse::<NotifyEvChargingNeedsRequest>(payload).map(|notify| {
@@ -531,7 +531,7 @@ impl Csms {
                         evse_id: notify.evse_id,
                         needs: notify.charging_needs,
                     });
-                    to_value(NotifyEvChargingNeedsResponse {
+                    to_payload(NotifyEvChargingNeedsResponse {
                         status: NotifyEvChargingNeedsStatus::Accepted,
                     })
                 })
@@ -541,28 +541,15 @@ impl Csms {
                 format!("{other} is not supported by this CSMS"),
             )),
         };
-        match result {
-            Ok(payload) => Frame::CallResult { id, payload },
-            Err((code, description)) => Frame::CallError {
-                id,
-                code,
-                description,
-                details: serde_json::json!({}),
-            },
-        }
+        Frame::reply(id, result)
     }
 }
 
 /// A payload as the message its action names, within its schema's limits.
-fn parse<T: DeserializeOwned + Checked>(payload: Value) -> Result<T, (ErrorCode, String)> {
-    let message: T =
-        serde_json::from_value(payload).map_err(|e| (ErrorCode::FormatViolation, e.to_string()))?;
+fn parse<T: DeserializeOwned + Checked>(payload: Value) -> Result<T, Violation> {
+    let message: T = rpc::payload(payload)?;
     message.check()?;
     Ok(message)
-}
-
-fn to_value<T: serde::Serialize>(value: T) -> Value {
-    serde_json::to_value(value).expect("an OCPP message serializes")
 }
 
 /// Serves the CSMS on `listener` until `shutdown`: each connection is a station's WebSocket

@@ -26,8 +26,7 @@ use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
@@ -51,7 +50,7 @@ use crate::messages::{
     SampledValue, SetChargingProfileRequest, SetChargingProfileResponse, StatusNotificationRequest,
     TransactionEventKind, TransactionEventRequest, TransactionInfo, UnitOfMeasure,
 };
-use crate::rpc::{ErrorCode, Frame};
+use crate::rpc::{self, ErrorCode, Frame, Violation, to_payload};
 use crate::server::SUBPROTOCOL;
 
 /// A station's most power, W: a 32 A three-phase AC wallbox.
@@ -1014,15 +1013,7 @@ impl Station {
                 id,
                 action,
                 payload,
-            }) => Some(match self.answer(&action, payload, now) {
-                Ok(payload) => Frame::CallResult { id, payload },
-                Err((code, description)) => Frame::CallError {
-                    id,
-                    code,
-                    description,
-                    details: json!({}),
-                },
-            }),
+            }) => Some(Frame::reply(id, self.answer(&action, payload, now))),
             Ok(Frame::CallResult { id, payload }) => {
                 if let Some(call) = self.take_in_flight(&id) {
                     self.on_result(call, Ok(payload), now);
@@ -1116,15 +1107,10 @@ impl Station {
     }
 
     /// Answers one CALL of the CSMS.
-    fn answer(
-        &mut self,
-        action: &str,
-        payload: Value,
-        now: Instant,
-    ) -> Result<Value, (ErrorCode, String)> {
+    fn answer(&mut self, action: &str, payload: Value, now: Instant) -> Result<Value, Violation> {
         match action {
             "ReserveNow" => {
-                let request: ReserveNowRequest = parse(payload)?;
+                let request: ReserveNowRequest = rpc::payload(payload)?;
                 let status = if request.evse_id.is_some_and(|e| e != 1) {
                     ReserveNowStatus::Rejected
                 } else if self.car.is_some() || self.reservation.is_some() {
@@ -1138,10 +1124,10 @@ impl Station {
                     self.queue_status(ConnectorStatus::Reserved);
                     ReserveNowStatus::Accepted
                 };
-                to_value(ReserveNowResponse { status })
+                Ok(to_payload(ReserveNowResponse { status }))
             }
             "CancelReservation" => {
-                let request: CancelReservationRequest = parse(payload)?;
+                let request: CancelReservationRequest = rpc::payload(payload)?;
                 let status = if self
                     .reservation
                     .as_ref()
@@ -1153,28 +1139,28 @@ impl Station {
                 } else {
                     CancelReservationStatus::Rejected
                 };
-                to_value(CancelReservationResponse { status })
+                Ok(to_payload(CancelReservationResponse { status }))
             }
             "SetChargingProfile" => {
                 self.report.profiles_received += 1;
-                let request: SetChargingProfileRequest = parse(payload)?;
+                let request: SetChargingProfileRequest = rpc::payload(payload)?;
                 let status = self.set_profile(&request.charging_profile, now);
-                to_value(SetChargingProfileResponse { status })
+                Ok(to_payload(SetChargingProfileResponse { status }))
             }
             "ClearChargingProfile" => {
-                let _: ClearChargingProfileRequest = parse(payload)?;
+                let _: ClearChargingProfileRequest = rpc::payload(payload)?;
                 self.integrate(now);
                 let default_limit_w = self.default_limit_w;
                 if let Some(tx) = self.car.as_mut().and_then(|c| c.tx.as_mut()) {
                     tx.limit_w = default_limit_w;
                     tx.own_limit = false;
                 }
-                to_value(ClearChargingProfileResponse {
+                Ok(to_payload(ClearChargingProfileResponse {
                     status: ClearChargingProfileStatus::Accepted,
-                })
+                }))
             }
             "RequestStopTransaction" => {
-                let request: RequestStopTransactionRequest = parse(payload)?;
+                let request: RequestStopTransactionRequest = rpc::payload(payload)?;
                 let ours = self
                     .car
                     .as_ref()
@@ -1187,7 +1173,7 @@ impl Station {
                 } else {
                     RequestStartStopStatus::Rejected
                 };
-                to_value(RequestStopTransactionResponse { status })
+                Ok(to_payload(RequestStopTransactionResponse { status }))
             }
             other => Err((
                 ErrorCode::NotImplemented,
@@ -1252,7 +1238,7 @@ impl Station {
 fn call<T: Serialize>(action: &'static str, payload: T) -> Outgoing {
     Outgoing {
         action,
-        payload: serde_json::to_value(payload).expect("an OCPP message serializes"),
+        payload: to_payload(payload),
     }
 }
 
@@ -1266,14 +1252,6 @@ fn status_call(status: ConnectorStatus) -> Outgoing {
             connector_id: 1,
         },
     )
-}
-
-fn parse<T: DeserializeOwned>(payload: Value) -> Result<T, (ErrorCode, String)> {
-    serde_json::from_value(payload).map_err(|e| (ErrorCode::FormatViolation, e.to_string()))
-}
-
-fn to_value<T: Serialize>(value: T) -> Result<Value, (ErrorCode, String)> {
-    serde_json::to_value(value).map_err(|e| (ErrorCode::InternalError, e.to_string()))
 }
 
 /// The energy register's reading (Wh), with the power drawn (W) in periodic reports.
@@ -1328,6 +1306,8 @@ fn sample(rng: &mut StdRng, range: &RangeInclusive<f64>) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::messages::{ChargingProfileKind, ChargingSchedule, ChargingSchedulePeriod};
 
