@@ -251,9 +251,11 @@ pub struct Station {
     load_log: Option<Vec<LoadPoint>>,
     scratch: Scratch,
     powers: Vec<f64>,
-    /// The sessions the policy shares power among when some are pinned, and their indices.
+    /// The sessions the policy shares power among when some are pinned, their indices and
+    /// powers (kept to be reused: with real chargers every reallocation goes this way).
     free: Vec<Session>,
     free_index: Vec<usize>,
+    free_powers: Vec<f64>,
 }
 
 impl Station {
@@ -275,6 +277,7 @@ impl Station {
             powers: Vec::new(),
             free: Vec::new(),
             free_index: Vec::new(),
+            free_powers: Vec::new(),
         }
     }
 
@@ -649,16 +652,17 @@ impl Station {
                 }
             }
         }
-        let mut free_powers = vec![0.0; self.free.len()];
+        self.free_powers.clear();
+        self.free_powers.resize(self.free.len(), 0.0);
         allocate_into(
             self.policy,
             left.max(0.0),
             &self.free,
             now,
             &mut self.scratch,
-            &mut free_powers,
+            &mut self.free_powers,
         );
-        for (&i, power) in self.free_index.iter().zip(free_powers) {
+        for (&i, &power) in self.free_index.iter().zip(&self.free_powers) {
             self.powers[i] = power;
         }
     }
