@@ -113,8 +113,10 @@ pub(crate) struct Chargers {
     max_w: f64,
     links: HashMap<String, Link>,
     plugs: HashMap<Uuid, Plug>,
-    /// Sessions by (station, transaction id).
+    /// Sessions by (station, transaction id), and by (station, EVSE id): a meter reading
+    /// names either.
     by_transaction: HashMap<(String, String), Uuid>,
+    by_evse: HashMap<(String, i32), Uuid>,
     /// Sessions waiting for their car, by the idTokens that car may use.
     awaited: HashMap<String, Uuid>,
     tokens: HashMap<Uuid, Vec<String>>,
@@ -138,6 +140,7 @@ impl Chargers {
             links: HashMap::new(),
             plugs: HashMap::new(),
             by_transaction: HashMap::new(),
+            by_evse: HashMap::new(),
             awaited: HashMap::new(),
             tokens: HashMap::new(),
             reservations: HashMap::new(),
@@ -150,6 +153,16 @@ impl Chargers {
 
     pub fn plug_of(&self, id: Uuid) -> Option<&Plug> {
         self.plugs.get(&id)
+    }
+
+    /// The most a station can draw (kW): what a walk-in is planned with.
+    pub fn station_max_kw(&self) -> f64 {
+        self.max_w / 1000.0
+    }
+
+    /// The session charging at `station`'s EVSE `evse_id`, if any.
+    pub fn session_at(&self, station: &str, evse_id: i32) -> Option<Uuid> {
+        self.by_evse.get(&(station.to_owned(), evse_id)).copied()
     }
 
     /// Stations connected now.
@@ -398,11 +411,13 @@ impl Chargers {
         let transaction_id = event.transaction_info.transaction_id.clone();
         self.by_transaction
             .insert((station.to_owned(), transaction_id.clone()), id);
+        let evse_id = event.evse.as_ref().map_or(RESERVED_EVSE, |e| e.id);
+        self.by_evse.insert((station.to_owned(), evse_id), id);
         self.plugs.insert(
             id,
             Plug {
                 station: station.to_owned(),
-                evse_id: event.evse.as_ref().map_or(RESERVED_EVSE, |e| e.id),
+                evse_id,
                 transaction_id,
                 base_kwh,
                 meter_kwh: event.energy_wh().unwrap_or(0.0) / 1000.0,
@@ -433,10 +448,8 @@ impl Chargers {
         power_w: Option<f64>,
         now: Instant,
     ) -> Option<Uuid> {
-        let (&id, plug) = self
-            .plugs
-            .iter_mut()
-            .find(|(_, p)| p.station == station && p.evse_id == evse_id)?;
+        let id = self.session_at(station, evse_id)?;
+        let plug = self.plugs.get_mut(&id)?;
         if let Some(wh) = energy_wh {
             plug.meter_kwh = wh / 1000.0;
         }
@@ -691,6 +704,10 @@ impl Chargers {
         if let Some(plug) = self.plugs.remove(&id) {
             self.by_transaction
                 .remove(&(plug.station.clone(), plug.transaction_id));
+            let at = (plug.station.clone(), plug.evse_id);
+            if self.by_evse.get(&at) == Some(&id) {
+                self.by_evse.remove(&at);
+            }
             if let Some(link) = self.links.get_mut(&plug.station) {
                 link.declined = false;
             }

@@ -45,16 +45,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ocpp_listener =
-        match config.chargers {
-            Chargers::Simulated => None,
-            Chargers::Ocpp => {
-                let addr = config.ocpp.ocpp_listen;
-                Some(TcpListener::bind(addr).await.map_err(|e| {
-                    anyhow::anyhow!("cannot listen for OCPP stations on {addr}: {e}")
-                })?)
-            }
-        };
+    let ocpp_listener = match config.chargers {
+        Chargers::Simulated => None,
+        Chargers::Ocpp => Some(
+            http::bind(config.ocpp.ocpp_listen)
+                .await
+                .map_err(|e| e.context("OCPP stations"))?,
+        ),
+    };
     run_with_ocpp(config, listener, ocpp_listener, shutdown).await
 }
 

@@ -234,19 +234,6 @@ impl Metrics {
         }
     }
 
-    /// The load the stations' meters show (kW), for `--chargers ocpp`: it replaces the
-    /// model's in the load gauges.
-    pub fn observe_measured_load(&mut self, load_kw: f64) {
-        self.current_load_kw.set(load_kw);
-        self.load_watts.set(load_kw * WATTS_PER_KW);
-        let capacity_w = self.capacity_watts.get();
-        self.utilization_ratio.set(if capacity_w > 0.0 {
-            load_kw * WATTS_PER_KW / capacity_w
-        } else {
-            0.0
-        });
-    }
-
     /// Sets the gauges from the charging model and counts the energy delivered since last time.
     pub fn observe(&mut self, s: &Snapshot) {
         self.current_load_kw.set(s.load_kw);

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use evgrid_common::error::chain;
 use evgrid_common::streams;
-use evgrid_model::charging::{Arrival, Event, EventKind, Station};
+use evgrid_model::charging::{Arrival, Event, EventKind, Snapshot, Station};
 use evgrid_model::headers;
 use evgrid_model::limits::{InForce, resolve};
 use evgrid_model::messages::{
@@ -266,25 +266,49 @@ impl Shell {
     /// Puts `in_force` in force: re-allocates at once (the load never exceeds the new capacity)
     /// and heartbeats, so the dispatcher sees the new capacity without waiting an interval.
     fn set_limit(&mut self, in_force: InForce) {
-        self.advance_now();
-        let events = self
-            .station
-            .set_capacity(in_force.capacity_kw - self.orphans_kw());
-        self.apply(events);
-        // A new capacity reaches every station at once, not at the next limit round.
-        self.send_limits();
         self.limit_end = in_force.until.map(|until| {
             let wait = (until - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait
         });
         self.limit = in_force;
+        self.share_capacity();
         self.heartbeat();
+    }
+
+    /// Gives the allocation the capacity in force, less what charging stations' transactions
+    /// nobody has claimed yet may draw (`--chargers ocpp`), and reallocates; with stations, their
+    /// new limits go out at once rather than at the next limit round.
+    fn share_capacity(&mut self) {
+        let mut events = self.advanced();
+        events.extend(
+            self.station
+                .set_capacity(self.limit.capacity_kw - self.orphans_kw()),
+        );
+        self.apply(events);
+        self.send_limits();
     }
 
     /// Brings the model to the clock's now and reports what happened.
     fn advance_now(&mut self) {
+        let events = self.advanced();
+        self.apply(events);
+    }
+
+    /// The numbers the heartbeat and the gauges report: the model's, and with real stations
+    /// the load their meters show.
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.station.snapshot();
+        if let Some(measured) = self.measured_load_kw() {
+            snapshot.load_kw = measured;
+        }
+        snapshot
+    }
+
+    /// Brings the model to the clock's now; what happened, for the caller to report with what
+    /// it changes next (one [`Self::apply`] per change).
+    fn advanced(&mut self) -> Vec<Event> {
         let now = self.clock.now();
-        self.advance(now);
+        self.station.advance_to(now)
     }
 
     /// Brings the model to `sim` and reports what happened.
@@ -459,7 +483,7 @@ impl Shell {
                 EventKind::Departed => self.on_ended(event, at, SessionOutcome::Departed),
             }
         }
-        self.metrics.observe(&self.station.snapshot());
+        self.metrics.observe(&self.snapshot());
         self.limits_due = self.ocpp.is_some();
     }
 

@@ -41,7 +41,6 @@ pub(crate) struct Ocpp {
     csms: Arc<Csms>,
     events: mpsc::UnboundedReceiver<StationEvent>,
     pub(crate) chargers: Chargers,
-    station_max_kw: f64,
 }
 
 impl Ocpp {
@@ -54,7 +53,6 @@ impl Ocpp {
             csms,
             events,
             chargers: Chargers::new(station_max_kw),
-            station_max_kw,
         }
     }
 
@@ -114,7 +112,7 @@ impl Shell {
             if let Some(event) = going_on {
                 tracing::info!(request_id = %id, station = %charger.station_id, "resumed session takes its transaction back");
                 self.bind(id, &charger.station_id, &event, charger.energy_before_kwh);
-                self.reserve_for_orphans();
+                self.share_capacity();
             }
             return;
         }
@@ -147,16 +145,6 @@ impl Shell {
             .map_or(0.0, |ocpp| ocpp.chargers.orphans_kw())
     }
 
-    /// Gives the policy the capacity in force less what unclaimed transactions may draw, and
-    /// sends the limits that follow at once (a lower capacity).
-    fn reserve_for_orphans(&mut self) {
-        self.advance_now();
-        let capacity_kw = self.limit.capacity_kw - self.orphans_kw();
-        let events = self.station.set_capacity(capacity_kw);
-        self.apply(events);
-        self.send_limits();
-    }
-
     /// Transactions no resumed session claimed within the grace: charged as walk-ins.
     pub(super) fn adopt_unclaimed(&mut self) {
         let Some(ocpp) = &mut self.ocpp else {
@@ -170,7 +158,7 @@ impl Shell {
             tracing::warn!(%station, transaction = %event.transaction_info.transaction_id, "a transaction nobody claimed: charged as a walk-in");
             self.walk_in(&station, &event, None);
         }
-        self.reserve_for_orphans();
+        self.share_capacity();
     }
 
     /// What a station did.
@@ -267,8 +255,8 @@ impl Shell {
     /// Pins sessions `ids` in the model at what their stations can be trusted with, and
     /// reallocates (the limits follow at the next round, or at once when a station got worse).
     fn repin(&mut self, ids: &[Uuid]) {
-        self.advance_now();
-        self.repin_after(ids, Vec::new());
+        let events = self.advanced();
+        self.repin_after(ids, events);
     }
 
     /// [`Self::repin`] after a change of the model that made `events`; a session newly
@@ -330,7 +318,7 @@ impl Shell {
         // A transaction unclaimed appeared, or one ended or was claimed: the capacity the
         // policy shares follows.
         if self.orphans_kw() != orphans_kw {
-            self.reserve_for_orphans();
+            self.share_capacity();
         }
     }
 
@@ -338,7 +326,7 @@ impl Shell {
     fn walk_in(&mut self, station: &str, event: &TransactionEventRequest, token: Option<String>) {
         let id = Uuid::new_v4();
         let now = Utc::now();
-        let max_power_kw = self.chargers().station_max_kw;
+        let max_power_kw = self.chargers().chargers.station_max_kw();
         let dispatch = Dispatch {
             request_id: id,
             substation_id: self.id.clone(),
@@ -359,7 +347,6 @@ impl Shell {
         self.sessions.insert(id, live);
         self.write_state(record, false);
         self.chargers().chargers.plug(id, station, event, 0.0);
-        self.advance_now();
         let car = Arrival {
             id,
             max_power_kw,
@@ -367,8 +354,9 @@ impl Shell {
             departure: None,
         };
         let pin = self.chargers().chargers.pin_kw(id);
+        let mut events = self.advanced();
         let at = self.station.now();
-        let events = self.station.arrive_pinned(at, car, pin);
+        events.extend(self.station.arrive_pinned(at, car, pin));
         self.apply(events);
         self.on_metered(id);
     }
@@ -377,7 +365,7 @@ impl Shell {
     /// energy is asked to stop.
     fn on_metered(&mut self, id: Uuid) {
         self.metrics.ocpp_meter_readings.inc();
-        self.advance_now();
+        let mut events = self.advanced();
         let ocpp = self.ocpp.as_ref().expect("--chargers ocpp");
         let Some(plug) = ocpp.chargers.plug_of(id) else {
             return;
@@ -386,7 +374,7 @@ impl Shell {
         // what was recorded before this process took the session.
         let prior_kwh = self.sessions.get(&id).map_or(0.0, |l| l.prior_kwh);
         let delivered = (plug.base_kwh + plug.meter_kwh - prior_kwh).max(0.0);
-        let events = self.station.meter(id, delivered, None).unwrap_or_default();
+        events.extend(self.station.meter(id, delivered, None).unwrap_or_default());
         self.repin_after(&[id], events);
         self.stop_if_full(id);
     }
@@ -408,14 +396,10 @@ impl Shell {
 
     /// What the car says it needs: its energy (capped at the request's) and departure.
     fn on_needs(&mut self, station: &str, evse_id: i32, needs: &ChargingNeeds) {
-        let Some(id) =
-            self.chargers()
-                .chargers
-                .on_meter(station, evse_id, None, None, Instant::now())
-        else {
+        let Some(id) = self.chargers().chargers.session_at(station, evse_id) else {
             return;
         };
-        self.advance_now();
+        let mut events = self.advanced();
         let (Some(session), Some(live)) = (self.station.session(id), self.sessions.get_mut(&id))
         else {
             return;
@@ -438,10 +422,11 @@ impl Shell {
         }
         let delivered = session.delivered_kwh;
         tracing::debug!(request_id = %id, energy_kwh, ?departure, "the car's charging needs");
-        let events = self
-            .station
-            .meter(id, delivered, Some((energy_kwh, departure)))
-            .unwrap_or_default();
+        events.extend(
+            self.station
+                .meter(id, delivered, Some((energy_kwh, departure)))
+                .unwrap_or_default(),
+        );
         self.apply(events);
         self.stop_if_full(id);
     }
@@ -449,7 +434,7 @@ impl Shell {
     /// Session `id`'s transaction ended: the car has left, with what its meter says. The
     /// request is completed: delivered when that is its energy, departed otherwise.
     fn on_unplugged(&mut self, id: Uuid) {
-        self.advance_now();
+        let mut events = self.advanced();
         let ocpp = self.ocpp.as_ref().expect("--chargers ocpp");
         let Some(plug) = ocpp.chargers.plug_of(id) else {
             return;
@@ -462,9 +447,10 @@ impl Shell {
                     l.prior_kwh + s.energy_kwh
                 })
         });
-        if let Some((_, events)) = self.station.remove(id) {
-            self.apply(events);
+        if let Some((_, removed)) = self.station.remove(id) {
+            events.extend(removed);
         }
+        self.apply(events);
         let outcome = if energy >= target - FULL_EPSILON_KWH {
             SessionOutcome::Delivered
         } else {
@@ -475,19 +461,13 @@ impl Shell {
     }
 
     /// The load the stations' meters show (kW), counting a station that has not reported
-    /// its power at its limit.
+    /// its power at its limit in force.
     pub(super) fn measured_load_kw(&self) -> Option<f64> {
         let ocpp = self.ocpp.as_ref()?;
         let watts: f64 = ocpp
             .chargers
             .plugs()
-            .map(|(id, p)| {
-                p.power_w.unwrap_or_else(|| {
-                    self.station
-                        .session(id)
-                        .map_or(0.0, |s| s.power_kw * 1000.0)
-                })
-            })
+            .map(|(_, p)| p.power_w.or(p.in_force_w()).unwrap_or(0.0))
             .sum();
         Some(watts / 1000.0)
     }

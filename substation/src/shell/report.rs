@@ -21,12 +21,7 @@ impl Shell {
     /// force.
     pub(super) fn heartbeat(&mut self) {
         self.advance_now();
-        let mut s = self.station.snapshot();
-        // Real stations: the load is what their meters show.
-        if let Some(measured) = self.measured_load_kw() {
-            s.load_kw = measured;
-            self.metrics.observe_measured_load(measured);
-        }
+        let s = self.snapshot();
         self.observe_stations();
         self.heartbeat_seq += 1;
         let heartbeat = Heartbeat {
