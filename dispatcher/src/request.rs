@@ -262,8 +262,7 @@ impl Handler {
                 }
                 continue;
             }
-            let current =
-                RequestRecord::merged(Some(record.clone()), session).expect("a record to merge");
+            let current = RequestRecord::merged(Some(record), session).expect("a record to merge");
             if current.state.is_final() {
                 return Ok(None);
             }
@@ -665,12 +664,9 @@ impl Handler {
             }),
             _ => value,
         };
-        match self.kv.update(&key, value, entry.revision).await {
-            Ok(_) => Ok(()),
-            // Written meanwhile, by another delivery of it: that state is as late as this one.
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        // Refused: written meanwhile, by another delivery of it, as late as this one.
+        compare_and_set(&self.kv, &key, value, entry.revision).await?;
+        Ok(())
     }
 
     /// Records `rejected` without ever moving a state backwards, like
@@ -692,11 +688,9 @@ impl Handler {
             tracing::warn!(request_id = %record.request_id, "a rejected message reuses the id of a request past queued; its record stays");
             return Ok(());
         }
-        match self.kv.update(&key, value, entry.revision).await {
-            // Written meanwhile: by a dispatch of it, a later state.
-            Err(e) if e.kind() != UpdateErrorKind::WrongLastRevision => Err(e.into()),
-            _ => Ok(()),
-        }
+        // Refused: written meanwhile, by a dispatch of it, a later state.
+        compare_and_set(&self.kv, &key, value, entry.revision).await?;
+        Ok(())
     }
 
     /// Creates `key`'s record as `value`; when it exists already, its latest entry (read from
@@ -706,12 +700,10 @@ impl Handler {
         key: &str,
         value: bytes::Bytes,
     ) -> Result<Option<kv::Entry>, async_nats::Error> {
-        match self.kv.create(key, value).await {
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                Ok(streams::read_latest(&self.kv, key).await?)
-            }
-            Err(e) => Err(e.into()),
+        if compare_and_set(&self.kv, key, value, 0).await? {
+            Ok(None)
+        } else {
+            Ok(streams::read_latest(&self.kv, key).await?)
         }
     }
 
@@ -735,10 +727,8 @@ impl Handler {
             let key = record.request_id.to_string();
             // `create`, not `put`: queued is the first state, and whatever is there already
             // (ingest's queued, or a later state of the same request id) must stay.
-            match self.kv.create(&key, to_json(&record)).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => tracing::warn!(%request_id, error = %e, "cannot record the queued state"),
+            if let Err(e) = compare_and_set(&self.kv, &key, to_json(&record), 0).await {
+                tracing::warn!(%request_id, error = %e, "cannot record the queued state");
             }
         }
         tracing::debug!(reason = reason.as_str(), "deferred");
