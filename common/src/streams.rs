@@ -251,7 +251,7 @@ pub async fn read_state(
 pub async fn read_record(
     kv: &kv::Store,
     key: &str,
-) -> Result<Option<(RequestRecord, u64)>, StateReadError> {
+) -> Result<Option<RequestRecord>, StateReadError> {
     let entry = read_latest(kv, key)
         .await
         .map_err(|source| StateReadError::Read {
@@ -260,7 +260,7 @@ pub async fn read_record(
         })?;
     match entry {
         Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
-            .map(|record| Some((record, e.revision)))
+            .map(Some)
             .map_err(|source| StateReadError::NotARecord {
                 key: key.to_owned(),
                 source,
@@ -275,13 +275,11 @@ pub async fn read_request(
     kv: &kv::Store,
     request_id: Uuid,
 ) -> Result<Option<RequestRecord>, StateReadError> {
-    let Some((dispatcher, _)) = read_record(kv, &request_id.to_string()).await? else {
+    let Some(dispatcher) = read_record(kv, &request_id.to_string()).await? else {
         return Ok(None);
     };
     let session = match &dispatcher.substation_id {
-        Some(substation) => read_record(kv, &session_state_key(request_id, substation))
-            .await?
-            .map(|(record, _)| record),
+        Some(substation) => read_record(kv, &session_state_key(request_id, substation)).await?,
         None => None,
     };
     Ok(RequestRecord::merged(Some(dispatcher), session))

@@ -111,7 +111,7 @@ impl Grid {
         while let Some(key) = keys.next().await {
             let key = key.unwrap();
             if key.starts_with(&prefix)
-                && let Some((record, _)) = streams::read_record(&self.kv, &key).await.unwrap()
+                && let Some(record) = streams::read_record(&self.kv, &key).await.unwrap()
             {
                 return Some(record);
             }
