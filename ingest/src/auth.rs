@@ -82,12 +82,16 @@ impl Scopes {
             .filter(|s| self.0 & s.bit() != 0)
             .collect()
     }
+
+    /// The scopes' names, as the keys file and the API spell them.
+    pub(crate) fn names(self) -> Vec<&'static str> {
+        self.list().into_iter().map(Scope::as_str).collect()
+    }
 }
 
 impl std::fmt::Display for Scopes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<_> = self.list().into_iter().map(Scope::as_str).collect();
-        f.write_str(&names.join(","))
+        f.write_str(&self.names().join(","))
     }
 }
 
@@ -188,7 +192,8 @@ impl ApiKeys {
     /// key. `#` starts a comment line. One name may have several keys (rotation).
     pub fn parse(text: &str) -> Result<Self, KeysFileError> {
         let mut secret = None;
-        let mut keys = HashMap::new();
+        // The keys' owners, scopes and rates: their tags need the secret, which may come after.
+        let mut entries = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
             let bad = |detail: String| KeysFileError::Line {
@@ -218,17 +223,10 @@ impl ApiKeys {
                         None => Rate::Default,
                         Some(r) => parse_rate(r).map_err(bad)?,
                     };
-                    let client = Client {
-                        name: (*name).to_owned(),
-                        scopes,
-                        tag: [0; 6],
-                        rate,
-                    };
-                    let key = Key {
-                        client: Arc::new(client),
-                        bucket: Mutex::new(None),
-                    };
-                    if keys.insert(hash, key).is_some() {
+                    if entries
+                        .insert(hash, ((*name).to_owned(), scopes, rate))
+                        .is_some()
+                    {
                         return Err(bad("this key's hash is on an earlier line too".into()));
                     }
                 }
@@ -241,14 +239,25 @@ impl ApiKeys {
             }
         }
         let secret = secret.ok_or(KeysFileError::NoSecret)?;
-        if keys.is_empty() {
+        if entries.is_empty() {
             return Err(KeysFileError::NoKeys);
         }
-        // Tags need the secret, which may come after the keys.
-        for key in keys.values_mut() {
-            let client = Arc::get_mut(&mut key.client).expect("not shared yet");
-            client.tag = tag_of(&secret, &client.name);
-        }
+        let keys = entries
+            .into_iter()
+            .map(|(hash, (name, scopes, rate))| {
+                let client = Client {
+                    tag: tag_of(&secret, &name),
+                    name,
+                    scopes,
+                    rate,
+                };
+                let key = Key {
+                    client: Arc::new(client),
+                    bucket: Mutex::new(None),
+                };
+                (hash, key)
+            })
+            .collect();
         Ok(Self { secret, keys })
     }
 
@@ -363,7 +372,7 @@ impl Caller {
             }),
             Caller::Client(c) => serde_json::json!({
                 "name": c.name,
-                "scopes": c.scopes.list().into_iter().map(Scope::as_str).collect::<Vec<_>>(),
+                "scopes": c.scopes.names(),
                 "request_id_prefix": prefix_of(c.tag),
             }),
         }
