@@ -66,27 +66,21 @@ pub(crate) fn routes(
         .and(with_state.clone())
         .and(authorization())
         .map(|state: Arc<AppState>, authorization: Option<String>| {
-            match state.access.check(
-                authorization.as_deref(),
-                Some(Scope::Operator),
-                Instant::now(),
-            ) {
-                Ok(_) => json_response(StatusCode::OK, &state.substations(Utc::now())),
-                Err(e) => e.into_response(),
-            }
+            let substations = state
+                .caller(authorization.as_deref(), Some(Scope::Operator))
+                .map(|_| state.substations(Utc::now()));
+            ok_json(substations)
         });
     let api_key = warp::path!("v1" / "api-key")
         .and(warp::get())
         .and(with_state)
         .and(authorization())
         .map(|state: Arc<AppState>, authorization: Option<String>| {
-            match state
-                .access
-                .check(authorization.as_deref(), None, Instant::now())
-            {
-                Ok(caller) => json_response(StatusCode::OK, &caller.describe()),
-                Err(e) => e.into_response(),
-            }
+            ok_json(
+                state
+                    .caller(authorization.as_deref(), None)
+                    .map(|caller| caller.describe()),
+            )
         });
     let api = post
         .or(get_one)
@@ -179,9 +173,7 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let caller = state
-        .access
-        .check(authorization, Some(Scope::Submit), Instant::now())?;
+    let caller = state.caller(authorization, Some(Scope::Submit))?;
     let now = Utc::now();
     request::check_content_type(content_type)?;
     let body = request::read_body(content_length, body).await?;
@@ -288,10 +280,8 @@ async fn get_charge_request(
     state: Arc<AppState>,
     authorization: Option<String>,
 ) -> Response {
-    match lookup(&state, authorization.as_deref(), &raw_id).await {
-        Ok(record) => json_response(StatusCode::OK, &crate::view::RequestView::from(record)),
-        Err(e) => e.into_response(),
-    }
+    let record = lookup(&state, authorization.as_deref(), &raw_id).await;
+    ok_json(record.map(crate::view::RequestView::from))
 }
 
 /// The request's state from `EV_REQUEST_STATE` (the dispatcher's record, or the session
@@ -302,9 +292,7 @@ async fn lookup(
     authorization: Option<&str>,
     raw_id: &str,
 ) -> Result<RequestRecord, ApiError> {
-    let caller = state
-        .access
-        .check(authorization, Some(Scope::Read), Instant::now())?;
+    let caller = state.caller(authorization, Some(Scope::Read))?;
     let request_id =
         Uuid::parse_str(raw_id).map_err(|_| ApiError::field("request_id", "must be a UUID"))?;
     if !caller.may_read(request_id) {
@@ -359,6 +347,14 @@ async fn stored_request(
         tracing::error!(%request_id, sequence, "stored request is not a charge request");
         ApiError::Internal
     })
+}
+
+/// `200` with `value`, or the problem document of the error.
+fn ok_json<T: Serialize>(value: Result<T, ApiError>) -> Response {
+    match value {
+        Ok(value) => json_response(StatusCode::OK, &value),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {

@@ -9,7 +9,7 @@ use evgrid_common::http::Readiness;
 use evgrid_common::nats::Nats;
 use evgrid_model::liveness::Observed;
 
-use crate::auth::Access;
+use crate::auth::{Access, Caller, Scope};
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::recent::RecentlyAccepted;
@@ -49,6 +49,17 @@ impl AppState {
             metrics,
             readiness,
         }
+    }
+
+    /// The caller behind `authorization` (the header's value), with `scope`, within its rate
+    /// now ([`Access::check`]).
+    pub(crate) fn caller(
+        &self,
+        authorization: Option<&str>,
+        scope: Option<Scope>,
+    ) -> Result<Caller, ApiError> {
+        self.access
+            .check(authorization, scope, std::time::Instant::now())
     }
 
     /// Called once, when the streams and the request-state bucket are in place.
