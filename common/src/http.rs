@@ -162,7 +162,7 @@ where
 /// Accepts connections at most `max` at once: a connection holds its slot (the permit) until
 /// it is dropped, and beyond the limit new ones wait in the listen backlog. Shared by the HTTP
 /// servers and the substations' OCPP endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Acceptor {
     slots: Arc<tokio::sync::Semaphore>,
 }
