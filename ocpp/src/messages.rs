@@ -182,14 +182,7 @@ impl SampledValue {
         if measurand != "Energy.Active.Import.Register" {
             return None;
         }
-        let unit = self.unit_of_measure.as_ref();
-        let scale = match unit.and_then(|u| u.unit.as_deref()).unwrap_or("Wh") {
-            "Wh" => 1.0,
-            "kWh" => 1000.0,
-            _ => return None,
-        };
-        let multiplier = unit.and_then(|u| u.multiplier).unwrap_or(0);
-        Some(self.value * scale * 10f64.powi(multiplier))
+        self.scaled("Wh", "kWh")
     }
 
     /// The active power drawn, in W, when this is that reading (`Power.Active.Import`).
@@ -197,10 +190,15 @@ impl SampledValue {
         if self.measurand.as_deref() != Some("Power.Active.Import") {
             return None;
         }
+        self.scaled("W", "kW")
+    }
+
+    /// The value in `base` units, read in `base` (the default) or `kilo`, with its multiplier.
+    fn scaled(&self, base: &str, kilo: &str) -> Option<f64> {
         let unit = self.unit_of_measure.as_ref();
-        let scale = match unit.and_then(|u| u.unit.as_deref()).unwrap_or("W") {
-            "W" => 1.0,
-            "kW" => 1000.0,
+        let scale = match unit.and_then(|u| u.unit.as_deref()).unwrap_or(base) {
+            u if u == base => 1.0,
+            u if u == kilo => 1000.0,
             _ => return None,
         };
         let multiplier = unit.and_then(|u| u.multiplier).unwrap_or(0);
@@ -338,6 +336,11 @@ pub enum NotifyEvChargingNeedsStatus {
 pub struct NotifyEvChargingNeedsResponse {
     pub status: NotifyEvChargingNeedsStatus,
 }
+
+/// Line-to-neutral voltage an ampere limit is converted with (European AC).
+pub const NOMINAL_VOLTAGE_V: f64 = 230.0;
+/// Phases of a limit in amperes that does not say (`numberPhases` absent: OCPP's default).
+pub const DEFAULT_PHASES: i32 = 3;
 
 /// ChargingRateUnitEnumType: watts, or amperes per phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,12 +47,13 @@ use crate::messages::{
     AuthorizationStatus, AuthorizeRequest, AuthorizeResponse, BootNotificationRequest,
     BootNotificationResponse, CancelReservationRequest, ChargingNeeds, ChargingProfile,
     ChargingProfileKind, ChargingProfilePurpose, ChargingRateUnit, ChargingSchedule,
-    ChargingSchedulePeriod, Checked, ClearChargingProfileRequest, HeartbeatRequest,
+    ChargingSchedulePeriod, Checked, ClearChargingProfileRequest, DEFAULT_PHASES, HeartbeatRequest,
     HeartbeatResponse, IdToken, IdTokenInfo, MeterValuesRequest, MeterValuesResponse,
-    NotifyEvChargingNeedsRequest, NotifyEvChargingNeedsResponse, NotifyEvChargingNeedsStatus,
-    RegistrationStatus, RequestStopTransactionRequest, ReserveNowRequest,
-    SetChargingProfileRequest, StatusNotificationRequest, StatusNotificationResponse,
-    TransactionEventKind, TransactionEventRequest, TransactionEventResponse, newest,
+    NOMINAL_VOLTAGE_V, NotifyEvChargingNeedsRequest, NotifyEvChargingNeedsResponse,
+    NotifyEvChargingNeedsStatus, RegistrationStatus, RequestStopTransactionRequest,
+    ReserveNowRequest, SetChargingProfileRequest, StatusNotificationRequest,
+    StatusNotificationResponse, TransactionEventKind, TransactionEventRequest,
+    TransactionEventResponse, newest,
 };
 use crate::rpc::{self, ErrorCode, Frame, FrameError, Violation, to_payload};
 use crate::stations::Stations;
@@ -60,14 +61,25 @@ use crate::stations::Stations;
 /// The WebSocket subprotocol of OCPP 2.0.1.
 pub const SUBPROTOCOL: &str = "ocpp2.0.1";
 
-/// Largest message a station may send: OCPP messages are small JSON (a few KiB at most).
+/// Largest message either side takes: OCPP messages are small JSON (a few KiB at most).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Each connection's WebSocket read buffer, and the write buffer's target. Allocated per
-/// connection: tungstenite's defaults (128 KiB each) cost a substation of 1,000 stations
-/// about 60 MB more peak RSS (the OCPP benchmark). OCPP messages are well under 4 KiB; a larger
-/// one grows the read buffer up to [`MAX_MESSAGE_BYTES`].
+/// Each connection's WebSocket read buffer. Allocated per connection: tungstenite's defaults
+/// (128 KiB each way) cost a substation of 1,000 stations about 60 MB more peak RSS (the OCPP
+/// benchmark). OCPP messages are well under 4 KiB; a larger one grows the buffer up to
+/// [`MAX_MESSAGE_BYTES`].
 const WS_BUFFER_BYTES: usize = 4 * 1024;
+
+/// The WebSocket settings of both ends of an OCPP connection (the CSMS here, the simulated
+/// stations): small buffers, OCPP-sized messages. `write_buffer`: bytes gathered before a
+/// write (0: every frame at once).
+pub(crate) fn ws_config(write_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(write_buffer)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
 
 /// A station must complete its WebSocket handshake within this, or the connection is closed:
 /// a real station sends its request in milliseconds (as `evgrid_common::http`'s header timeout).
@@ -77,8 +89,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// until one closes. Below the process's file descriptor limit, as the HTTP servers' bound.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// How long a connection ended by shutdown waits to send its Close frame to the station.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection ended by shutdown waits to send its Close frame to the other end.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a CALL of the CSMS waits for its answer before it counts as unanswered.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,11 +105,9 @@ pub const TX_PROFILE_ID: i32 = 2;
 pub struct Settings {
     /// Seconds between a station's heartbeats (BootNotification's `interval`).
     pub heartbeat_interval_s: u16,
-    /// The unit the stations take limits in: W, or A per phase at [`Settings::volts`] on
-    /// [`Settings::phases`].
+    /// The unit the stations take limits in: W, or A per phase at [`NOMINAL_VOLTAGE_V`] on
+    /// [`DEFAULT_PHASES`].
     pub rate_unit: ChargingRateUnit,
-    pub volts: f64,
-    pub phases: u8,
 }
 
 impl Default for Settings {
@@ -105,8 +115,6 @@ impl Default for Settings {
         Self {
             heartbeat_interval_s: 60,
             rate_unit: ChargingRateUnit::W,
-            volts: 230.0,
-            phases: 3,
         }
     }
 }
@@ -118,7 +126,7 @@ impl Settings {
             ChargingRateUnit::W => watts.floor(),
             // Amperes are rounded down to a tenth: never above the watts asked for.
             ChargingRateUnit::A => {
-                (watts / (self.volts * f64::from(self.phases)) * 10.0).floor() / 10.0
+                (watts / (NOMINAL_VOLTAGE_V * f64::from(DEFAULT_PHASES)) * 10.0).floor() / 10.0
             }
         }
     }
@@ -218,7 +226,7 @@ impl Command {
                                 start_period: 0,
                                 limit: settings.limit_in_unit(*limit_w),
                                 number_phases: (settings.rate_unit == ChargingRateUnit::A)
-                                    .then_some(i32::from(settings.phases)),
+                                    .then_some(DEFAULT_PHASES),
                             }],
                         }],
                     },
@@ -288,6 +296,10 @@ pub enum Outcome {
     Unreachable,
 }
 
+/// Ended transactions kept per station, newest first: a station ends one every car, and a
+/// substation runs for months.
+const ENDED_KEPT: usize = 8;
+
 /// What the substation knows of one station.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StationState {
@@ -299,6 +311,24 @@ pub struct StationState {
     pub connectors: BTreeMap<(i32, i32), String>,
     /// Its transactions, by transaction id.
     pub transactions: BTreeMap<String, Transaction>,
+}
+
+impl StationState {
+    /// Takes in one event of transaction `id`, keeping at most [`ENDED_KEPT`] ended ones.
+    fn record(&mut self, id: String, event: &TransactionEventRequest) {
+        self.transactions.entry(id).or_default().apply(event);
+        let mut ended: Vec<(DateTime<Utc>, String)> = self
+            .transactions
+            .iter()
+            .filter_map(|(id, t)| Some((t.ended_at?, id.clone())))
+            .collect();
+        if ended.len() > ENDED_KEPT {
+            ended.sort();
+            for (_, id) in &ended[..ended.len() - ENDED_KEPT] {
+                self.transactions.remove(id);
+            }
+        }
+    }
 }
 
 /// One charging transaction as the station reports it (TransactionEvent).
@@ -499,9 +529,7 @@ impl Csms {
             }),
             "TransactionEvent" => parse::<TransactionEventRequest>(payload).map(|event| {
                 let id = event.transaction_info.transaction_id.clone();
-                self.update(station_id, |s| {
-                    s.transactions.entry(id).or_default().apply(&event);
-                });
+                self.update(station_id, |s| s.record(id, &event));
                 let answer = to_payload(TransactionEventResponse {
                     id_token_info: event.id_token.as_ref().map(|_| IdTokenInfo {
                         status: AuthorizationStatus::Accepted,
@@ -577,12 +605,7 @@ pub async fn serve_stations(csms: Arc<Csms>, listener: TcpListener, shutdown: Ca
 
 /// One accepted TCP connection: the handshake within [`HANDSHAKE_TIMEOUT`], then the station.
 async fn connection(csms: Arc<Csms>, stream: TcpStream, shutdown: CancellationToken) {
-    // Small buffers: a thousand stations should cost megabytes, not 256 KiB each.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(WS_BUFFER_BYTES)
-        .write_buffer_size(WS_BUFFER_BYTES)
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+    let config = ws_config(WS_BUFFER_BYTES);
     let mut admitted = None;
     let callback = Admission {
         csms: &csms,
@@ -1032,6 +1055,26 @@ mod tests {
         assert_eq!(calls.timed_out(), Some(limit("t1", 4000.0)));
         assert!(calls.next_call(&settings).unwrap().contains("3000"));
         assert_eq!(calls.abandon().collect::<Vec<_>>(), [limit("t2", 3000.0)]);
+    }
+
+    #[test]
+    fn a_station_keeps_its_last_ended_transactions_only() {
+        let mut state = StationState::default();
+        let event = |kind: &str, minute: u32| -> TransactionEventRequest {
+            serde_json::from_value(serde_json::json!({
+                "eventType": kind, "timestamp": format!("2027-01-15T08:{minute:02}:00Z"),
+                "triggerReason": "EVDeparted", "seqNo": 0,
+                "transactionInfo": {"transactionId": "t"}
+            }))
+            .unwrap()
+        };
+        state.record("going".into(), &event("Started", 0));
+        for n in 0..20 {
+            state.record(format!("t{n:02}"), &event("Ended", n + 1));
+        }
+        let kept: Vec<&str> = state.transactions.keys().map(String::as_str).collect();
+        assert_eq!(kept.len(), ENDED_KEPT + 1, "{kept:?}");
+        assert!(kept.contains(&"going") && kept.contains(&"t19") && !kept.contains(&"t11"));
     }
 
     #[test]

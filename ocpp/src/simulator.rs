@@ -33,7 +33,6 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -44,34 +43,27 @@ use crate::messages::{
     CancelReservationResponse, CancelReservationStatus, ChargingNeeds, ChargingProfile,
     ChargingProfilePurpose, ChargingProfileStatus, ChargingRateUnit, ChargingStation,
     ClearChargingProfileRequest, ClearChargingProfileResponse, ClearChargingProfileStatus,
-    ConnectorStatus, Evse, HeartbeatRequest, IdToken, MeterValue, NotifyEvChargingNeedsRequest,
-    RegistrationStatus, RequestStartStopStatus, RequestStopTransactionRequest,
-    RequestStopTransactionResponse, ReserveNowRequest, ReserveNowResponse, ReserveNowStatus,
-    SampledValue, SetChargingProfileRequest, SetChargingProfileResponse, StatusNotificationRequest,
-    TransactionEventKind, TransactionEventRequest, TransactionInfo, UnitOfMeasure,
+    ConnectorStatus, DEFAULT_PHASES, Evse, HeartbeatRequest, IdToken, MeterValue,
+    NOMINAL_VOLTAGE_V, NotifyEvChargingNeedsRequest, RegistrationStatus, RequestStartStopStatus,
+    RequestStopTransactionRequest, RequestStopTransactionResponse, ReserveNowRequest,
+    ReserveNowResponse, ReserveNowStatus, SampledValue, SetChargingProfileRequest,
+    SetChargingProfileResponse, StatusNotificationRequest, TransactionEventKind,
+    TransactionEventRequest, TransactionInfo, UnitOfMeasure,
 };
 use crate::rpc::{self, ErrorCode, Frame, Violation, to_payload};
-use crate::server::SUBPROTOCOL;
+use crate::server::{CLOSE_TIMEOUT, SUBPROTOCOL, ws_config};
 
 /// A station's most power, W: a 32 A three-phase AC wallbox.
 pub const DEFAULT_MAX_POWER_W: f64 = 22_000.0;
-/// Line-to-neutral voltage an ampere limit is converted with (European AC).
-pub const NOMINAL_VOLTAGE_V: f64 = 230.0;
-/// Phases of a limit in amperes that does not say (`numberPhases` absent: OCPP's default).
-pub const DEFAULT_PHASES: i32 = 3;
 /// How long a station waits for the answer to one of its CALLs before carrying on.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a reserved car wants when nothing stops it first: more than any car holds, so it
 /// charges until the CSMS stops it (RequestStopTransaction).
 pub const DEFAULT_RESERVED_ENERGY_WH: f64 = 100_000.0;
-/// Longest OCPP message read: OCPP messages are small JSON (a few KiB at most).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// OCPP's bound on `idToken` and `transactionId`.
 const MAX_TOKEN_CHARS: usize = 36;
 /// How long opening a connection (TCP and the HTTP upgrade) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the close handshake may take at shutdown.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the simulated stations do, and where they connect.
 #[derive(Clone)]
@@ -536,13 +528,8 @@ impl Station {
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(SUBPROTOCOL),
         );
-        // Small buffers: a thousand idle stations in one process should cost megabytes, not
-        // the 256 KiB per connection of tungstenite's defaults.
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0)
-            .max_message_size(Some(MAX_MESSAGE_BYTES))
-            .max_frame_size(Some(MAX_MESSAGE_BYTES));
+        // Small buffers: a thousand idle stations in one process should cost megabytes.
+        let ws_config = ws_config(0);
         let connecting =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
